@@ -1,14 +1,20 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Prefect REST API: settings resolution, typed models and an HTTP client that rides out a busy server.
+//!
+//! Owns everything Cohort says to a Prefect server over plain HTTP. It knows nothing of workers,
+//! processes or events; those live in their own crates.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#![forbid(unsafe_code)]
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+mod client;
+mod error;
+pub mod models;
+pub mod retry;
+pub mod settings;
+
+pub use client::{ClientConfig, PrefectClient};
+pub use error::ApiError;
+pub use settings::{Settings, SettingsError};
+
+/// The REST API version Cohort speaks; sent as `X-PREFECT-API-VERSION`
+/// (`prefect/client/constants.py: SERVER_API_VERSION` in Prefect 3.8.8).
+pub const API_VERSION: &str = "0.8.4";

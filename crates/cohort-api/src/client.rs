@@ -1,0 +1,490 @@
+//! The HTTP client: one `reqwest::Client`, Prefect's headers and auth, and retries for the
+//! answers a busy or restarting server gives.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::error::{is_transient_status, ApiError};
+use crate::models::*;
+use crate::retry::{jittered, Backoff};
+use crate::settings::{Settings, SettingsError};
+
+/// How to reach and authenticate with the Prefect API.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// e.g. `http://127.0.0.1:4200/api`
+    pub api_url: url::Url,
+    /// Prefect Cloud key: `Authorization: Bearer`.
+    pub api_key: Option<String>,
+    /// Self-hosted basic auth (`user:pass`): `Authorization: Basic`.
+    pub auth_string: Option<String>,
+    /// Retries of one request on a transient failure (`PREFECT_CLIENT_MAX_RETRIES`).
+    pub max_retries: u32,
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+    /// First retry delay; doubled each retry, capped at 30 s.
+    pub retry_base_delay: Duration,
+}
+
+impl ClientConfig {
+    pub fn from_settings(settings: &Settings) -> Result<Self, SettingsError> {
+        Ok(Self {
+            api_url: settings.api_url()?,
+            api_key: settings.api_key().map(str::to_owned),
+            auth_string: settings.auth_string().map(str::to_owned),
+            max_retries: settings.u64("PREFECT_CLIENT_MAX_RETRIES", 5)? as u32,
+            request_timeout: settings
+                .seconds("PREFECT_API_REQUEST_TIMEOUT", Duration::from_secs(60))?,
+            retry_base_delay: Duration::from_secs(1),
+        })
+    }
+}
+
+/// A cheap-to-clone Prefect API client.
+#[derive(Clone)]
+pub struct PrefectClient {
+    http: reqwest::Client,
+    config: Arc<ClientConfig>,
+    /// Connection errors are retried only after the server has answered once, so a wrong URL
+    /// fails fast while a restarting server is ridden out (`prefect/client/base.py:
+    /// PrefectHttpxAsyncClient.send`, `_has_connected`).
+    has_connected: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PrefectClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefectClient")
+            .field("api_url", &self.config.api_url.as_str())
+            .finish()
+    }
+}
+
+struct Response {
+    status: StatusCode,
+    body: bytes::Bytes,
+}
+
+impl PrefectClient {
+    pub fn new(config: ClientConfig) -> Result<Self, ApiError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            "X-PREFECT-API-VERSION",
+            reqwest::header::HeaderValue::from_static(crate::API_VERSION),
+        );
+        if let Some(auth) = authorization(&config) {
+            let mut value = reqwest::header::HeaderValue::from_str(&auth).map_err(|_| {
+                ApiError::InvalidUrl {
+                    url: config.api_url.to_string(),
+                    reason: "the API key or auth string contains characters not allowed in a header"
+                        .into(),
+                }
+            })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(user_agent())
+            .default_headers(headers)
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ApiError::Transport {
+                url: config.api_url.to_string(),
+                source: e,
+            })?;
+        Ok(Self {
+            http,
+            config: Arc::new(config),
+            has_connected: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn api_url(&self) -> &url::Url {
+        &self.config.api_url
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Prefect Cloud's URL shape (`prefect/settings: PREFECT_CLOUD_API_URL`).
+    pub fn is_cloud(&self) -> bool {
+        self.config
+            .api_url
+            .host_str()
+            .is_some_and(|h| h.ends_with("prefect.cloud"))
+    }
+
+    fn url(&self, segments: &[&str]) -> url::Url {
+        let mut url = self.config.api_url.clone();
+        {
+            let mut path = url
+                .path_segments_mut()
+                .expect("http(s) URLs always have a path");
+            path.pop_if_empty();
+            path.extend(segments);
+        }
+        url
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&Value>,
+    ) -> Result<Response, ApiError> {
+        let url = self.url(segments);
+        let path = url.path().to_owned();
+        let mut backoff = Backoff::new(self.config.retry_base_delay, Duration::from_secs(30));
+        loop {
+            let mut req = self.http.request(method.clone(), url.clone());
+            if let Some(body) = body {
+                req = req.json(body);
+            }
+            let retries_left = backoff.attempts() < self.config.max_retries;
+            match req.send().await {
+                Err(source) => {
+                    let may_retry = self.has_connected.load(Ordering::Relaxed) || source.is_timeout();
+                    let err = ApiError::Transport {
+                        url: self.config.api_url.to_string(),
+                        source,
+                    };
+                    if !(may_retry && retries_left) {
+                        return Err(err);
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%method, %path, error = %err, retry_in = ?delay, "request failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(resp) => {
+                    self.has_connected.store(true, Ordering::Relaxed);
+                    let status = resp.status();
+                    let retry_after = retry_after(resp.headers());
+                    let body = resp.bytes().await.map_err(|source| ApiError::Transport {
+                        url: self.config.api_url.to_string(),
+                        source,
+                    })?;
+                    if status.is_success() {
+                        return Ok(Response { status, body });
+                    }
+                    let err = ApiError::Status {
+                        method: method.to_string(),
+                        path: path.clone(),
+                        status,
+                        body: String::from_utf8_lossy(&body).chars().take(500).collect(),
+                    };
+                    if !(is_transient_status(status) && retries_left) {
+                        return Err(err);
+                    }
+                    let backoff_delay = backoff.next_delay();
+                    // Wait at least what the server asked for (`Retry-After`).
+                    let delay = retry_after.map(|d| jittered(d, 0.2).max(d)).unwrap_or(backoff_delay);
+                    tracing::warn!(%method, %path, %status, retry_in = ?delay, "busy server; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&Value>,
+    ) -> Result<T, ApiError> {
+        let resp = self.send(method, segments, body).await?;
+        serde_json::from_slice(&resp.body).map_err(|source| ApiError::Decode {
+            path: segments.join("/"),
+            source,
+        })
+    }
+
+    /// `GET /admin/version`: the server's Prefect version, e.g. `3.8.8`.
+    pub async fn server_version(&self) -> Result<String, ApiError> {
+        self.json(Method::GET, &["admin", "version"], None).await
+    }
+
+    /// `GET /work_pools/{name}`; `None` when it does not exist.
+    pub async fn read_work_pool(&self, name: &str) -> Result<Option<WorkPool>, ApiError> {
+        match self.json(Method::GET, &["work_pools", name], None).await {
+            Ok(pool) => Ok(Some(pool)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /work_pools/`; a concurrent creation (409) reads the winner's pool instead.
+    pub async fn create_work_pool(
+        &self,
+        name: &str,
+        pool_type: &str,
+        base_job_template: Option<&Value>,
+    ) -> Result<WorkPool, ApiError> {
+        let mut body = json!({"name": name, "type": pool_type});
+        if let Some(t) = base_job_template {
+            body["base_job_template"] = t.clone();
+        }
+        match self.json(Method::POST, &["work_pools", ""], Some(&body)).await {
+            Ok(pool) => Ok(pool),
+            Err(e) if e.status() == Some(StatusCode::CONFLICT) => self
+                .read_work_pool(name)
+                .await?
+                .ok_or(e),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `PATCH /work_pools/{name}` with a new base job template.
+    pub async fn update_work_pool_template(
+        &self,
+        name: &str,
+        base_job_template: &Value,
+    ) -> Result<(), ApiError> {
+        self.send(
+            Method::PATCH,
+            &["work_pools", name],
+            Some(&json!({"base_job_template": base_job_template})),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `POST /work_pools/{name}/queues/filter`.
+    pub async fn read_work_queues(&self, pool: &str) -> Result<Vec<WorkQueue>, ApiError> {
+        self.json(Method::POST, &["work_pools", pool, "queues", "filter"], Some(&json!({})))
+            .await
+    }
+
+    /// `POST /work_pools/{pool}/get_scheduled_flow_runs`. A missing pool reads as no runs, as in
+    /// Prefect's worker.
+    pub async fn get_scheduled_flow_runs(
+        &self,
+        pool: &str,
+        work_queue_names: &[String],
+        scheduled_before: DateTime<Utc>,
+    ) -> Result<Vec<ScheduledFlowRun>, ApiError> {
+        let body = json!({
+            "work_queue_names": work_queue_names,
+            "scheduled_before": python_datetime(scheduled_before),
+        });
+        match self
+            .json(
+                Method::POST,
+                &["work_pools", pool, "get_scheduled_flow_runs"],
+                Some(&body),
+            )
+            .await
+        {
+            Err(e) if e.is_not_found() && work_queue_names.is_empty() => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    /// `POST /work_pools/{pool}/workers/heartbeat` (the REST fallback of the worker channel).
+    pub async fn worker_heartbeat(
+        &self,
+        pool: &str,
+        worker_name: &str,
+        heartbeat_interval_seconds: u64,
+    ) -> Result<(), ApiError> {
+        let body = json!({"name": worker_name, "heartbeat_interval_seconds": heartbeat_interval_seconds});
+        self.send(
+            Method::POST,
+            &["work_pools", pool, "workers", "heartbeat"],
+            Some(&body),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn read_deployment(&self, id: Uuid) -> Result<Option<Deployment>, ApiError> {
+        match self
+            .json(Method::GET, &["deployments", &id.to_string()], None)
+            .await
+        {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn read_flow(&self, id: Uuid) -> Result<Flow, ApiError> {
+        self.json(Method::GET, &["flows", &id.to_string()], None).await
+    }
+
+    pub async fn read_flow_run(&self, id: Uuid) -> Result<FlowRun, ApiError> {
+        self.json(Method::GET, &["flow_runs", &id.to_string()], None)
+            .await
+    }
+
+    /// `POST /flow_runs/{id}/set_state`. A WAIT answer is honoured and re-proposed, as
+    /// `prefect/utilities/engine: propose_state` does.
+    pub async fn set_flow_run_state(
+        &self,
+        id: Uuid,
+        state: &StateCreate,
+        force: bool,
+    ) -> Result<OrchestrationResult, ApiError> {
+        loop {
+            let body = json!({"state": state.to_json(id), "force": force});
+            let result: OrchestrationResult = self
+                .json(
+                    Method::POST,
+                    &["flow_runs", &id.to_string(), "set_state"],
+                    Some(&body),
+                )
+                .await?;
+            match (result.status, result.delay_seconds()) {
+                (SetStateStatus::Wait, Some(delay)) => {
+                    tokio::time::sleep(Duration::from_secs_f64(delay.clamp(0.0, 300.0))).await;
+                }
+                _ => return Ok(result),
+            }
+        }
+    }
+
+    /// `PATCH /flow_runs/{id}/labels`.
+    pub async fn update_flow_run_labels(&self, id: Uuid, labels: &Map) -> Result<(), ApiError> {
+        self.send(
+            Method::PATCH,
+            &["flow_runs", &id.to_string(), "labels"],
+            Some(&Value::Object(labels.clone())),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `PATCH /flow_runs/{id}` `{"infrastructure_pid": …}`.
+    pub async fn set_infrastructure_pid(&self, id: Uuid, pid: &str) -> Result<(), ApiError> {
+        self.send(
+            Method::PATCH,
+            &["flow_runs", &id.to_string()],
+            Some(&json!({"infrastructure_pid": pid})),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `GET /variables/name/{name}`; `None` when unset.
+    pub async fn read_variable(&self, name: &str) -> Result<Option<Value>, ApiError> {
+        match self
+            .json::<Value>(Method::GET, &["variables", "name", name], None)
+            .await
+        {
+            Ok(v) => Ok(v.get("value").cloned()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /logs/`: flow-run logs the worker writes, as Prefect's `APILogHandler` does.
+    pub async fn create_logs(&self, logs: &[Value]) -> Result<(), ApiError> {
+        self.send(Method::POST, &["logs", ""], Some(&Value::Array(logs.to_vec())))
+            .await
+            .map(drop)
+    }
+
+    /// An arbitrary JSON request, for callers with needs this client has no method for.
+    pub async fn request_json(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&Value>,
+    ) -> Result<Value, ApiError> {
+        let resp = self.send(method, segments, body).await?;
+        if resp.status == StatusCode::NO_CONTENT || resp.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&resp.body).map_err(|source| ApiError::Decode {
+            path: segments.join("/"),
+            source,
+        })
+    }
+}
+
+/// `User-Agent`. The server reads a `prefect/<version>` prefix for compatibility shims and treats
+/// anything else as the current client (`prefect/server/api/dependencies.py`), so Cohort names
+/// itself honestly.
+pub fn user_agent() -> String {
+    format!("cohort/{} (API {})", env!("CARGO_PKG_VERSION"), crate::API_VERSION)
+}
+
+/// The `Authorization` header value, if any: Cloud key wins over a self-hosted auth string.
+pub fn authorization(config: &ClientConfig) -> Option<String> {
+    use base64::Engine as _;
+    if let Some(key) = &config.api_key {
+        return Some(format!("Bearer {key}"));
+    }
+    config
+        .auth_string
+        .as_ref()
+        .map(|s| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s)))
+}
+
+/// Python's `str(datetime)` for an aware UTC datetime, which is what Prefect's worker sends as
+/// `scheduled_before` (space separator, `+00:00`).
+pub fn python_datetime(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.6f+00:00").to_string()
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    if let Ok(secs) = v.trim().parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(600.0)));
+    }
+    let at = DateTime::parse_from_rfc2822(v.trim()).ok()?;
+    (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_datetime_matches_str_of_aware_datetime() {
+        let t = DateTime::parse_from_rfc3339("2026-11-23T19:34:09.039854Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(python_datetime(t), "2026-11-23 19:34:09.039854+00:00");
+    }
+
+    #[test]
+    fn url_segments_are_encoded() {
+        let client = PrefectClient::new(ClientConfig {
+            api_url: "http://127.0.0.1:4200/api".parse().unwrap(),
+            api_key: None,
+            auth_string: None,
+            max_retries: 0,
+            request_timeout: Duration::from_secs(1),
+            retry_base_delay: Duration::from_millis(1),
+        })
+        .unwrap();
+        assert_eq!(
+            client.url(&["work_pools", "my pool/x", "get_scheduled_flow_runs"]).as_str(),
+            "http://127.0.0.1:4200/api/work_pools/my%20pool%2Fx/get_scheduled_flow_runs"
+        );
+        assert_eq!(client.url(&["logs", ""]).as_str(), "http://127.0.0.1:4200/api/logs/");
+    }
+
+    #[test]
+    fn auth_header_prefers_key() {
+        let mut c = ClientConfig {
+            api_url: "http://x/api".parse().unwrap(),
+            api_key: None,
+            auth_string: Some("admin:pass".into()),
+            max_retries: 0,
+            request_timeout: Duration::from_secs(1),
+            retry_base_delay: Duration::from_millis(1),
+        };
+        assert_eq!(authorization(&c).unwrap(), "Basic YWRtaW46cGFzcw==");
+        c.api_key = Some("pnu_x".into());
+        assert_eq!(authorization(&c).unwrap(), "Bearer pnu_x");
+    }
+}
