@@ -11,7 +11,7 @@ pub mod models;
 pub mod retry;
 pub mod settings;
 
-pub use client::{ClientConfig, PrefectClient};
+pub use client::{authorization, python_datetime, user_agent, ClientConfig, PrefectClient};
 pub use error::ApiError;
 pub use settings::{Settings, SettingsError};
 

@@ -1,1 +1,14 @@
+//! The Cohort process worker: polls a Prefect work pool, claims scheduled flow runs, runs each
+//! as a local process, supervises it to the end and reports it with Prefect's worker events.
 
+#![forbid(unsafe_code)]
+
+mod channel;
+pub mod exit_codes;
+pub mod health;
+pub mod job;
+pub mod process;
+mod submit;
+mod worker;
+
+pub use worker::{StartError, Worker, WorkerOptions, PROCESS};

@@ -1,1 +1,39 @@
-fn main() {}
+//! `cohort`: parse, build, run, and map errors to exit codes.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod start;
+
+use clap::Parser;
+
+/// Exit code of a usage or configuration error (BSD `EX_USAGE`).
+const EXIT_USAGE: i32 = 64;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let code = match cli.command {
+        cli::Command::Worker {
+            command: cli::WorkerCommand::Start(args),
+        } => start::main(args),
+    };
+    std::process::exit(code);
+}
+
+/// How `main` turns an error into an exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad flags or settings: exit 64.
+    Usage(anyhow::Error),
+    /// Anything else: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Usage(_) => EXIT_USAGE,
+            Failure::Runtime(_) => 1,
+        }
+    }
+}

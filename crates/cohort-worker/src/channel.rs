@@ -1,0 +1,310 @@
+//! Worker liveness: the 3.8.8 worker channel (`/work_pools/{pool}/workers/connect`) with its
+//! heartbeats and pool snapshots, and the REST heartbeat plus pool re-read as the fallback
+//! (`prefect/workers/_worker_channel/_sync.py: WorkPoolWorkerChannel.sync`).
+//!
+//! One task owns the socket. It keeps the shared work pool fresh from snapshots (or REST reads)
+//! so the submitter renders each run with the pool's current base job template.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cohort_api::models::WorkPool;
+use cohort_api::retry::{jittered, Backoff};
+use cohort_api::PrefectClient;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who this worker is on the channel.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    pub pool_name: String,
+    pub worker_name: String,
+    pub worker_type: String,
+    pub heartbeat_interval: Duration,
+    pub work_queue_names: Vec<String>,
+    pub default_base_job_template: Value,
+    /// First frame token: the auth string (self-hosted) or key; `None` sends `null`.
+    pub auth_token: Option<String>,
+    /// `Authorization` header for the upgrade request (Cloud, or proxies in front of a server).
+    pub authorization: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ChannelError {
+    /// The server will never accept this channel (no endpoint, auth, protocol): use REST.
+    #[error("{0}")]
+    Terminal(String),
+    /// Worth another try after a pause.
+    #[error("{0}")]
+    Retryable(String),
+}
+
+/// Runs until `shutdown`; never fails: every channel problem degrades to the REST heartbeat.
+pub async fn run(
+    client: PrefectClient,
+    config: ChannelConfig,
+    pool: Arc<RwLock<WorkPool>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut has_been_healthy = false;
+    let mut channel_available = true;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if channel_available {
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(SETUP_TIMEOUT, connect(&client, &config)) => r,
+            };
+            match attempt {
+                Ok(Ok((socket, ready, consumer_id))) => {
+                    has_been_healthy = true;
+                    backoff.reset();
+                    let interval = ready
+                        .pointer("/payload/effective_heartbeat_interval_seconds")
+                        .and_then(Value::as_f64)
+                        .map(Duration::from_secs_f64)
+                        .unwrap_or(config.heartbeat_interval);
+                    if let Some(wp) = ready.pointer("/payload/initial_snapshot/work_pool") {
+                        apply_snapshot(&pool, wp);
+                    }
+                    tracing::debug!(pool = %config.pool_name, "worker channel connected");
+                    match healthy(socket, &config, &consumer_id, interval, &pool, &shutdown).await {
+                        Ok(()) => return,
+                        Err(ChannelError::Terminal(reason)) => {
+                            tracing::info!(%reason, "worker channel closed for good; using REST heartbeats");
+                            channel_available = false;
+                        }
+                        Err(ChannelError::Retryable(reason)) => {
+                            tracing::debug!(%reason, "worker channel lost; reconnecting");
+                        }
+                    }
+                }
+                Ok(Err(ChannelError::Terminal(reason))) if !has_been_healthy => {
+                    tracing::info!(%reason, "worker channel unavailable; using REST heartbeats");
+                    channel_available = false;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "worker channel setup failed"),
+                Err(_) => tracing::debug!("worker channel setup timed out"),
+            }
+        }
+        // Not connected: REST keeps the worker visible and the pool fresh meanwhile.
+        rest_sync(&client, &config, &pool).await;
+        let pause = if channel_available {
+            backoff.next_delay().min(config.heartbeat_interval)
+        } else {
+            jittered(config.heartbeat_interval, 0.3)
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// REST fallback: heartbeat and re-read the pool.
+async fn rest_sync(client: &PrefectClient, config: &ChannelConfig, pool: &RwLock<WorkPool>) {
+    let secs = config.heartbeat_interval.as_secs().max(1);
+    if let Err(e) = client
+        .worker_heartbeat(&config.pool_name, &config.worker_name, secs)
+        .await
+    {
+        tracing::warn!(error = %e, "worker heartbeat failed");
+    }
+    match client.read_work_pool(&config.pool_name).await {
+        Ok(Some(wp)) => *pool.write().expect("pool lock poisoned") = wp,
+        Ok(None) => tracing::warn!(pool = %config.pool_name, "work pool not found"),
+        Err(e) => tracing::warn!(error = %e, "could not read the work pool"),
+    }
+}
+
+fn apply_snapshot(pool: &RwLock<WorkPool>, work_pool: &Value) {
+    match serde_json::from_value::<WorkPool>(work_pool.clone()) {
+        Ok(wp) => *pool.write().expect("pool lock poisoned") = wp,
+        Err(e) => tracing::debug!(error = %e, "ignoring unreadable work pool snapshot"),
+    }
+}
+
+fn frame(kind: &str, payload: Value) -> Message {
+    Message::text(
+        json!({
+            "type": kind,
+            "id": uuid::Uuid::now_v7(),
+            "sent_at": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            "payload": payload,
+        })
+        .to_string(),
+    )
+}
+
+/// Channel URL: API URL with the scheme swapped, then the pool's connect path
+/// (`prefect/workers/_worker_channel/_transport.py`).
+fn channel_url(api_url: &url::Url, pool: &str) -> Result<url::Url, ChannelError> {
+    let mut url = api_url.clone();
+    let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+    url.set_scheme(scheme)
+        .map_err(|_| ChannelError::Terminal("cannot build the worker channel URL".into()))?;
+    url.path_segments_mut()
+        .map_err(|_| ChannelError::Terminal("cannot build the worker channel URL".into()))?
+        .pop_if_empty()
+        .extend(["work_pools", pool, "workers", "connect"]);
+    Ok(url)
+}
+
+async fn connect(
+    client: &PrefectClient,
+    config: &ChannelConfig,
+) -> Result<(Socket, Value, Value), ChannelError> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let url = channel_url(client.api_url(), &config.pool_name)?;
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ChannelError::Terminal(e.to_string()))?;
+    let headers = request.headers_mut();
+    headers.insert("Sec-WebSocket-Protocol", HeaderValue::from_static("prefect"));
+    if let Ok(ua) = HeaderValue::from_str(&cohort_api::user_agent()) {
+        headers.insert("User-Agent", ua);
+    }
+    if let Some(auth) = config.authorization.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+        headers.insert("Authorization", auth);
+    }
+    let (mut socket, _) = match tokio_tungstenite::connect_async(request).await {
+        Ok(ok) => ok,
+        Err(WsError::Http(resp)) => {
+            let status = resp.status().as_u16();
+            return Err(if status >= 500 {
+                ChannelError::Retryable(format!("upgrade answered {status}"))
+            } else {
+                ChannelError::Terminal(format!("upgrade answered {status}"))
+            });
+        }
+        Err(e) => return Err(ChannelError::Terminal(e.to_string())),
+    };
+    socket
+        .send(Message::text(
+            json!({"type": "auth", "token": config.auth_token}).to_string(),
+        ))
+        .await
+        .map_err(|e| ChannelError::Retryable(e.to_string()))?;
+    expect_frame(&mut socket, "auth_success").await?;
+    let hello = json!({
+        "consumer_id": uuid::Uuid::now_v7(),
+        "worker_name": config.worker_name,
+        "worker_type": config.worker_type,
+        "heartbeat_interval_seconds": config.heartbeat_interval.as_secs().max(1),
+        "supported_channel_versions": ["work_pool_worker_channel.v1"],
+        "requested_capabilities": ["worker_heartbeat.v1", "work_pool_snapshot.v1"],
+        "work_queue_names": config.work_queue_names,
+        "handled_cleanup_kinds": [],
+        "max_cleanup_concurrency": 0,
+        // The worker creates the pool itself over REST before connecting.
+        "create_pool_if_not_found": false,
+        "default_base_job_template": config.default_base_job_template,
+        "worker_metadata": null,
+    });
+    let consumer_id = hello["consumer_id"].clone();
+    socket
+        .send(frame("worker.hello.v1", hello))
+        .await
+        .map_err(|e| ChannelError::Retryable(e.to_string()))?;
+    let ready = expect_frame(&mut socket, "worker.ready.v1").await?;
+    Ok((socket, ready, consumer_id))
+}
+
+async fn expect_frame(socket: &mut Socket, kind: &str) -> Result<Value, ChannelError> {
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|_| ChannelError::Terminal("malformed frame".into()))?;
+                if v["type"] == kind {
+                    return Ok(v);
+                }
+                return Err(ChannelError::Terminal(format!(
+                    "expected {kind}, got {}",
+                    v["type"]
+                )));
+            }
+            Some(Ok(Message::Close(close))) => return Err(classify_close(close.as_ref())),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(ChannelError::Retryable(e.to_string())),
+            None => return Err(ChannelError::Retryable("connection closed".into())),
+        }
+    }
+}
+
+fn classify_close(
+    close: Option<&tokio_tungstenite::tungstenite::protocol::CloseFrame>,
+) -> ChannelError {
+    let (code, reason) = close
+        .map(|c| (c.code, c.reason.to_string()))
+        .unwrap_or((CloseCode::Abnormal, String::new()));
+    let text = format!("closed by server ({code}: {reason})");
+    match code {
+        CloseCode::Policy | CloseCode::Protocol => ChannelError::Terminal(text),
+        _ => ChannelError::Retryable(text),
+    }
+}
+
+async fn healthy(
+    mut socket: Socket,
+    config: &ChannelConfig,
+    consumer_id: &Value,
+    interval: Duration,
+    pool: &RwLock<WorkPool>,
+    shutdown: &CancellationToken,
+) -> Result<(), ChannelError> {
+    // The first heartbeat goes one interval after ready, as Prefect's does.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut last_sequence = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = socket.close(None).await;
+                return Ok(());
+            }
+            _ = ticker.tick() => {
+                let payload = json!({
+                    "consumer_id": consumer_id,
+                    "worker_name": config.worker_name,
+                    "heartbeat_interval_seconds": interval.as_secs().max(1),
+                });
+                socket.send(frame("worker.heartbeat.v1", payload)).await
+                    .map_err(|e| ChannelError::Retryable(e.to_string()))?;
+            }
+            msg = socket.next() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                    if v["type"] == "work_pool.snapshot.v1" {
+                        let seq = v.pointer("/payload/snapshot_sequence").and_then(Value::as_u64).unwrap_or(0);
+                        // Only newer snapshots apply (sequence restarts per connection).
+                        if seq > last_sequence {
+                            last_sequence = seq;
+                            if let Some(wp) = v.pointer("/payload/work_pool") {
+                                apply_snapshot(pool, wp);
+                            }
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(close))) => return Err(classify_close(close.as_ref())),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(ChannelError::Retryable(e.to_string())),
+                None => return Err(ChannelError::Retryable("connection closed".into())),
+            }
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The worker: start-up against the server, then one loop that polls, claims into free slots and
+//! reaps finished runs, then a phased shutdown (`prefect/workers/base.py: BaseWorker`).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cohort_api::models::WorkPool;
+use cohort_api::retry::jittered;
+use cohort_api::{ApiError, PrefectClient};
+use cohort_events::related::{self, Named};
+use cohort_events::{names, Event, EventSink};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::channel::{self, ChannelConfig};
+use crate::health::{self, LastPolled};
+use crate::submit::{self, Outcome, RunContext};
+
+/// The only infrastructure this worker runs.
+pub const PROCESS: &str = "process";
+
+/// Everything `cohort worker start` decides before the worker meets the server.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub pool: String,
+    pub name: String,
+    /// `--type`; `None` takes the pool's type (or `process` when creating it).
+    pub worker_type: Option<String>,
+    pub work_queues: Vec<String>,
+    /// `--limit`: at most this many runs at once; `None` is unlimited.
+    pub limit: Option<usize>,
+    pub prefetch: Duration,
+    pub query_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub run_once: bool,
+    /// Used only when the worker creates the pool.
+    pub base_job_template: Option<Value>,
+    pub create_pool_if_not_found: bool,
+    /// How long a shutdown waits for running flows before stopping them.
+    pub drain_timeout: Duration,
+    /// SIGTERM → SIGKILL grace when stopping a flow-run process.
+    pub termination_grace: Duration,
+    pub healthcheck: Option<SocketAddr>,
+    /// `PREFECT_*` settings to pass on to flow-run processes.
+    pub settings_env: Vec<(String, String)>,
+    /// Token and header for the websocket handshakes.
+    pub auth_token: Option<String>,
+    pub authorization: Option<String>,
+}
+
+/// Why the worker could not start. Each is final: retrying with the same input will not help.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot reach the Prefect API at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: ApiError,
+    },
+    #[error("the Prefect API at {url} refused the credentials (check PREFECT_API_KEY / PREFECT_API_AUTH_STRING): {source}")]
+    Unauthorized {
+        url: String,
+        #[source]
+        source: ApiError,
+    },
+    #[error("work pool {pool:?} has type {pool_type:?}, but this worker was started with --type {worker_type:?}")]
+    PoolTypeMismatch {
+        pool: String,
+        pool_type: String,
+        worker_type: String,
+    },
+    #[error("worker type {0:?} is not supported: Cohort runs `process` work pools")]
+    UnsupportedType(String),
+    #[error("work pool {0:?} not found, and --no-create-pool-if-not-found was given")]
+    PoolNotFound(String),
+    #[error("worker name {0:?} may not contain '/' or '%'")]
+    InvalidName(String),
+    #[error("cannot serve the healthcheck on {addr}: {source}")]
+    Healthcheck {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl StartError {
+    fn from_api(client: &PrefectClient, e: ApiError) -> Self {
+        let url = client.api_url().to_string();
+        if e.is_auth() {
+            StartError::Unauthorized { url, source: e }
+        } else if matches!(e, ApiError::Transport { .. }) || e.is_transient() {
+            StartError::Unreachable { url, source: e }
+        } else {
+            StartError::Api(e)
+        }
+    }
+}
+
+/// A started worker, ready to [`Worker::run`].
+pub struct Worker {
+    client: PrefectClient,
+    options: WorkerOptions,
+    sink: Arc<dyn EventSink>,
+    pool: Arc<RwLock<WorkPool>>,
+    worker_type: String,
+    prefect_version: String,
+    ctx: Arc<RunContext>,
+}
+
+impl Worker {
+    /// Meets the server: its version, the pool (created when absent), the type checks.
+    pub async fn start(
+        client: PrefectClient,
+        options: WorkerOptions,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Self, StartError> {
+        if options.name.contains('/') || options.name.contains('%') {
+            return Err(StartError::InvalidName(options.name));
+        }
+        if let Some(t) = options.worker_type.as_deref().filter(|t| *t != PROCESS) {
+            return Err(StartError::UnsupportedType(t.to_owned()));
+        }
+        let prefect_version = client
+            .server_version()
+            .await
+            .map_err(|e| StartError::from_api(&client, e))?;
+        let pool = match client
+            .read_work_pool(&options.pool)
+            .await
+            .map_err(|e| StartError::from_api(&client, e))?
+        {
+            Some(pool) => pool,
+            None if !options.create_pool_if_not_found => {
+                return Err(StartError::PoolNotFound(options.pool.clone()))
+            }
+            None => {
+                let pool_type = options.worker_type.as_deref().unwrap_or(PROCESS);
+                let pool = client
+                    .create_work_pool(&options.pool, pool_type, options.base_job_template.as_ref())
+                    .await
+                    .map_err(|e| StartError::from_api(&client, e))?;
+                tracing::info!("Work pool '{}' created.", pool.name);
+                pool
+            }
+        };
+        // Prefect only warns on a mismatch and then renders a foreign template into a process
+        // job; Cohort refuses, because nothing good can come of it (docs/compat.md).
+        if let Some(t) = options.worker_type.as_deref().filter(|t| *t != pool.pool_type) {
+            return Err(StartError::PoolTypeMismatch {
+                pool: pool.name,
+                pool_type: pool.pool_type,
+                worker_type: t.to_owned(),
+            });
+        }
+        if pool.pool_type != PROCESS {
+            return Err(StartError::PoolTypeMismatch {
+                worker_type: PROCESS.to_owned(),
+                pool: pool.name,
+                pool_type: pool.pool_type,
+            });
+        }
+        let mut pool = pool;
+        if pool.base_job_template.as_object().is_none_or(|o| o.is_empty()) {
+            let template = cohort_template::default_process_base_job_template();
+            client
+                .update_work_pool_template(&pool.name, &template)
+                .await
+                .map_err(|e| StartError::from_api(&client, e))?;
+            pool.base_job_template = template;
+        }
+        if pool.is_paused {
+            tracing::warn!("Work pool '{}' is paused. No flow runs will be submitted until it is resumed.", pool.name);
+        }
+        let worker_type = PROCESS.to_owned();
+        let pool = Arc::new(RwLock::new(pool));
+        let ctx = Arc::new(RunContext {
+            client: client.clone(),
+            sink: sink.clone(),
+            worker_name: options.name.clone(),
+            worker_type: worker_type.clone(),
+            resource: related::worker_resource(&worker_type, &options.name, &prefect_version),
+            pool: pool.clone(),
+            settings_env: options.settings_env.clone(),
+            termination_grace: options.termination_grace,
+        });
+        Ok(Self {
+            client,
+            options,
+            sink,
+            pool,
+            worker_type,
+            prefect_version,
+            ctx,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.options.name
+    }
+
+    pub fn prefect_version(&self) -> &str {
+        &self.prefect_version
+    }
+
+    fn pool_named(&self) -> Named {
+        let pool = self.pool.read().expect("pool lock poisoned");
+        Named {
+            id: pool.id,
+            name: pool.name.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` (or, with `--run-once`, one poll and its runs), then stops in
+    /// phases: no new claims → drain running flows up to the drain deadline (or until `force`)
+    /// → stop what is left → `prefect.worker.stopped`.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        force: CancellationToken,
+    ) -> Result<(), StartError> {
+        let background = CancellationToken::new();
+        let last_polled = LastPolled::new();
+        let health = match self.options.healthcheck {
+            Some(addr) => Some(
+                health::serve(
+                    addr,
+                    last_polled.clone(),
+                    self.options.query_interval * 30,
+                    background.clone(),
+                )
+                .await
+                .map_err(|source| StartError::Healthcheck { addr, source })?,
+            ),
+            None => None,
+        };
+        let heartbeat = tokio::spawn(channel::run(
+            self.client.clone(),
+            ChannelConfig {
+                pool_name: self.options.pool.clone(),
+                worker_name: self.options.name.clone(),
+                worker_type: self.worker_type.clone(),
+                heartbeat_interval: self.options.heartbeat_interval,
+                work_queue_names: self.options.work_queues.clone(),
+                default_base_job_template: cohort_template::default_process_base_job_template(),
+                auth_token: self.options.auth_token.clone(),
+                authorization: self.options.authorization.clone(),
+            },
+            self.pool.clone(),
+            background.clone(),
+        ));
+
+        let pool_related = vec![related::work_pool(&self.pool_named())];
+        let started = Event::new(names::WORKER_STARTED, self.ctx.resource.clone(), pool_related.clone());
+        self.sink.emit(started.clone());
+        tracing::info!("Worker '{}' started!", self.options.name);
+
+        let mut poller = Poller {
+            worker: &self,
+            slots: self.options.limit.map(|n| Arc::new(Semaphore::new(n))),
+            runs: JoinSet::new(),
+            task_runs: HashMap::new(),
+            in_flight: HashSet::new(),
+            terminate: CancellationToken::new(),
+            last_polled,
+        };
+        poller.serve(&shutdown).await;
+        poller.drain(&force).await;
+
+        background.cancel();
+        let _ = heartbeat.await;
+        if let Some(h) = health {
+            let _ = h.await;
+        }
+        let stopped = Event::new(names::WORKER_STOPPED, self.ctx.resource.clone(), pool_related).follow(&started);
+        self.sink.emit(stopped);
+        tracing::info!("Worker '{}' stopped!", self.options.name);
+        Ok(())
+    }
+}
+
+/// The poll loop's state; owned by one task.
+struct Poller<'w> {
+    worker: &'w Worker,
+    slots: Option<Arc<Semaphore>>,
+    runs: JoinSet<Outcome>,
+    task_runs: HashMap<tokio::task::Id, Uuid>,
+    /// Runs being submitted or supervised; never claimed twice.
+    in_flight: HashSet<Uuid>,
+    /// Cancelled to stop every flow-run process at the drain deadline.
+    terminate: CancellationToken,
+    last_polled: LastPolled,
+}
+
+impl Poller<'_> {
+    async fn serve(&mut self, shutdown: &CancellationToken) {
+        let opts = &self.worker.options;
+        let mut next_poll = tokio::time::Instant::now();
+        let mut polled = false;
+        loop {
+            if opts.run_once && polled && self.runs.is_empty() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                Some(joined) = self.runs.join_next_with_id(), if !self.runs.is_empty() => {
+                    self.handle_run_finished(joined);
+                }
+                _ = tokio::time::sleep_until(next_poll), if !(opts.run_once && polled) => {
+                    self.handle_poll(shutdown).await;
+                    polled = true;
+                    next_poll = tokio::time::Instant::now() + jittered(opts.query_interval, 0.3);
+                }
+            }
+        }
+    }
+
+    async fn handle_poll(&mut self, shutdown: &CancellationToken) {
+        let opts = &self.worker.options;
+        // Prefect truncates the prefetch window to whole seconds.
+        let before = chrono::Utc::now() + chrono::Duration::seconds(opts.prefetch.as_secs() as i64);
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = self.worker.client.get_scheduled_flow_runs(&opts.pool, &opts.work_queues, before) => r,
+        };
+        let scheduled = match result {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "failed to poll for scheduled flow runs");
+                return;
+            }
+        };
+        self.last_polled.touch();
+        if !scheduled.is_empty() {
+            tracing::debug!(count = scheduled.len(), "found scheduled flow runs");
+        }
+        for entry in scheduled {
+            let run = entry.flow_run;
+            if self.in_flight.contains(&run.id) {
+                continue;
+            }
+            // A slot first, then the claim; with no slot free, stop claiming this round.
+            let permit = match &self.slots {
+                None => None,
+                Some(sem) => match sem.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        tracing::debug!("concurrency limit reached; leaving the remaining runs");
+                        break;
+                    }
+                },
+            };
+            let id = run.id;
+            let span = tracing::info_span!("flow_run", id = %id);
+            let ctx = self.worker.ctx.clone();
+            let token = self.terminate.child_token();
+            let handle = self.runs.spawn(
+                async move {
+                    let _slot = permit;
+                    submit::submit(ctx, run, token).await
+                }
+                .instrument(span),
+            );
+            self.task_runs.insert(handle.id(), id);
+            self.in_flight.insert(id);
+        }
+    }
+
+    fn handle_run_finished(
+        &mut self,
+        joined: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>,
+    ) {
+        let task = match &joined {
+            Ok((task, _)) => *task,
+            Err(e) => e.id(),
+        };
+        let run = self.task_runs.remove(&task);
+        if let Some(run) = run {
+            self.in_flight.remove(&run);
+        }
+        match joined {
+            Ok((_, outcome)) => tracing::debug!(flow_run = ?run, ?outcome, "flow run finished"),
+            Err(e) => tracing::error!(flow_run = ?run, error = %e, "flow run supervisor failed"),
+        }
+    }
+
+    /// Lets running flows finish up to the drain deadline (or a second signal), then stops them.
+    async fn drain(&mut self, force: &CancellationToken) {
+        if self.runs.is_empty() {
+            return;
+        }
+        let deadline = self.worker.options.drain_timeout;
+        tracing::info!(runs = self.runs.len(), ?deadline, "waiting for running flow runs before stopping");
+        let drained = tokio::select! {
+            _ = force.cancelled() => false,
+            r = tokio::time::timeout(deadline, self.join_all()) => r.is_ok(),
+        };
+        if !drained {
+            tracing::warn!(runs = self.runs.len(), "stopping the flow runs still running");
+            self.terminate.cancel();
+            self.join_all().await;
+        }
+    }
+
+    async fn join_all(&mut self) {
+        while let Some(joined) = self.runs.join_next_with_id().await {
+            self.handle_run_finished(joined);
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Command-line shape, mirroring `prefect worker start` (`prefect/cli/worker.py: start`).
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cohort", version, about = "A Prefect worker, in Rust.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with workers.
+    Worker {
+        #[command(subcommand)]
+        command: WorkerCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// Start a worker that runs the scheduled flow runs of a work pool.
+    Start(StartArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The work pool to poll.
+    #[arg(short = 'p', long)]
+    pub pool: String,
+
+    /// The worker's name (default: `ProcessWorker <uuid>`, like Prefect's).
+    #[arg(short = 'n', long)]
+    pub name: Option<String>,
+
+    /// Worker type; defaults to the pool's type, or `process` when creating the pool.
+    #[arg(short = 't', long = "type")]
+    pub worker_type: Option<String>,
+
+    /// A work queue to poll (repeatable); all of the pool's queues when none is given.
+    #[arg(short = 'q', long = "work-queue")]
+    pub work_queues: Vec<String>,
+
+    /// The most flow runs this worker runs at once.
+    #[arg(short = 'l', long)]
+    pub limit: Option<usize>,
+
+    /// Claim runs scheduled up to this many seconds ahead (default: PREFECT_WORKER_PREFETCH_SECONDS, 10).
+    #[arg(long)]
+    pub prefetch_seconds: Option<u64>,
+
+    /// Poll once, run what was claimed to completion, and exit.
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_run_once")]
+    pub run_once: bool,
+    #[arg(long, hide = true)]
+    pub no_run_once: bool,
+
+    /// Serve `GET /health` on PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT.
+    #[arg(long, overrides_with = "no_with_healthcheck")]
+    pub with_healthcheck: bool,
+    #[arg(long, hide = true)]
+    pub no_with_healthcheck: bool,
+
+    /// A JSON base job template, used only when this worker creates the pool.
+    #[arg(long)]
+    pub base_job_template: Option<PathBuf>,
+
+    /// Create the work pool when it does not exist (the default).
+    #[arg(long, overrides_with = "no_create_pool_if_not_found")]
+    pub create_pool_if_not_found: bool,
+    #[arg(long)]
+    pub no_create_pool_if_not_found: bool,
+
+    /// On shutdown, wait this many seconds for running flow runs before stopping them.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_timeout: f64,
+
+    /// Seconds between SIGTERM and SIGKILL when a flow-run process must be stopped.
+    #[arg(long, default_value_t = 30.0)]
+    pub termination_grace: f64,
+}

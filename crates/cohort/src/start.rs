@@ -1,0 +1,186 @@
+//! `cohort worker start`: turn flags and `PREFECT_*` settings into a running worker.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use cohort_api::{ClientConfig, PrefectClient, Settings};
+use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth};
+use cohort_worker::{StartError, Worker, WorkerOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::StartArgs;
+use crate::Failure;
+
+pub fn main(args: StartArgs) -> i32 {
+    let settings = match Settings::from_process_env() {
+        Ok(s) => s,
+        Err(e) => return report(Failure::Usage(e.into())),
+    };
+    init_logging(&settings);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(Failure::Runtime(e.into())),
+    };
+    match runtime.block_on(run(args, settings)) {
+        Ok(()) => 0,
+        Err(failure) => report(failure),
+    }
+}
+
+fn report(failure: Failure) -> i32 {
+    let err = match &failure {
+        Failure::Usage(e) | Failure::Runtime(e) => e,
+    };
+    eprintln!("Error: {err:#}");
+    failure.exit_code()
+}
+
+fn init_logging(settings: &Settings) {
+    let debug = settings.bool("PREFECT_WORKER_DEBUG_MODE", false).unwrap_or(false);
+    let default = if debug { "info,cohort=debug,cohort_worker=debug,cohort_api=debug,cohort_events=debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COHORT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Phase two: validated values become the worker, the emitter and the signal handling.
+async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
+    let usage = |e: anyhow::Error| Failure::Usage(e);
+    let mut options = options(&args, &settings).map_err(usage)?;
+    let client_config = ClientConfig::from_settings(&settings).map_err(|e| usage(e.into()))?;
+    options.authorization = cohort_api::authorization(&client_config);
+    let client = PrefectClient::new(client_config).map_err(|e| usage(e.into()))?;
+
+    let auth = if client.is_cloud() {
+        EventsAuth::Bearer(settings.api_key().unwrap_or_default().to_owned())
+    } else {
+        EventsAuth::Token(options.auth_token.clone())
+    };
+    let (emitter, emitter_task) = Emitter::spawn(EmitterConfig {
+        api_url: client.api_url().clone(),
+        auth,
+        user_agent: cohort_api::user_agent(),
+    });
+
+    let worker = Worker::start(client, options, Arc::new(emitter.clone()))
+        .await
+        .map_err(|e| match e {
+            StartError::InvalidName(_) => Failure::Usage(e.into()),
+            other => Failure::Runtime(other.into()),
+        })?;
+
+    let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
+
+    let result = worker.run(shutdown, force).await;
+    // Events are the product: give the last ones (executed, stopped) time to be confirmed.
+    if let Err(e) = emitter.flush(Duration::from_secs(10)).await {
+        tracing::warn!(error = %e, "some events may not have reached the server");
+    }
+    emitter.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), emitter_task).await;
+    result.map_err(|e| Failure::Runtime(e.into()))
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. Second: stop running flows now
+/// (`prefect/utilities/processutils.py: setup_signal_handlers_worker` escalates the same way).
+async fn watch_signals(shutdown: CancellationToken, force: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        seen += 1;
+        if seen == 1 {
+            tracing::info!("shutting down: no new flow runs will be claimed (signal again to stop running flows now)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal: stopping running flow runs now");
+            force.cancel();
+        }
+    }
+}
+
+fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOptions> {
+    let base_job_template = match &args.base_job_template {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --base-job-template {}", path.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("--base-job-template {} is not valid JSON", path.display()))?;
+            anyhow::ensure!(
+                value.get("job_configuration").is_some_and(|v| v.is_object())
+                    && value.get("variables").is_some_and(|v| v.is_object()),
+                "--base-job-template {} must be an object with `job_configuration` and `variables` objects",
+                path.display()
+            );
+            Some(value)
+        }
+    };
+    let healthcheck = if args.with_healthcheck {
+        let host = settings.get("PREFECT_WORKER_WEBSERVER_HOST").unwrap_or("0.0.0.0");
+        let port = settings.u64("PREFECT_WORKER_WEBSERVER_PORT", 8080)?;
+        let ip: IpAddr = match host {
+            "localhost" => IpAddr::from([127, 0, 0, 1]),
+            h => h.parse().with_context(|| format!("PREFECT_WORKER_WEBSERVER_HOST {h:?} is not an IP address"))?,
+        };
+        let port = u16::try_from(port).context("PREFECT_WORKER_WEBSERVER_PORT is out of range")?;
+        Some(SocketAddr::new(ip, port))
+    } else {
+        None
+    };
+    let prefetch = match args.prefetch_seconds {
+        Some(s) => Duration::from_secs(s),
+        None => settings.seconds("PREFECT_WORKER_PREFETCH_SECONDS", Duration::from_secs(10))?,
+    };
+    let seconds = |v: f64, flag: &str| -> anyhow::Result<Duration> {
+        anyhow::ensure!(v.is_finite() && v >= 0.0, "{flag} must be a number of seconds ≥ 0");
+        Ok(Duration::from_secs_f64(v))
+    };
+    Ok(WorkerOptions {
+        pool: args.pool.clone(),
+        name: args
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("ProcessWorker {}", uuid::Uuid::new_v4())),
+        worker_type: args.worker_type.clone(),
+        work_queues: args.work_queues.clone(),
+        limit: args.limit,
+        prefetch,
+        query_interval: settings.seconds("PREFECT_WORKER_QUERY_SECONDS", Duration::from_secs(10))?,
+        heartbeat_interval: settings.seconds("PREFECT_WORKER_HEARTBEAT_SECONDS", Duration::from_secs(30))?,
+        run_once: args.run_once && !args.no_run_once,
+        base_job_template,
+        create_pool_if_not_found: !args.no_create_pool_if_not_found,
+        drain_timeout: seconds(args.drain_timeout, "--drain-timeout")?,
+        termination_grace: seconds(args.termination_grace, "--termination-grace")?,
+        healthcheck,
+        settings_env: settings
+            .explicit()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        auth_token: settings
+            .auth_string()
+            .or(settings.api_key())
+            .map(str::to_owned),
+        authorization: None,
+    })
+}
