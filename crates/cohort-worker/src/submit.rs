@@ -45,7 +45,7 @@ pub(crate) enum Outcome {
 }
 
 pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: CancellationToken) -> Outcome {
-    tracing::info!(flow_run = %run.id, "Worker '{}' submitting flow run '{}'", ctx.worker_name, run.id);
+    tracing::info!("Worker '{}' submitting flow run '{}'", ctx.worker_name, run.id);
 
     // 1. The deployment must still exist (`BaseWorker._submit_run`).
     let deployment = match run.deployment_id {
@@ -54,10 +54,10 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
             Ok(Some(d)) => Some(d),
             Ok(None) => {
                 let message = format!("Deployment {id} no longer exists, cancelled run.");
-                tracing::error!(flow_run = %run.id, "{message}");
+                tracing::error!("{message}");
                 let state = StateCreate::new(StateType::Cancelled, "Cancelled").with_message(&message);
                 if let Err(e) = ctx.client.set_flow_run_state(run.id, &state, true).await {
-                    tracing::warn!(flow_run = %run.id, error = %e, "could not cancel the run");
+                    tracing::warn!(error = %e, "could not cancel the run");
                 }
                 return Outcome::Skipped(message);
             }
@@ -82,11 +82,11 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
                 run.id,
                 state.unwrap_or_else(|| "UNKNOWN".into())
             );
-            tracing::info!(flow_run = %run.id, reason = r.reason().unwrap_or(""), "{why}");
+            tracing::info!(reason = r.reason().unwrap_or(""), "{why}");
             return Outcome::Skipped(why);
         }
         Err(e) => {
-            tracing::warn!(flow_run = %run.id, error = %e, "could not claim flow run; leaving it for the next poll");
+            tracing::warn!(error = %e, "could not claim flow run; leaving it for the next poll");
             return Outcome::Skipped(format!("claim failed: {e}"));
         }
     }
@@ -136,14 +136,14 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
         .update_flow_run_labels(run.id, labels.as_object().expect("object literal"))
         .await
     {
-        tracing::warn!(flow_run = %run.id, error = %e, "could not label the flow run");
+        tracing::warn!(error = %e, "could not label the flow run");
     }
     if let Err(e) = ctx
         .client
         .set_flow_run_state(run.id, &StateCreate::new(StateType::Pending, "Submitting"), false)
         .await
     {
-        tracing::warn!(flow_run = %run.id, error = %e, "could not propose Submitting");
+        tracing::warn!(error = %e, "could not propose Submitting");
     }
 
     // 6. Launch.
@@ -166,15 +166,15 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
     };
     let pid = process.pid().to_string();
     if let Err(e) = ctx.client.set_infrastructure_pid(run.id, &pid).await {
-        tracing::error!(flow_run = %run.id, error = %e, "An error occurred while setting the `infrastructure_pid` on flow run; it will not be cancellable");
+        tracing::error!(error = %e, "An error occurred while setting the `infrastructure_pid` on flow run; it will not be cancellable");
     }
-    tracing::info!(flow_run = %run.id, pid = %pid, "Flow run '{}' submitted to infrastructure", run.name);
+    tracing::info!(pid = %pid, "Flow run '{}' submitted to infrastructure", run.name);
 
     // 7. Supervise until it exits, or until the worker must stop it.
     let status = tokio::select! {
         status = process.wait() => status,
         _ = terminate.cancelled() => {
-            tracing::warn!(flow_run = %run.id, pid = %pid, "stopping flow run: the worker is shutting down");
+            tracing::warn!(pid = %pid, "stopping flow run: the worker is shutting down");
             process.terminate(ctx.termination_grace).await
         }
     };
@@ -182,7 +182,7 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
         Ok(code) => code,
         Err(e) => {
             // `Lost connection to flow run infrastructure`: no state change, no executed event.
-            tracing::error!(flow_run = %run.id, error = %e, "Lost connection to flow run '{}' infrastructure. The flow run's final state will be determined by the execution environment.", run.name);
+            tracing::error!(error = %e, "Lost connection to flow run '{}' infrastructure. The flow run's final state will be determined by the execution environment.", run.name);
             return Outcome::FailedToSubmit(e.to_string());
         }
     };
@@ -191,8 +191,8 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
     // 8. A non-zero exit of a run that did not reach a final state is a crash.
     if code != 0 {
         let message = crashed_message(code);
-        tracing::warn!(flow_run = %run.id, "{message}");
-        tracing::info!(flow_run = %run.id, "{}", exit_info(code).resolution);
+        tracing::warn!("{message}");
+        tracing::info!("{}", exit_info(code).resolution);
         propose_crashed(&ctx.client, run.id, &message).await;
     }
 
@@ -319,7 +319,7 @@ impl WorkDir {
 }
 
 async fn crash_before_start(ctx: &RunContext, run: &FlowRun, message: String) -> Outcome {
-    tracing::error!(flow_run = %run.id, "Failed to submit flow run '{}' to infrastructure: {message}", run.name);
+    tracing::error!("Failed to submit flow run '{}' to infrastructure: {message}", run.name);
     propose_crashed(&ctx.client, run.id, &message).await;
     Outcome::FailedToSubmit(message)
 }

@@ -1,0 +1,1050 @@
+//! Black-box test harness: one real Prefect server per test binary, a retrying REST
+//! client for it, and worker processes (Cohort's or Prefect's own) with captured output.
+//!
+//! Blocking style on purpose (plain `#[test]` fns, `reqwest::blocking`): the tests drive
+//! real processes and wait on wall-clock time, so there is nothing to gain from async.
+//!
+//! The server is started on first use by [`server()`] and is shared by every test of the
+//! binary; tests isolate themselves with unique pool/deployment/worker names
+//! ([`unique`]). A Rust static is never dropped, so the server is started under a small
+//! `sh` watchdog that holds the read end of a pipe whose write end only this process has:
+//! when the test binary exits, for whatever reason, the watchdog sees EOF and kills the
+//! server's process group (and the process groups of workers still registered).
+
+// End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
+#![allow(dead_code, clippy::disallowed_methods, clippy::disallowed_types)]
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::thread::sleep;
+use std::time::Duration;
+
+use reqwest::blocking::Client;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+/// Environment variable naming the Prefect 3.8.8 virtualenv (set by `scripts/test.sh`).
+pub const VENV_ENV: &str = "COHORT_PREFECT_VENV";
+
+/// Selects the worker implementation [`Worker::under_test`] starts: `cohort` (default) or
+/// `python` (Prefect's own `prefect worker start`, to check the expectations against the
+/// real thing).
+pub const WORKER_UNDER_TEST_ENV: &str = "COHORT_E2E_WORKER";
+
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(180);
+
+// ---------------------------------------------------------------------------------------
+// Names and time
+// ---------------------------------------------------------------------------------------
+
+/// A name unique to this test run: `<prefix>-<8 hex chars>`.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..8])
+}
+
+/// `slugify` as Prefect applies it to worker names (python-slugify defaults), for the
+/// ASCII names the tests use: lower-case, runs of anything but `[a-z0-9]` become `-`,
+/// leading/trailing `-` stripped.
+pub fn slugify(name: &str) -> String {
+    let mut out = String::new();
+    let mut dash = false;
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            if dash && !out.is_empty() {
+                out.push('-');
+            }
+            dash = false;
+            out.push(c);
+        } else {
+            dash = true;
+        }
+    }
+    out
+}
+
+/// RFC 3339 UTC timestamp `offset` away from now (negative = past).
+pub fn rfc3339_from_now(offset: chrono::Duration) -> String {
+    (chrono::Utc::now() + offset).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Poll `f` every `every` until it returns `Some`, or panic after `timeout` with `what`.
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        sleep(every);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The Prefect venv
+// ---------------------------------------------------------------------------------------
+
+/// The Prefect 3.8.8 virtualenv from `$COHORT_PREFECT_VENV`; panics with instructions when
+/// it is not usable (never skip: a test without its tools must fail loudly).
+pub fn venv() -> PathBuf {
+    let hint = "run scripts/test.sh, or scripts/prefect-venv.sh and export \
+                COHORT_PREFECT_VENV=<the path it prints>";
+    let dir = match std::env::var_os(VENV_ENV) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => panic!("{VENV_ENV} is not set: these tests need Prefect 3.8.8; {hint}"),
+    };
+    let prefect = dir.join("bin").join("prefect");
+    assert!(
+        prefect.is_file(),
+        "{VENV_ENV}={} has no bin/prefect: {hint}",
+        dir.display()
+    );
+    dir
+}
+
+/// Directory of the example flows (`examples/flows` at the repository root).
+pub fn examples_flows_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/flows")
+        .canonicalize()
+        .expect("examples/flows not found next to crates/");
+    assert!(dir.join("flows.py").is_file(), "{} has no flows.py", dir.display());
+    dir
+}
+
+/// Remove every inherited `PREFECT_*` variable so a developer's own profile or API URL
+/// cannot leak into the processes the tests start.
+fn scrub_prefect_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PREFECT_") {
+            cmd.env_remove(&key);
+        }
+    }
+}
+
+fn path_with_venv_first(venv_bin: &Path) -> std::ffi::OsString {
+    let mut paths = vec![venv_bin.to_path_buf()];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).expect("PATH entries are joinable")
+}
+
+// ---------------------------------------------------------------------------------------
+// The shared server
+// ---------------------------------------------------------------------------------------
+
+/// The Prefect server shared by all tests of this binary, started on first use.
+pub fn server() -> &'static PrefectServer {
+    static SERVER: OnceLock<Result<PrefectServer, String>> = OnceLock::new();
+    match SERVER.get_or_init(PrefectServer::start) {
+        Ok(s) => s,
+        Err(e) => panic!("the shared Prefect server is not available: {e}"),
+    }
+}
+
+/// Process groups of live workers, killed by the server watchdog if the test binary dies
+/// before their `Drop` runs.
+static WORKER_PGIDS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+static WATCHDOG_FILE: OnceLock<PathBuf> = OnceLock::new();
+
+fn register_worker_pgid(pgid: u32, live: bool) {
+    let mut set = WORKER_PGIDS.lock().unwrap_or_else(|e| e.into_inner());
+    if live {
+        set.insert(pgid);
+    } else {
+        set.remove(&pgid);
+    }
+    write_watchdog_file(&set);
+}
+
+fn write_watchdog_file(pgids: &BTreeSet<u32>) {
+    if let Some(path) = WATCHDOG_FILE.get() {
+        let body: String = pgids.iter().map(|p| format!("{p}\n")).collect();
+        let _ = fs::write(path, body);
+    }
+}
+
+/// The watchdog: runs the server, waits for EOF on stdin (the test binary exited), then
+/// SIGTERMs the registered worker groups and its own group (server included; it ignores
+/// TERM itself), waits up to 10 s for the server, removes the temporary directory and
+/// SIGKILLs whatever is left. Plain POSIX sh: dash's `kill` takes no `--`, so process
+/// groups are written `-PGID`.
+const WATCHDOG_SH: &str = r#"
+dir=$1; shift
+( "$@" </dev/null >"$dir/server.log" 2>&1 &
+  echo $! >"$dir/server.pid"
+  wait $!
+  echo $? >"$dir/server.exit" ) &
+trap '' TERM INT HUP
+read _ldummy || :
+for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -TERM "-$g" 2>/dev/null; done
+pid=$(cat "$dir/server.pid" 2>/dev/null)
+kill -TERM "-$$" 2>/dev/null
+i=0
+while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -KILL "-$g" 2>/dev/null; done
+rm -rf "$dir"
+kill -KILL "-$$" 2>/dev/null
+"#;
+
+/// A running Prefect server (SQLite, 127.0.0.1, temporary `PREFECT_HOME`).
+pub struct PrefectServer {
+    api_url: String,
+    venv: PathBuf,
+    dir: PathBuf,
+    http: Client,
+    version: String,
+    process_template: OnceLock<Value>,
+    /// Write end of the watchdog's stdin; never written, closed when the process exits.
+    _watchdog_stdin: Mutex<ChildStdin>,
+    _watchdog: Mutex<Child>,
+}
+
+impl PrefectServer {
+    fn start() -> Result<PrefectServer, String> {
+        let venv = venv();
+        let mut last_err = String::new();
+        // A free port can be taken between probing and binding: retry on another one.
+        for _ in 0..3 {
+            match Self::start_once(&venv) {
+                Ok(s) => {
+                    let _ = WATCHDOG_FILE.set(s.dir.join("workers.pgids"));
+                    // Workers started before the server (own API URL) are listed too.
+                    write_watchdog_file(&WORKER_PGIDS.lock().unwrap_or_else(|e| e.into_inner()));
+                    return Ok(s);
+                }
+                Err((retry, e)) if retry => last_err = e,
+                Err((_, e)) => return Err(e),
+            }
+        }
+        Err(last_err)
+    }
+
+    fn start_once(venv: &Path) -> Result<PrefectServer, (bool, String)> {
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("cohort-prefect-server-")
+            .tempdir()
+            .map_err(|e| (false, format!("temp dir: {e}")))?
+            .keep();
+        let home = dir.join("home");
+        fs::create_dir_all(&home).map_err(|e| (false, format!("{}: {e}", home.display())))?;
+
+        let mut cmd = Command::new("sh");
+        scrub_prefect_env(&mut cmd);
+        cmd.arg("-c")
+            .arg(WATCHDOG_SH)
+            .arg("cohort-prefect-watchdog")
+            .arg(&dir)
+            .arg(venv.join("bin/prefect"))
+            .args(["server", "start", "--host", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .env("PREFECT_HOME", &home)
+            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            .env("PREFECT_UI_ENABLED", "false")
+            .env("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+            .env("PREFECT_LOGGING_LEVEL", "WARNING")
+            // Events reach the database in batches; flush every second instead of every
+            // 5 s so reading them back is quicker (it changes nothing a worker sees).
+            .env("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "1")
+            .env("PATH", path_with_venv_first(&venv.join("bin")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        let mut watchdog = cmd
+            .spawn()
+            .map_err(|e| (false, format!("cannot run sh for the Prefect server: {e}")))?;
+        let stdin = watchdog.stdin.take().expect("piped stdin");
+
+        let api_url = format!("http://127.0.0.1:{port}/api");
+        let http = Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("reqwest client");
+        let started = Instant::now();
+        let log = || fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        loop {
+            if let Ok(resp) = http.get(format!("{api_url}/health")).send() {
+                if resp.status().is_success() {
+                    break;
+                }
+            }
+            if dir.join("server.exit").exists() {
+                let log = log();
+                let retry = log.contains("already in use") || log.contains("Errno 98");
+                drop(stdin); // lets the watchdog clean up
+                return Err((
+                    retry,
+                    format!("`prefect server start` on port {port} exited:\n{log}"),
+                ));
+            }
+            if started.elapsed() > SERVER_START_TIMEOUT {
+                let log = log();
+                drop(stdin);
+                return Err((
+                    false,
+                    format!(
+                        "`prefect server start` not healthy after {SERVER_START_TIMEOUT:?}:\n{log}"
+                    ),
+                ));
+            }
+            sleep(Duration::from_millis(250));
+        }
+        eprintln!(
+            "[harness] Prefect server up at {api_url} after {:.1?}",
+            started.elapsed()
+        );
+
+        let mut server = PrefectServer {
+            api_url,
+            venv: venv.to_path_buf(),
+            dir,
+            http,
+            version: String::new(),
+            process_template: OnceLock::new(),
+            _watchdog_stdin: Mutex::new(stdin),
+            _watchdog: Mutex::new(watchdog),
+        };
+        let version = server.request(Method::GET, "/admin/version", None);
+        server.version = version
+            .as_str()
+            .unwrap_or_else(|| panic!("unexpected /admin/version answer: {version}"))
+            .to_owned();
+        Ok(server)
+    }
+
+    /// `http://127.0.0.1:<port>/api`
+    pub fn api_url(&self) -> String {
+        self.api_url.clone()
+    }
+
+    /// The server's Prefect version (`GET /api/admin/version`), e.g. `3.8.8`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// `$COHORT_PREFECT_VENV/bin`
+    pub fn venv_bin(&self) -> PathBuf {
+        self.venv.join("bin")
+    }
+
+    /// The venv's Python interpreter.
+    pub fn python(&self) -> PathBuf {
+        self.venv_bin().join("python")
+    }
+
+    /// The server's log so far (`prefect server start` stdout and stderr).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// A `prefect …` CLI command against this server, with a fresh `PREFECT_HOME`
+    /// (kept alive by the returned guard).
+    pub fn prefect_cli(&self, args: &[&str]) -> (Command, tempfile::TempDir) {
+        let home = tempfile::Builder::new()
+            .prefix("cohort-prefect-cli-")
+            .tempdir()
+            .expect("temp dir");
+        let mut cmd = Command::new(self.venv_bin().join("prefect"));
+        scrub_prefect_env(&mut cmd);
+        cmd.args(args)
+            .env("PREFECT_API_URL", self.api_url())
+            .env("PREFECT_HOME", home.path())
+            .env("PATH", path_with_venv_first(&self.venv_bin()))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null());
+        (cmd, home)
+    }
+
+    /// Run a `prefect …` CLI command against this server; panics unless it succeeds.
+    pub fn run_prefect_cli(&self, args: &[&str]) -> Output {
+        let (mut cmd, _home) = self.prefect_cli(args);
+        let out = cmd.output().expect("run prefect CLI");
+        assert!(
+            out.status.success(),
+            "prefect {args:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    // -- HTTP ---------------------------------------------------------------------------
+
+    /// Send one request, retrying connection errors and 429/502/503 with backoff (the
+    /// SQLite server answers 503 "database is locked" under load). Returns the final
+    /// status and JSON body (`Value::Null` when empty or not JSON).
+    pub fn try_request(&self, method: Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
+        let url = if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            format!("{}{}", self.api_url, path)
+        };
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let retryable_err = match req.send() {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retryable = matches!(
+                        status,
+                        StatusCode::TOO_MANY_REQUESTS
+                            | StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                    );
+                    let text = resp.text().unwrap_or_default();
+                    if !retryable {
+                        let value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                        return (status, value);
+                    }
+                    format!("{status}: {text}")
+                }
+                Err(e) => format!("{e}"),
+            };
+            if attempt >= 12 {
+                panic!("{method} {url}: still failing after {attempt} attempts: {retryable_err}");
+            }
+            sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(4));
+        }
+    }
+
+    /// Like [`Self::try_request`] but panics on any non-2xx answer.
+    pub fn request(&self, method: Method, path: &str, body: Option<&Value>) -> Value {
+        let (status, value) = self.try_request(method.clone(), path, body);
+        assert!(
+            status.is_success(),
+            "{method} {path} answered {status}: {value}\nrequest body: {}",
+            body.map(Value::to_string).unwrap_or_default()
+        );
+        value
+    }
+
+    // -- work pools ---------------------------------------------------------------------
+
+    /// Create a work pool the way `prefect work-pool create --type <type>` does: for
+    /// `process` with Prefect's default process base job template, otherwise empty.
+    pub fn create_work_pool(&self, name: &str, pool_type: &str) -> Value {
+        let template = if pool_type == "process" {
+            self.process_base_job_template().clone()
+        } else {
+            json!({})
+        };
+        self.create_work_pool_with_template(name, pool_type, template)
+    }
+
+    pub fn create_work_pool_with_template(&self, name: &str, pool_type: &str, template: Value) -> Value {
+        self.request(
+            Method::POST,
+            "/work_pools/",
+            Some(&json!({"name": name, "type": pool_type, "base_job_template": template})),
+        )
+    }
+
+    /// `GET /work_pools/{name}`; `None` on 404.
+    pub fn read_work_pool(&self, name: &str) -> Option<Value> {
+        let (status, value) = self.try_request(Method::GET, &format!("/work_pools/{}", encode(name)), None);
+        match status {
+            StatusCode::NOT_FOUND => None,
+            s if s.is_success() => Some(value),
+            s => panic!("GET /work_pools/{name} answered {s}: {value}"),
+        }
+    }
+
+    /// Prefect's default base job template for `process` pools, straight from the venv
+    /// (`ProcessWorker.get_default_base_job_template()`), computed once.
+    pub fn process_base_job_template(&self) -> &Value {
+        self.process_template.get_or_init(|| {
+            let out = Command::new(self.python())
+                .args([
+                    "-c",
+                    "import json; from prefect.workers.process import ProcessWorker; \
+                     print(json.dumps(ProcessWorker.get_default_base_job_template()))",
+                ])
+                .env("PREFECT_HOME", self.dir.join("home"))
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .stdin(Stdio::null())
+                .output()
+                .expect("run the venv's python");
+            assert!(
+                out.status.success(),
+                "ProcessWorker.get_default_base_job_template() failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).expect("template is JSON")
+        })
+    }
+
+    // -- deployments and flow runs -----------------------------------------------------
+
+    /// Register a deployment of one of the example flows by REST (what `prefect deploy`
+    /// amounts to): `POST /flows/` then `POST /deployments/` with a
+    /// `set_working_directory` pull step to `examples/flows`.
+    pub fn deploy(&self, spec: &DeploySpec) -> Deployment {
+        let function = if spec.function.is_empty() { "hello" } else { &spec.function };
+        let flow_name = if spec.flow_name.is_empty() { function } else { &spec.flow_name };
+        let name = if spec.deployment_name.is_empty() {
+            unique(function)
+        } else {
+            spec.deployment_name.clone()
+        };
+        let dir = examples_flows_dir().to_string_lossy().into_owned();
+        let flow = self.request(Method::POST, "/flows/", Some(&json!({"name": flow_name})));
+        let flow_id = str_field(&flow, "id");
+        let body = json!({
+            "name": name,
+            "flow_id": flow_id,
+            "entrypoint": format!("flows.py:{function}"),
+            "path": dir,
+            "work_pool_name": spec.pool,
+            "pull_steps": [
+                {"prefect.deployments.steps.set_working_directory": {"directory": dir}}
+            ],
+            "tags": spec.tags,
+            "job_variables": or_empty_object(&spec.job_variables),
+            "parameters": or_empty_object(&spec.parameters),
+            "enforce_parameter_schema": false,
+        });
+        let dep = self.request(Method::POST, "/deployments/", Some(&body));
+        Deployment {
+            id: str_field(&dep, "id"),
+            flow_id,
+            name,
+            flow_name: flow_name.to_owned(),
+        }
+    }
+
+    /// `POST /deployments/{id}/create_flow_run` (Scheduled for now).
+    pub fn create_flow_run(
+        &self,
+        deployment_id: &str,
+        tags: &[&str],
+        job_variables: Value,
+        parameters: Value,
+    ) -> FlowRun {
+        let run = self.request(
+            Method::POST,
+            &format!("/deployments/{deployment_id}/create_flow_run"),
+            Some(&json!({
+                "tags": tags,
+                "job_variables": or_empty_object(&job_variables),
+                "parameters": or_empty_object(&parameters),
+            })),
+        );
+        FlowRun {
+            id: str_field(&run, "id"),
+            name: str_field(&run, "name"),
+        }
+    }
+
+    /// `GET /flow_runs/{id}`
+    pub fn read_flow_run(&self, id: &str) -> Value {
+        self.request(Method::GET, &format!("/flow_runs/{id}"), None)
+    }
+
+    /// Poll the flow run until its state is final (COMPLETED, FAILED, CRASHED,
+    /// CANCELLED); returns the state object. Panics after `timeout`.
+    pub fn wait_for_final_state(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.read_flow_run(id);
+            let state = run["state"].clone();
+            if matches!(
+                state["type"].as_str(),
+                Some("COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED")
+            ) {
+                return state;
+            }
+            if Instant::now() >= deadline {
+                panic!("flow run {id} not final after {timeout:?}; last state: {state}");
+            }
+            sleep(Duration::from_millis(500));
+        }
+    }
+
+    // -- events -------------------------------------------------------------------------
+
+    /// Read events back with `POST /events/filter`, oldest first, following `next_page`.
+    ///
+    /// `filter` is an `EventFilter` object (e.g. `{"event": {"prefix": [...]}}`); unless
+    /// it has its own, `occurred` spans one day back to one hour ahead (the server's
+    /// default `until` is "now", which hides events stamped by a clock slightly ahead),
+    /// and `order` is `ASC`.
+    pub fn read_events(&self, filter: Value) -> Vec<Value> {
+        let mut filter = match filter {
+            Value::Object(m) => m,
+            Value::Null => serde_json::Map::new(),
+            other => panic!("event filter must be an object, got {other}"),
+        };
+        filter.entry("occurred").or_insert_with(|| {
+            json!({
+                "since": rfc3339_from_now(chrono::Duration::days(-1)),
+                "until": rfc3339_from_now(chrono::Duration::hours(1)),
+            })
+        });
+        filter.entry("order").or_insert_with(|| json!("ASC"));
+        let mut page = self.request(
+            Method::POST,
+            "/events/filter",
+            Some(&json!({"filter": filter, "limit": 50})),
+        );
+        let mut events = Vec::new();
+        loop {
+            events.extend(page["events"].as_array().cloned().unwrap_or_default());
+            match page["next_page"].as_str() {
+                Some(next) if !next.is_empty() => {
+                    page = self.request(Method::GET, next, None);
+                }
+                _ => return events,
+            }
+        }
+    }
+
+    /// Poll [`Self::read_events`] until at least `n` events match (persistence is
+    /// asynchronous); returns them all. Panics after `timeout` showing what was found.
+    pub fn wait_for_events(&self, filter: Value, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.read_events(filter.clone());
+            if events.len() >= n {
+                return events;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "expected at least {n} events for filter {filter} within {timeout:?}, found {}:\n{}",
+                    events.len(),
+                    summarize_events(&events)
+                );
+            }
+            sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// One line per event: name, resource id, follows.
+pub fn summarize_events(events: &[Value]) -> String {
+    let mut out = String::new();
+    for e in events {
+        let _ = writeln!(
+            out,
+            "  {} {} {} resource={} follows={}",
+            e["occurred"].as_str().unwrap_or("?"),
+            e["id"].as_str().unwrap_or("?"),
+            e["event"].as_str().unwrap_or("?"),
+            e["resource"]["prefect.resource.id"].as_str().unwrap_or("?"),
+            e["follows"]
+        );
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A port on 127.0.0.1 that nothing listens on (for "API unreachable" scenarios).
+pub fn unused_port() -> u16 {
+    free_port()
+}
+
+/// Percent-encode a path segment (pool names may contain spaces).
+pub fn encode(segment: &str) -> String {
+    let mut out = String::new();
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn str_field(v: &Value, key: &str) -> String {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string `{key}` in {v}"))
+        .to_owned()
+}
+
+fn or_empty_object(v: &Value) -> Value {
+    if v.is_null() {
+        json!({})
+    } else {
+        v.clone()
+    }
+}
+
+/// What to deploy: one of the functions of `examples/flows/flows.py`.
+#[derive(Debug, Clone, Default)]
+pub struct DeploySpec {
+    pub pool: String,
+    /// Flow name registered with `POST /flows/`; defaults to `function` (the example
+    /// flows are named after their functions).
+    pub flow_name: String,
+    /// Function in `flows.py` (`hello`, `fail`, `crash`, `sleepy`, `print_env`);
+    /// defaults to `hello`.
+    pub function: String,
+    /// Defaults to `unique(function)`.
+    pub deployment_name: String,
+    pub tags: Vec<String>,
+    /// Deployment `job_variables` (`Value::Null` = `{}`).
+    pub job_variables: Value,
+    /// Deployment `parameters` (`Value::Null` = `{}`).
+    pub parameters: Value,
+}
+
+impl DeploySpec {
+    pub fn new(pool: &str, function: &str) -> DeploySpec {
+        DeploySpec {
+            pool: pool.to_owned(),
+            function: function.to_owned(),
+            ..DeploySpec::default()
+        }
+    }
+
+    pub fn tags(mut self, tags: &[&str]) -> DeploySpec {
+        self.tags = tags.iter().map(|t| (*t).to_owned()).collect();
+        self
+    }
+
+    pub fn job_variables(mut self, v: Value) -> DeploySpec {
+        self.job_variables = v;
+        self
+    }
+
+    pub fn parameters(mut self, v: Value) -> DeploySpec {
+        self.parameters = v;
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub id: String,
+    pub flow_id: String,
+    pub name: String,
+    pub flow_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlowRun {
+    pub id: String,
+    pub name: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker processes
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerKind {
+    /// `cohort worker start …` (this crate's binary).
+    Cohort,
+    /// `prefect worker start …` from the Prefect venv.
+    Python,
+}
+
+impl WorkerKind {
+    /// The worker the end-to-end tests exercise: `$COHORT_E2E_WORKER` (`cohort`, the
+    /// default, or `python`).
+    pub fn under_test() -> WorkerKind {
+        match std::env::var(WORKER_UNDER_TEST_ENV).as_deref() {
+            Err(_) | Ok("") | Ok("cohort") => WorkerKind::Cohort,
+            Ok("python") => WorkerKind::Python,
+            Ok(other) => panic!("{WORKER_UNDER_TEST_ENV}={other}: expected `cohort` or `python`"),
+        }
+    }
+}
+
+/// How to start a worker; [`WorkerBuilder::spawn`] starts it.
+pub struct WorkerBuilder {
+    kind: WorkerKind,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    api_url: Option<String>,
+}
+
+impl WorkerBuilder {
+    /// Override `PREFECT_API_URL` (default: the shared server's; when overridden the
+    /// shared server is not started for this worker).
+    pub fn api_url(mut self, url: &str) -> Self {
+        self.api_url = Some(url.to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn spawn(self) -> Worker {
+        let venv = venv();
+        let venv_bin = venv.join("bin");
+        let api_url = match self.api_url {
+            Some(u) => u,
+            None => server().api_url(),
+        };
+        let home = tempfile::Builder::new()
+            .prefix("cohort-worker-home-")
+            .tempdir()
+            .expect("temp dir");
+        let out_dir = tempfile::Builder::new()
+            .prefix("cohort-worker-out-")
+            .tempdir()
+            .expect("temp dir");
+        let stdout_path = out_dir.path().join("stdout.log");
+        let stderr_path = out_dir.path().join("stderr.log");
+
+        let mut cmd = match self.kind {
+            WorkerKind::Cohort => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_cohort"));
+                c.args(["worker", "start"]);
+                c
+            }
+            WorkerKind::Python => {
+                let mut c = Command::new(venv_bin.join("prefect"));
+                c.args(["worker", "start"]);
+                c
+            }
+        };
+        scrub_prefect_env(&mut cmd);
+        cmd.args(&self.args)
+            .env("PREFECT_API_URL", &api_url)
+            .env("PREFECT_HOME", home.path())
+            .env("PATH", path_with_venv_first(&venv_bin))
+            // Poll every 3 s rather than 10 s: scenarios that submit a second run to a
+            // running worker finish sooner.
+            .env("PREFECT_WORKER_QUERY_SECONDS", "3")
+            // Flow-run processes inherit this: no __pycache__ next to examples/flows.
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("RUST_BACKTRACE", "1");
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(File::create(&stdout_path).expect("stdout log"))
+            .stderr(File::create(&stderr_path).expect("stderr log"))
+            // Own process group: signals from a terminal's Ctrl-C do not reach it, and
+            // the server watchdog can kill it if the test binary dies.
+            .process_group(0);
+        let description = format!("{:?} {}", self.kind, self.args.join(" "));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start worker {description}: {e}"));
+        register_worker_pgid(child.id(), true);
+        Worker {
+            child,
+            kind: self.kind,
+            description,
+            stdout_path,
+            stderr_path,
+            status: None,
+            _home: home,
+            _out_dir: out_dir,
+        }
+    }
+}
+
+/// A worker process. Output goes to files (see [`Worker::output`]) that are printed when
+/// the test panics; dropping it stops the process (SIGTERM, then SIGKILL after 5 s).
+pub struct Worker {
+    child: Child,
+    kind: WorkerKind,
+    description: String,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+    status: Option<ExitStatus>,
+    _home: tempfile::TempDir,
+    _out_dir: tempfile::TempDir,
+}
+
+impl Worker {
+    pub fn builder(kind: WorkerKind, args: &[&str]) -> WorkerBuilder {
+        WorkerBuilder {
+            kind,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            envs: Vec::new(),
+            api_url: None,
+        }
+    }
+
+    /// `cohort worker start <args>` against the shared server.
+    pub fn cohort(args: &[&str]) -> Worker {
+        Worker::builder(WorkerKind::Cohort, args).spawn()
+    }
+
+    /// `prefect worker start <args>` (Prefect's Python worker) against the shared server.
+    pub fn python(args: &[&str]) -> Worker {
+        Worker::builder(WorkerKind::Python, args).spawn()
+    }
+
+    /// The worker selected by `$COHORT_E2E_WORKER` (default: Cohort).
+    pub fn under_test(args: &[&str]) -> Worker {
+        Worker::builder(WorkerKind::under_test(), args).spawn()
+    }
+
+    pub fn kind(&self) -> WorkerKind {
+        self.kind
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    pub fn sigint(&self) {
+        self.signal("INT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.child.id());
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                self.status = Some(s);
+                register_worker_pgid(self.child.id(), false);
+            }
+        }
+        self.status
+    }
+
+    /// Wait for the process to exit; panics (showing its output) after `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "worker {} still running after {timeout:?}; output:\n{}",
+                    self.description,
+                    self.output()
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout_path)
+    }
+
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path)
+    }
+
+    /// stdout then stderr.
+    pub fn output(&self) -> String {
+        format!(
+            "----- stdout -----\n{}----- stderr -----\n{}",
+            self.stdout(),
+            self.stderr()
+        )
+    }
+
+    fn stop(&mut self) {
+        if self.try_wait().is_some() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.try_wait().is_some() {
+                return;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        // Whole group: nothing the worker started in its own group outlives the test.
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg("--")
+            .arg(format!("-{}", self.child.id()))
+            .status();
+        let _ = self.child.wait();
+        register_worker_pgid(self.child.id(), false);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            let status = match self.status {
+                Some(s) => match (s.code(), s.signal()) {
+                    (Some(c), _) => format!("exit code {c}"),
+                    (None, Some(sig)) => format!("signal {sig}"),
+                    _ => format!("{s}"),
+                },
+                None => "unknown".to_owned(),
+            };
+            eprintln!(
+                "===== worker {} (pid {}, {status}) =====\n{}===== end of worker output =====",
+                self.description,
+                self.child.id(),
+                self.output()
+            );
+        }
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    let mut buf = Vec::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Write `value` as JSON to a new temporary file (e.g. for `--base-job-template`).
+pub fn json_temp_file(value: &Value) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new()
+        .prefix("cohort-test-")
+        .suffix(".json")
+        .tempfile()
+        .expect("temp file");
+    f.write_all(value.to_string().as_bytes()).expect("write temp file");
+    f.flush().expect("flush temp file");
+    f
+}
