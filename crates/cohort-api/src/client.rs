@@ -96,6 +96,7 @@ impl PrefectClient {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ApiError::Transport {
+                method: "(client setup)".into(),
                 url: config.api_url.to_string(),
                 source: e,
             })?;
@@ -153,7 +154,8 @@ impl PrefectClient {
                 Err(source) => {
                     let may_retry = self.has_connected.load(Ordering::Relaxed) || source.is_timeout();
                     let err = ApiError::Transport {
-                        url: self.config.api_url.to_string(),
+                        method: method.to_string(),
+                        url: url.to_string(),
                         source,
                     };
                     if !(may_retry && retries_left) {
@@ -168,7 +170,8 @@ impl PrefectClient {
                     let status = resp.status();
                     let retry_after = retry_after(resp.headers());
                     let body = resp.bytes().await.map_err(|source| ApiError::Transport {
-                        url: self.config.api_url.to_string(),
+                        method: method.to_string(),
+                        url: url.to_string(),
                         source,
                     })?;
                     if status.is_success() {

@@ -7,8 +7,9 @@ use reqwest::StatusCode;
 pub enum ApiError {
     /// The request never got an HTTP answer (refused, reset, timed out, DNS).
     /// Retryable once the server has been reached at least once.
-    #[error("could not reach the Prefect API at {url}: {source}")]
+    #[error("{method} {url} got no answer")]
     Transport {
+        method: String,
         url: String,
         #[source]
         source: reqwest::Error,

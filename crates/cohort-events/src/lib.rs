@@ -1,1 +1,21 @@
+//! Prefect's event model and the `/api/events/in` websocket emitter, for Cohort's worker.
+//!
+//! * [`event`]: [`Event`], [`Resource`], [`RelatedResource`], serialized byte-for-byte like
+//!   Prefect 3.8.8's client, with the validation that keeps a poison event off the wire.
+//! * [`related`]: the exact resources and related lists of the worker and runner events.
+//! * [`emitter`]: one task owning the websocket, with Prefect's ping/pong checkpointing and
+//!   resend-after-reconnect.
+//! * [`EventSink`]: the seam producers use; [`RecordingSink`] records for tests.
+#![forbid(unsafe_code)]
 
+pub mod emitter;
+pub mod event;
+pub mod labels;
+pub mod names;
+pub mod related;
+pub mod sink;
+pub mod slug;
+
+pub use emitter::{ConnectError, Emitter, EmitterConfig, EventsAuth, FlushError, Tuning};
+pub use event::{Event, EventError, RelatedResource, Resource};
+pub use sink::{EventSink, RecordingSink};

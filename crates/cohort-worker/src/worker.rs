@@ -57,13 +57,13 @@ pub struct WorkerOptions {
 /// Why the worker could not start. Each is final: retrying with the same input will not help.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot reach the Prefect API at {url}: {source}")]
+    #[error("cannot reach the Prefect API at {url} (check PREFECT_API_URL, and that the server is up)")]
     Unreachable {
         url: String,
         #[source]
         source: ApiError,
     },
-    #[error("the Prefect API at {url} refused the credentials (check PREFECT_API_KEY / PREFECT_API_AUTH_STRING): {source}")]
+    #[error("the Prefect API at {url} refused the credentials (check PREFECT_API_KEY or PREFECT_API_AUTH_STRING)")]
     Unauthorized {
         url: String,
         #[source]
@@ -77,11 +77,13 @@ pub enum StartError {
     },
     #[error("worker type {0:?} is not supported: Cohort runs `process` work pools")]
     UnsupportedType(String),
+    #[error("work pool {pool:?} has type {pool_type:?}: Cohort runs `process` work pools only")]
+    PoolNotProcess { pool: String, pool_type: String },
     #[error("work pool {0:?} not found, and --no-create-pool-if-not-found was given")]
     PoolNotFound(String),
     #[error("worker name {0:?} may not contain '/' or '%'")]
     InvalidName(String),
-    #[error("cannot serve the healthcheck on {addr}: {source}")]
+    #[error("cannot serve the healthcheck on {addr}")]
     Healthcheck {
         addr: SocketAddr,
         #[source]
@@ -108,20 +110,14 @@ impl StartError {
 pub struct Worker {
     client: PrefectClient,
     options: WorkerOptions,
-    sink: Arc<dyn EventSink>,
     pool: Arc<RwLock<WorkPool>>,
     worker_type: String,
     prefect_version: String,
-    ctx: Arc<RunContext>,
 }
 
 impl Worker {
     /// Meets the server: its version, the pool (created when absent), the type checks.
-    pub async fn start(
-        client: PrefectClient,
-        options: WorkerOptions,
-        sink: Arc<dyn EventSink>,
-    ) -> Result<Self, StartError> {
+    pub async fn start(client: PrefectClient, options: WorkerOptions) -> Result<Self, StartError> {
         if options.name.contains('/') || options.name.contains('%') {
             return Err(StartError::InvalidName(options.name));
         }
@@ -161,8 +157,7 @@ impl Worker {
             });
         }
         if pool.pool_type != PROCESS {
-            return Err(StartError::PoolTypeMismatch {
-                worker_type: PROCESS.to_owned(),
+            return Err(StartError::PoolNotProcess {
                 pool: pool.name,
                 pool_type: pool.pool_type,
             });
@@ -179,26 +174,12 @@ impl Worker {
         if pool.is_paused {
             tracing::warn!("Work pool '{}' is paused. No flow runs will be submitted until it is resumed.", pool.name);
         }
-        let worker_type = PROCESS.to_owned();
-        let pool = Arc::new(RwLock::new(pool));
-        let ctx = Arc::new(RunContext {
-            client: client.clone(),
-            sink: sink.clone(),
-            worker_name: options.name.clone(),
-            worker_type: worker_type.clone(),
-            resource: related::worker_resource(&worker_type, &options.name, &prefect_version),
-            pool: pool.clone(),
-            settings_env: options.settings_env.clone(),
-            termination_grace: options.termination_grace,
-        });
         Ok(Self {
             client,
             options,
-            sink,
-            pool,
-            worker_type,
+            pool: Arc::new(RwLock::new(pool)),
+            worker_type: PROCESS.to_owned(),
             prefect_version,
-            ctx,
         })
     }
 
@@ -223,9 +204,22 @@ impl Worker {
     /// → stop what is left → `prefect.worker.stopped`.
     pub async fn run(
         self,
+        sink: Arc<dyn EventSink>,
         shutdown: CancellationToken,
         force: CancellationToken,
     ) -> Result<(), StartError> {
+        let resource =
+            related::worker_resource(&self.worker_type, &self.options.name, &self.prefect_version);
+        let ctx = Arc::new(RunContext {
+            client: self.client.clone(),
+            sink: sink.clone(),
+            worker_name: self.options.name.clone(),
+            worker_type: self.worker_type.clone(),
+            resource: resource.clone(),
+            pool: self.pool.clone(),
+            settings_env: self.options.settings_env.clone(),
+            termination_grace: self.options.termination_grace,
+        });
         let background = CancellationToken::new();
         let last_polled = LastPolled::new();
         let health = match self.options.healthcheck {
@@ -258,12 +252,13 @@ impl Worker {
         ));
 
         let pool_related = vec![related::work_pool(&self.pool_named())];
-        let started = Event::new(names::WORKER_STARTED, self.ctx.resource.clone(), pool_related.clone());
-        self.sink.emit(started.clone());
+        let started = Event::new(names::WORKER_STARTED, resource.clone(), pool_related.clone());
+        sink.emit(started.clone());
         tracing::info!("Worker '{}' started!", self.options.name);
 
         let mut poller = Poller {
             worker: &self,
+            ctx,
             slots: self.options.limit.map(|n| Arc::new(Semaphore::new(n))),
             runs: JoinSet::new(),
             task_runs: HashMap::new(),
@@ -279,8 +274,8 @@ impl Worker {
         if let Some(h) = health {
             let _ = h.await;
         }
-        let stopped = Event::new(names::WORKER_STOPPED, self.ctx.resource.clone(), pool_related).follow(&started);
-        self.sink.emit(stopped);
+        let stopped = Event::new(names::WORKER_STOPPED, resource, pool_related).follow(&started);
+        sink.emit(stopped);
         tracing::info!("Worker '{}' stopped!", self.options.name);
         Ok(())
     }
@@ -289,6 +284,7 @@ impl Worker {
 /// The poll loop's state; owned by one task.
 struct Poller<'w> {
     worker: &'w Worker,
+    ctx: Arc<RunContext>,
     slots: Option<Arc<Semaphore>>,
     runs: JoinSet<Outcome>,
     task_runs: HashMap<tokio::task::Id, Uuid>,
@@ -360,7 +356,7 @@ impl Poller<'_> {
             };
             let id = run.id;
             let span = tracing::info_span!("flow_run", id = %id);
-            let ctx = self.worker.ctx.clone();
+            let ctx = self.ctx.clone();
             let token = self.terminate.child_token();
             let handle = self.runs.spawn(
                 async move {

@@ -62,6 +62,13 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     options.authorization = cohort_api::authorization(&client_config);
     let client = PrefectClient::new(client_config).map_err(|e| usage(e.into()))?;
 
+    let worker = Worker::start(client.clone(), options.clone())
+        .await
+        .map_err(|e| match e {
+            StartError::InvalidName(_) => Failure::Usage(e.into()),
+            other => Failure::Runtime(other.into()),
+        })?;
+
     let auth = if client.is_cloud() {
         EventsAuth::Bearer(settings.api_key().unwrap_or_default().to_owned())
     } else {
@@ -73,18 +80,11 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
         user_agent: cohort_api::user_agent(),
     });
 
-    let worker = Worker::start(client, options, Arc::new(emitter.clone()))
-        .await
-        .map_err(|e| match e {
-            StartError::InvalidName(_) => Failure::Usage(e.into()),
-            other => Failure::Runtime(other.into()),
-        })?;
-
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
 
-    let result = worker.run(shutdown, force).await;
+    let result = worker.run(Arc::new(emitter.clone()), shutdown, force).await;
     // Events are the product: give the last ones (executed, stopped) time to be confirmed.
     if let Err(e) = emitter.flush(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "some events may not have reached the server");

@@ -1,0 +1,281 @@
+//! The `/api/events/in` websocket client: a cloneable [`Emitter`] handle in front of one task
+//! that owns the socket (`prefect/events/clients.py: PrefectEventsClient`).
+//!
+//! What the task does, as Prefect's client does it:
+//! * connect (subprotocol `prefect`), ping and wait for the pong, then authenticate with
+//!   `{"type":"auth","token":…}` and expect `{"type":"auth_success"}` (Prefect Cloud instead
+//!   takes `Authorization: bearer <key>` on the upgrade request and no auth frame);
+//! * send each event as one text frame; the server never acknowledges events, so sent events
+//!   stay "unconfirmed" until a websocket ping sent after them is answered: a pong proves
+//!   everything written before its ping reached the server ("checkpointing", every 700
+//!   events and every 30 s);
+//! * on any socket failure, reconnect (jittered exponential backoff, capped, forever) and
+//!   re-send every unconfirmed event in order before new ones; the server de-duplicates by
+//!   event id, so a re-send is harmless while a loss is not.
+//!
+//! Differences from Prefect, on purpose: reconnection never gives up (Prefect gives up after
+//! 10 attempts and drops the event), and a ping left unanswered for `pong_timeout` counts as
+//! a dead connection.
+
+mod backoff;
+mod connect;
+mod task;
+
+#[cfg(test)]
+mod fake_events_server;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use uuid::Uuid;
+
+use crate::event::Event;
+use crate::sink::EventSink;
+
+pub use connect::{events_in_url, ConnectError};
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct EmitterConfig {
+    /// `PREFECT_API_URL`, e.g. `http://127.0.0.1:4200/api`; the socket is `…/events/in` on
+    /// the `ws`/`wss` scheme.
+    pub api_url: url::Url,
+    /// How to authenticate.
+    pub auth: EventsAuth,
+    /// `User-Agent` on the upgrade request (the server parses `prefect/<version>` out of it).
+    pub user_agent: String,
+}
+
+/// How the events socket authenticates.
+#[derive(Clone)]
+pub enum EventsAuth {
+    /// Self-hosted server: first frame `{"type":"auth","token":<token or null>}`; a token
+    /// (`PREFECT_API_AUTH_STRING`) is also sent as `Authorization: Basic …` for proxies.
+    Token(Option<String>),
+    /// Prefect Cloud: `Authorization: bearer <api key>` on the upgrade, no auth frame.
+    Bearer(String),
+}
+
+impl std::fmt::Debug for EventsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print credentials.
+        match self {
+            EventsAuth::Token(None) => f.write_str("Token(None)"),
+            EventsAuth::Token(Some(_)) => f.write_str("Token(Some(<redacted>))"),
+            EventsAuth::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+        }
+    }
+}
+
+/// Timing knobs; the defaults are Prefect's (`checkpoint_every=700`, `checkpoint_interval=30`)
+/// plus Cohort's reconnection policy. Tests shrink them.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Ping after this many sent-but-unconfirmed events.
+    pub checkpoint_every: usize,
+    /// Ping at least this often while events are unconfirmed.
+    pub checkpoint_interval: Duration,
+    /// A ping unanswered for this long means the connection is dead.
+    pub pong_timeout: Duration,
+    /// Budget for TCP/TLS connect, upgrade, first ping/pong and authentication.
+    pub connect_timeout: Duration,
+    /// Budget for writing one frame.
+    pub write_timeout: Duration,
+    /// First reconnection delay (before jitter).
+    pub backoff_base: Duration,
+    /// Largest reconnection delay.
+    pub backoff_cap: Duration,
+    /// A connection that lived this long resets the backoff (the next reconnect is
+    /// immediate, like Prefect's first retries).
+    pub healthy_after: Duration,
+    /// After [`Emitter::close`], how long the task keeps trying to confirm what is pending.
+    pub close_grace: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 700,
+            checkpoint_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(10),
+            close_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why [`Emitter::flush`] did not confirm everything.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// The deadline passed first. Not retryable as such, but the events are still queued
+    /// and the emitter keeps trying to deliver them.
+    #[error(
+        "{unconfirmed} event(s) not confirmed by the events server after {waited:?} \
+         ({connection}){}",
+        last_error.as_ref().map(|e| format!("; last connection error: {e}")).unwrap_or_default()
+    )]
+    Timeout {
+        /// Events still waiting for a pong when the deadline passed.
+        unconfirmed: usize,
+        /// How long the flush waited.
+        waited: Duration,
+        /// `connected` or `disconnected` at the deadline.
+        connection: &'static str,
+        /// The latest failure to connect, if any (e.g. an authentication rejection).
+        #[source]
+        last_error: Option<Arc<ConnectError>>,
+    },
+    /// The emitter task has ended (after [`Emitter::close`], or it panicked).
+    #[error("the event emitter has shut down; unconfirmed events were dropped")]
+    Closed,
+}
+
+/// An event already validated and serialized, as the task keeps it.
+#[derive(Debug)]
+struct Outgoing {
+    id: Uuid,
+    name: String,
+    /// The text frame; cheap to clone for re-sends.
+    json: Utf8Bytes,
+}
+
+enum Command {
+    Emit(Outgoing),
+    Flush(oneshot::Sender<()>),
+    Close,
+}
+
+/// State handles read without a round trip to the task.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Incremented by [`Emitter::emit`], decremented by the task on confirmation.
+    unconfirmed: AtomicUsize,
+    connected: AtomicBool,
+    last_error: Mutex<Option<Arc<ConnectError>>>,
+}
+
+impl Shared {
+    fn last_error(&self) -> Option<Arc<ConnectError>> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, error: Option<Arc<ConnectError>>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+}
+
+/// Cloneable handle to the emitter task. Dropping every handle closes the task like
+/// [`Emitter::close`].
+#[derive(Clone)]
+pub struct Emitter {
+    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Emitter {
+    /// Starts the task with Prefect's default checkpointing. Needs a tokio runtime.
+    pub fn spawn(config: EmitterConfig) -> (Emitter, JoinHandle<()>) {
+        Self::spawn_with(config, Tuning::default())
+    }
+
+    /// Starts the task with explicit timing.
+    pub fn spawn_with(config: EmitterConfig, tuning: Tuning) -> (Emitter, JoinHandle<()>) {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::default());
+        let task = task::EmitterTask::new(config, tuning, receiver, shared.clone());
+        let handle = tokio::spawn(task.run());
+        (Emitter { commands, shared }, handle)
+    }
+
+    /// Queues `event` for delivery and returns at once. An event that fails validation is
+    /// logged and dropped here: the server would drop the connection over it, and the resend
+    /// would loop forever.
+    pub fn emit(&self, event: Event) {
+        let json = match event.to_wire_json() {
+            Ok(json) => json,
+            Err(error) => {
+                tracing::error!(event = %event.event, id = %event.id, %error, "dropping invalid event");
+                return;
+            }
+        };
+        let outgoing = Outgoing {
+            id: event.id,
+            name: event.event,
+            json: json.into(),
+        };
+        // Counted here rather than by the task, so `unconfirmed()` right after `emit()` already
+        // includes the event; the task subtracts what pongs confirm.
+        self.shared.unconfirmed.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError(Command::Emit(lost))) =
+            self.commands.send(Command::Emit(outgoing))
+        {
+            self.shared.unconfirmed.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(event = %lost.name, id = %lost.id, "event emitter has shut down; event dropped");
+        }
+    }
+
+    /// Waits until every event emitted before this call is confirmed by the server (a ping is
+    /// sent now rather than at the next checkpoint), or `timeout` passes.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        let (reply, confirmed) = oneshot::channel();
+        if self.commands.send(Command::Flush(reply)).is_err() {
+            return Err(FlushError::Closed);
+        }
+        match tokio::time::timeout(timeout, confirmed).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(FlushError::Closed),
+            Err(_) => Err(FlushError::Timeout {
+                unconfirmed: self.unconfirmed(),
+                waited: timeout,
+                connection: if self.is_connected() {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                last_error: self.last_error(),
+            }),
+        }
+    }
+
+    /// Asks the task to finish: it keeps trying to confirm pending events for
+    /// [`Tuning::close_grace`], then closes the socket and ends. Events still unconfirmed then
+    /// are logged as lost.
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Close);
+    }
+
+    /// Events accepted but not yet confirmed by a pong (queued, in flight, or awaiting a
+    /// resend).
+    pub fn unconfirmed(&self) -> usize {
+        self.shared.unconfirmed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the socket is currently up and authenticated.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// The latest connection failure, cleared by a successful connection.
+    pub fn last_error(&self) -> Option<Arc<ConnectError>> {
+        self.shared.last_error()
+    }
+}
+
+impl EventSink for Emitter {
+    fn emit(&self, event: Event) {
+        Emitter::emit(self, event);
+    }
+}
