@@ -141,7 +141,20 @@ impl PrefectClient {
         segments: &[&str],
         body: Option<&Value>,
     ) -> Result<Response, ApiError> {
-        let url = self.url(segments);
+        self.send_query(method, segments, &[], body).await
+    }
+
+    async fn send_query(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Response, ApiError> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         let path = url.path().to_owned();
         let mut backoff = Backoff::new(self.config.retry_base_delay, Duration::from_secs(30));
         loop {
@@ -385,6 +398,39 @@ impl PrefectClient {
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// A block document's `data`, by id (`GET /block_documents/{id}`), secrets included, as
+    /// Prefect's templating resolves `{"$ref": {"block_document_id": …}}`.
+    pub async fn read_block_document_data(&self, id: &str) -> Result<Option<Map>, ApiError> {
+        self.block_data(&["block_documents", id]).await
+    }
+
+    /// A block document's `data`, by type slug and name
+    /// (`GET /block_types/slug/{slug}/block_documents/name/{name}`).
+    pub async fn read_block_document_data_by_name(
+        &self,
+        block_type_slug: &str,
+        name: &str,
+    ) -> Result<Option<Map>, ApiError> {
+        self.block_data(&["block_types", "slug", block_type_slug, "block_documents", "name", name])
+            .await
+    }
+
+    async fn block_data(&self, segments: &[&str]) -> Result<Option<Map>, ApiError> {
+        let resp = match self
+            .send_query(Method::GET, segments, &[("include_secrets", "true")], None)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let doc: Value = serde_json::from_slice(&resp.body).map_err(|source| ApiError::Decode {
+            path: segments.join("/"),
+            source,
+        })?;
+        Ok(doc.get("data").and_then(Value::as_object).cloned())
     }
 
     /// `POST /logs/`: flow-run logs the worker writes, as Prefect's `APILogHandler` does.

@@ -44,22 +44,13 @@ impl ProcessJob {
             None | Some(Value::Null) => BTreeMap::new(),
             Some(Value::Object(map)) => map
                 .iter()
-                .map(|(k, v)| {
+                .map(|(k, v)| -> Result<_, JobConfigurationError> {
                     let v = match v {
                         Value::Null => None,
                         Value::String(s) => Some(s.clone()),
-                        // pydantic coerces scalars to str for `dict[str, str | None]`.
-                        Value::Bool(b) => Some(if *b { "True" } else { "False" }.to_owned()),
-                        Value::Number(n) => Some(n.to_string()),
-                        other => {
-                            return Err(JobConfigurationError {
-                                field: "env",
-                                reason: format!(
-                                    "value of {k:?} must be a string or null, got {}",
-                                    json_type(other)
-                                ),
-                            })
-                        }
+                        // Prefect stringifies every other value with Python's `str()`
+                        // (`prefect/workers/base.py: BaseJobConfiguration._coerce_env`).
+                        other => Some(cohort_template::python_str(other)),
                     };
                     Ok((k.clone(), v))
                 })
@@ -150,7 +141,8 @@ mod tests {
         assert_eq!(err.to_string(), "invalid job configuration: `env` must be an object of strings, got a list");
         let err = ProcessJob::from_config(&map(json!({"command": "echo 'unclosed"}))).unwrap_err();
         assert!(err.to_string().contains("command"), "{err}");
-        let err = ProcessJob::from_config(&map(json!({"env": {"A": {"x": 1}}}))).unwrap_err();
-        assert!(err.to_string().contains("\"A\""), "{err}");
+        let job = ProcessJob::from_config(&map(json!({"env": {"A": {"x": 1}, "B": true}}))).unwrap();
+        assert_eq!(job.env["A"].as_deref(), Some("{'x': 1}"));
+        assert_eq!(job.env["B"].as_deref(), Some("True"));
     }
 }

@@ -15,6 +15,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use cohort_template::BlockReference;
+
 use crate::exit_codes::{crashed_message, exit_info};
 use crate::job::ProcessJob;
 use crate::process::{find_python, FlowRunProcess, Launch};
@@ -221,6 +223,24 @@ async fn configure(
     };
     let mut config = cohort_template::render(&template, &values, &|name| std::env::var(name).ok())
         .map_err(|e| format!("TemplateError: {e}"))?;
+    // Blocks before variables: a block's data may hold variable placeholders.
+    let references = cohort_template::block_references(&config);
+    if !references.is_empty() {
+        let mut documents = std::collections::HashMap::new();
+        for reference in references {
+            let data = match &reference {
+                BlockReference::Id(id) => client.read_block_document_data(id).await,
+                BlockReference::Name { block_type_slug, block_document_name } => {
+                    client.read_block_document_data_by_name(block_type_slug, block_document_name).await
+                }
+            }
+            .map_err(|e| format!("could not read {reference}: {e}"))?;
+            if let Some(data) = data {
+                documents.insert(reference, data);
+            }
+        }
+        cohort_template::resolve_blocks(&mut config, &documents).map_err(|e| format!("TemplateError: {e}"))?;
+    }
     let names = cohort_template::variable_references(&config);
     if !names.is_empty() {
         let mut found = std::collections::HashMap::new();
@@ -235,6 +255,7 @@ async fn configure(
         }
         cohort_template::resolve_variables(&mut config, &found);
     }
+    cohort_template::validate_base_fields(&config).map_err(|e| format!("ValidationError: {e}"))?;
     ProcessJob::from_config(&config).map_err(|e| format!("ValidationError: {e}"))
 }
 
