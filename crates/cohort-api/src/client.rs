@@ -82,8 +82,9 @@ impl PrefectClient {
             let mut value = reqwest::header::HeaderValue::from_str(&auth).map_err(|_| {
                 ApiError::InvalidUrl {
                     url: config.api_url.to_string(),
-                    reason: "the API key or auth string contains characters not allowed in a header"
-                        .into(),
+                    reason:
+                        "the API key or auth string contains characters not allowed in a header"
+                            .into(),
                 }
             })?;
             value.set_sensitive(true);
@@ -165,7 +166,8 @@ impl PrefectClient {
             let retries_left = backoff.attempts() < self.config.max_retries;
             match req.send().await {
                 Err(source) => {
-                    let may_retry = self.has_connected.load(Ordering::Relaxed) || source.is_timeout();
+                    let may_retry =
+                        self.has_connected.load(Ordering::Relaxed) || source.is_timeout();
                     let err = ApiError::Transport {
                         method: method.to_string(),
                         url: url.to_string(),
@@ -201,7 +203,9 @@ impl PrefectClient {
                     }
                     let backoff_delay = backoff.next_delay();
                     // Wait at least what the server asked for (`Retry-After`).
-                    let delay = retry_after.map(|d| jittered(d, 0.2).max(d)).unwrap_or(backoff_delay);
+                    let delay = retry_after
+                        .map(|d| jittered(d, 0.2).max(d))
+                        .unwrap_or(backoff_delay);
                     tracing::warn!(%method, %path, %status, retry_in = ?delay, "busy server; retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -247,12 +251,14 @@ impl PrefectClient {
         if let Some(t) = base_job_template {
             body["base_job_template"] = t.clone();
         }
-        match self.json(Method::POST, &["work_pools", ""], Some(&body)).await {
+        match self
+            .json(Method::POST, &["work_pools", ""], Some(&body))
+            .await
+        {
             Ok(pool) => Ok(pool),
-            Err(e) if e.status() == Some(StatusCode::CONFLICT) => self
-                .read_work_pool(name)
-                .await?
-                .ok_or(e),
+            Err(e) if e.status() == Some(StatusCode::CONFLICT) => {
+                self.read_work_pool(name).await?.ok_or(e)
+            }
             Err(e) => Err(e),
         }
     }
@@ -274,8 +280,12 @@ impl PrefectClient {
 
     /// `POST /work_pools/{name}/queues/filter`.
     pub async fn read_work_queues(&self, pool: &str) -> Result<Vec<WorkQueue>, ApiError> {
-        self.json(Method::POST, &["work_pools", pool, "queues", "filter"], Some(&json!({})))
-            .await
+        self.json(
+            Method::POST,
+            &["work_pools", pool, "queues", "filter"],
+            Some(&json!({})),
+        )
+        .await
     }
 
     /// `POST /work_pools/{pool}/get_scheduled_flow_runs`. A missing pool reads as no runs, as in
@@ -310,7 +320,8 @@ impl PrefectClient {
         worker_name: &str,
         heartbeat_interval_seconds: u64,
     ) -> Result<(), ApiError> {
-        let body = json!({"name": worker_name, "heartbeat_interval_seconds": heartbeat_interval_seconds});
+        let body =
+            json!({"name": worker_name, "heartbeat_interval_seconds": heartbeat_interval_seconds});
         self.send(
             Method::POST,
             &["work_pools", pool, "workers", "heartbeat"],
@@ -332,7 +343,8 @@ impl PrefectClient {
     }
 
     pub async fn read_flow(&self, id: Uuid) -> Result<Flow, ApiError> {
-        self.json(Method::GET, &["flows", &id.to_string()], None).await
+        self.json(Method::GET, &["flows", &id.to_string()], None)
+            .await
     }
 
     pub async fn read_flow_run(&self, id: Uuid) -> Result<FlowRun, ApiError> {
@@ -413,8 +425,15 @@ impl PrefectClient {
         block_type_slug: &str,
         name: &str,
     ) -> Result<Option<Map>, ApiError> {
-        self.block_data(&["block_types", "slug", block_type_slug, "block_documents", "name", name])
-            .await
+        self.block_data(&[
+            "block_types",
+            "slug",
+            block_type_slug,
+            "block_documents",
+            "name",
+            name,
+        ])
+        .await
     }
 
     async fn block_data(&self, segments: &[&str]) -> Result<Option<Map>, ApiError> {
@@ -435,9 +454,13 @@ impl PrefectClient {
 
     /// `POST /logs/`: flow-run logs the worker writes, as Prefect's `APILogHandler` does.
     pub async fn create_logs(&self, logs: &[Value]) -> Result<(), ApiError> {
-        self.send(Method::POST, &["logs", ""], Some(&Value::Array(logs.to_vec())))
-            .await
-            .map(drop)
+        self.send(
+            Method::POST,
+            &["logs", ""],
+            Some(&Value::Array(logs.to_vec())),
+        )
+        .await
+        .map(drop)
     }
 
     /// An arbitrary JSON request, for callers with needs this client has no method for.
@@ -462,7 +485,11 @@ impl PrefectClient {
 /// anything else as the current client (`prefect/server/api/dependencies.py`), so Cohort names
 /// itself honestly.
 pub fn user_agent() -> String {
-    format!("cohort/{} (API {})", env!("CARGO_PKG_VERSION"), crate::API_VERSION)
+    format!(
+        "cohort/{} (API {})",
+        env!("CARGO_PKG_VERSION"),
+        crate::API_VERSION
+    )
 }
 
 /// The `Authorization` header value, if any: Cloud key wins over a self-hosted auth string.
@@ -471,10 +498,12 @@ pub fn authorization(config: &ClientConfig) -> Option<String> {
     if let Some(key) = &config.api_key {
         return Some(format!("Bearer {key}"));
     }
-    config
-        .auth_string
-        .as_ref()
-        .map(|s| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s)))
+    config.auth_string.as_ref().map(|s| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(s)
+        )
+    })
 }
 
 /// Python's `str(datetime)` for an aware UTC datetime, which is what Prefect's worker sends as
@@ -516,10 +545,15 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            client.url(&["work_pools", "my pool/x", "get_scheduled_flow_runs"]).as_str(),
+            client
+                .url(&["work_pools", "my pool/x", "get_scheduled_flow_runs"])
+                .as_str(),
             "http://127.0.0.1:4200/api/work_pools/my%20pool%2Fx/get_scheduled_flow_runs"
         );
-        assert_eq!(client.url(&["logs", ""]).as_str(), "http://127.0.0.1:4200/api/logs/");
+        assert_eq!(
+            client.url(&["logs", ""]).as_str(),
+            "http://127.0.0.1:4200/api/logs/"
+        );
     }
 
     #[test]

@@ -53,8 +53,12 @@ mod tests {
     fn delays_grow_and_cap() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
         let delays: Vec<_> = (0..6).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(800) && delays[0] <= Duration::from_millis(1200));
-        assert!(delays[2] >= Duration::from_millis(3200) && delays[2] <= Duration::from_millis(4800));
+        assert!(
+            delays[0] >= Duration::from_millis(800) && delays[0] <= Duration::from_millis(1200)
+        );
+        assert!(
+            delays[2] >= Duration::from_millis(3200) && delays[2] <= Duration::from_millis(4800)
+        );
         for d in &delays[3..] {
             assert!(*d <= Duration::from_millis(9600), "{d:?} above cap");
         }

@@ -82,16 +82,20 @@ impl Settings {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                SettingsError::Profiles {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+            let doc: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| SettingsError::Profiles {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
             let active = env
                 .get("PREFECT_PROFILE")
                 .cloned()
-                .or_else(|| doc.get("active").and_then(|v| v.as_str()).map(str::to_owned))
+                .or_else(|| {
+                    doc.get("active")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                })
                 .unwrap_or_else(|| DEFAULT_PROFILE.to_owned());
             let profiles = doc.get("profiles").and_then(|p| p.as_table());
             match profiles.and_then(|p| p.get(&active)) {
@@ -284,7 +288,13 @@ mod tests {
         assert_eq!(s.api_url().unwrap().as_str(), "http://env/api");
         assert_eq!(s.api_key(), Some("k"));
         assert_eq!(s.profile(), Some("dev"));
-        assert_eq!(s.source("PREFECT_API_KEY").unwrap().to_string(), format!("profile \"dev\" in {}", home.path().join("profiles.toml").display()));
+        assert_eq!(
+            s.source("PREFECT_API_KEY").unwrap().to_string(),
+            format!(
+                "profile \"dev\" in {}",
+                home.path().join("profiles.toml").display()
+            )
+        );
     }
 
     #[test]
@@ -299,7 +309,8 @@ mod tests {
         .unwrap();
         assert_eq!(s.api_url().unwrap().as_str(), "http://b/api");
         assert_eq!(
-            s.seconds("PREFECT_WORKER_QUERY_SECONDS", Duration::from_secs(10)).unwrap(),
+            s.seconds("PREFECT_WORKER_QUERY_SECONDS", Duration::from_secs(10))
+                .unwrap(),
             Duration::from_secs(3)
         );
     }
@@ -324,12 +335,19 @@ mod tests {
             ("PREFECT_WORKER_QUERY_SECONDS", "soon"),
         ]))
         .unwrap();
-        assert!(s.api_url().unwrap_err().to_string().contains("http or https"));
+        assert!(s
+            .api_url()
+            .unwrap_err()
+            .to_string()
+            .contains("http or https"));
         let err = s
             .seconds("PREFECT_WORKER_QUERY_SECONDS", Duration::from_secs(10))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("PREFECT_WORKER_QUERY_SECONDS") && err.contains("soon"), "{err}");
+        assert!(
+            err.contains("PREFECT_WORKER_QUERY_SECONDS") && err.contains("soon"),
+            "{err}"
+        );
     }
 
     #[test]

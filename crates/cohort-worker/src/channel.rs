@@ -175,11 +175,18 @@ async fn connect(
         .into_client_request()
         .map_err(|e| ChannelError::Terminal(e.to_string()))?;
     let headers = request.headers_mut();
-    headers.insert("Sec-WebSocket-Protocol", HeaderValue::from_static("prefect"));
+    headers.insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("prefect"),
+    );
     if let Ok(ua) = HeaderValue::from_str(&cohort_api::user_agent()) {
         headers.insert("User-Agent", ua);
     }
-    if let Some(auth) = config.authorization.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+    if let Some(auth) = config
+        .authorization
+        .as_deref()
+        .and_then(|a| HeaderValue::from_str(a).ok())
+    {
         headers.insert("Authorization", auth);
     }
     let (mut socket, _) = match tokio_tungstenite::connect_async(request).await {

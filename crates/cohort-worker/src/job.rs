@@ -32,12 +32,14 @@ impl ProcessJob {
         let command = match config.get("command") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.trim().is_empty() => None,
-            Some(Value::String(s)) => Some(shlex::split(s).filter(|v| !v.is_empty()).ok_or_else(
-                || JobConfigurationError {
-                    field: "command",
-                    reason: format!("cannot be split into words: {s:?}"),
-                },
-            )?),
+            Some(Value::String(s)) => {
+                Some(shlex::split(s).filter(|v| !v.is_empty()).ok_or_else(|| {
+                    JobConfigurationError {
+                        field: "command",
+                        reason: format!("cannot be split into words: {s:?}"),
+                    }
+                })?)
+            }
             Some(other) => return Err(wrong_type("command", "a string", other)),
         };
         let env = match config.get("env") {
@@ -63,7 +65,13 @@ impl ProcessJob {
             Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" | "on" | "t" | "y" => true,
                 "false" | "0" | "no" | "off" | "f" | "n" => false,
-                _ => return Err(wrong_type("stream_output", "a boolean", &Value::String(s.clone()))),
+                _ => {
+                    return Err(wrong_type(
+                        "stream_output",
+                        "a boolean",
+                        &Value::String(s.clone()),
+                    ))
+                }
             },
             Some(other) => return Err(wrong_type("stream_output", "a boolean", other)),
         };
@@ -138,10 +146,14 @@ mod tests {
     #[test]
     fn wrong_shapes_are_named() {
         let err = ProcessJob::from_config(&map(json!({"env": ["A=1"]}))).unwrap_err();
-        assert_eq!(err.to_string(), "invalid job configuration: `env` must be an object of strings, got a list");
+        assert_eq!(
+            err.to_string(),
+            "invalid job configuration: `env` must be an object of strings, got a list"
+        );
         let err = ProcessJob::from_config(&map(json!({"command": "echo 'unclosed"}))).unwrap_err();
         assert!(err.to_string().contains("command"), "{err}");
-        let job = ProcessJob::from_config(&map(json!({"env": {"A": {"x": 1}, "B": true}}))).unwrap();
+        let job =
+            ProcessJob::from_config(&map(json!({"env": {"A": {"x": 1}, "B": true}}))).unwrap();
         assert_eq!(job.env["A"].as_deref(), Some("{'x': 1}"));
         assert_eq!(job.env["B"].as_deref(), Some("True"));
     }

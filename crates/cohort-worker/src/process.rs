@@ -100,7 +100,9 @@ impl FlowRunProcess {
     pub fn signal_group(&self, signal: Signal) {
         match killpg(Pid::from_raw(self.pid as i32), signal) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(e) => tracing::warn!(pid = self.pid, %signal, error = %e, "could not signal flow-run process group"),
+            Err(e) => {
+                tracing::warn!(pid = self.pid, %signal, error = %e, "could not signal flow-run process group")
+            }
         }
     }
 
@@ -195,9 +197,15 @@ mod tests {
         // The grandchild got the signal too.
         let mut gone = false;
         for _ in 0..100 {
-            let stat = std::fs::read_to_string(format!("/proc/{child_pid}/stat")).unwrap_or_default();
+            let stat =
+                std::fs::read_to_string(format!("/proc/{child_pid}/stat")).unwrap_or_default();
             // Gone, or a zombie waiting for whoever adopted it to reap it.
-            if stat.is_empty() || stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')) {
+            if stat.is_empty()
+                || stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|s| s.trim_start().starts_with('Z'))
+            {
                 gone = true;
                 break;
             }
@@ -208,7 +216,10 @@ mod tests {
 
     #[test]
     fn missing_program_is_a_launch_error() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let mut l = sh("true");
             l.program = "/nonexistent/cmd".into();

@@ -35,6 +35,55 @@ pub(crate) struct RunContext {
     pub termination_grace: Duration,
 }
 
+/// The flow-run log lines the worker writes, shipped to `POST /logs/` so they show in the
+/// Prefect UI next to the flow's own, as Prefect's worker does (logger
+/// `prefect.flow_runs.worker`, `prefect/workers/base.py: BaseWorker.get_flow_run_logger`).
+struct RunLog {
+    flow_run_id: Uuid,
+    entries: Vec<serde_json::Value>,
+}
+
+impl RunLog {
+    fn new(flow_run_id: Uuid) -> Self {
+        Self {
+            flow_run_id,
+            entries: Vec::new(),
+        }
+    }
+
+    fn info(&mut self, message: String) {
+        tracing::info!("{message}");
+        self.push(20, message);
+    }
+
+    fn error(&mut self, message: String) {
+        tracing::error!("{message}");
+        self.push(40, message);
+    }
+
+    fn push(&mut self, level: u8, message: String) {
+        self.entries.push(json!({
+            "name": "prefect.flow_runs.worker",
+            "level": level,
+            "message": message,
+            "timestamp": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            "flow_run_id": self.flow_run_id,
+            "task_run_id": null,
+        }));
+    }
+
+    /// Ships what was logged so far; a failure costs log lines, never the run.
+    async fn flush(&mut self, client: &PrefectClient) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.entries);
+        if let Err(e) = client.create_logs(&entries).await {
+            tracing::debug!(error = %e, "could not ship flow-run logs");
+        }
+    }
+}
+
 /// How a submission ended, for the worker's bookkeeping and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -46,8 +95,16 @@ pub(crate) enum Outcome {
     Exited(i64),
 }
 
-pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: CancellationToken) -> Outcome {
-    tracing::info!("Worker '{}' submitting flow run '{}'", ctx.worker_name, run.id);
+pub(crate) async fn submit(
+    ctx: Arc<RunContext>,
+    run: FlowRun,
+    terminate: CancellationToken,
+) -> Outcome {
+    let mut log = RunLog::new(run.id);
+    log.info(format!(
+        "Worker '{}' submitting flow run '{}'",
+        ctx.worker_name, run.id
+    ));
 
     // 1. The deployment must still exist (`BaseWorker._submit_run`).
     let deployment = match run.deployment_id {
@@ -57,7 +114,8 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
             Ok(None) => {
                 let message = format!("Deployment {id} no longer exists, cancelled run.");
                 tracing::error!("{message}");
-                let state = StateCreate::new(StateType::Cancelled, "Cancelled").with_message(&message);
+                let state =
+                    StateCreate::new(StateType::Cancelled, "Cancelled").with_message(&message);
                 if let Err(e) = ctx.client.set_flow_run_state(run.id, &state, true).await {
                     tracing::warn!(error = %e, "could not cancel the run");
                 }
@@ -70,15 +128,23 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
     // 2. Claim: propose Pending; anything but an accepted Pending means another worker has it.
     match ctx
         .client
-        .set_flow_run_state(run.id, &StateCreate::new(StateType::Pending, "Pending"), false)
+        .set_flow_run_state(
+            run.id,
+            &StateCreate::new(StateType::Pending, "Pending"),
+            false,
+        )
         .await
     {
-        Ok(r) if r.state.as_ref().is_some_and(|s| s.state_type == StateType::Pending)
-            && r.status == cohort_api::models::SetStateStatus::Accept =>
-        {
-        }
+        Ok(r)
+            if r.state
+                .as_ref()
+                .is_some_and(|s| s.state_type == StateType::Pending)
+                && r.status == cohort_api::models::SetStateStatus::Accept => {}
         Ok(r) => {
-            let state = r.state.as_ref().map(|s| format!("{:?}", s.state_type).to_uppercase());
+            let state = r
+                .state
+                .as_ref()
+                .map(|s| format!("{:?}", s.state_type).to_uppercase());
             let why = format!(
                 "Aborted submission of flow run '{}': Server returned a non-pending state '{}'",
                 run.id,
@@ -98,21 +164,42 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
     let flow = match ctx.client.read_flow(run.flow_id).await {
         Ok(f) => f,
         Err(e) => {
-            return crash_before_start(&ctx, &run, format!("Failed to submit flow run to infrastructure: {e}")).await;
+            return crash_before_start(
+                &ctx,
+                &mut log,
+                &run,
+                format!("Failed to submit flow run to infrastructure: {e}"),
+            )
+            .await;
         }
     };
     let job = match configure(&ctx.client, &pool, deployment.as_ref(), &run).await {
         Ok(job) => job,
         Err(message) => {
-            return crash_before_start(&ctx, &run, format!("Failed to submit flow run to infrastructure: {message}")).await;
+            return crash_before_start(
+                &ctx,
+                &mut log,
+                &run,
+                format!("Failed to submit flow run to infrastructure: {message}"),
+            )
+            .await;
         }
     };
 
     // 4. submitted-flow-run, before labels and Submitting, as Prefect emits it.
     let objects = FlowRunObjects {
-        deployment: deployment.as_ref().map(|d| Named { id: d.id, name: d.name.clone() }),
-        flow: Some(Named { id: flow.id, name: flow.name.clone() }),
-        flow_run: Named { id: run.id, name: run.name.clone() },
+        deployment: deployment.as_ref().map(|d| Named {
+            id: d.id,
+            name: d.name.clone(),
+        }),
+        flow: Some(Named {
+            id: flow.id,
+            name: flow.name.clone(),
+        }),
+        flow_run: Named {
+            id: run.id,
+            name: run.name.clone(),
+        },
         tags: deployment
             .iter()
             .flat_map(|d| d.tags.iter())
@@ -120,10 +207,17 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
             .chain(run.tags.iter())
             .cloned()
             .collect(),
-        work_pool: Some(Named { id: pool.id, name: pool.name.clone() }),
+        work_pool: Some(Named {
+            id: pool.id,
+            name: pool.name.clone(),
+        }),
     };
     let related = related::worker_flow_run_related(&objects);
-    let submitted = Event::new(names::WORKER_SUBMITTED_FLOW_RUN, ctx.resource.clone(), related.clone());
+    let submitted = Event::new(
+        names::WORKER_SUBMITTED_FLOW_RUN,
+        ctx.resource.clone(),
+        related.clone(),
+    );
     ctx.sink.emit(submitted.clone());
 
     // 5. Labels and Submitting; neither failure stops the run (Prefect ignores them too).
@@ -142,7 +236,11 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
     }
     if let Err(e) = ctx
         .client
-        .set_flow_run_state(run.id, &StateCreate::new(StateType::Pending, "Submitting"), false)
+        .set_flow_run_state(
+            run.id,
+            &StateCreate::new(StateType::Pending, "Submitting"),
+            false,
+        )
         .await
     {
         tracing::warn!(error = %e, "could not propose Submitting");
@@ -152,25 +250,41 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
     let workdir = match WorkDir::new(job.working_dir.clone()) {
         Ok(w) => w,
         Err(e) => {
-            return crash_before_start(&ctx, &run, format!("Flow run could not start: cannot create a working directory: {e}")).await;
+            return crash_before_start(
+                &ctx,
+                &mut log,
+                &run,
+                format!("Flow run could not start: cannot create a working directory: {e}"),
+            )
+            .await;
         }
     };
     let launch = match launch_spec(&ctx, &run, &flow, deployment.as_ref(), &job, workdir.path()) {
         Ok(l) => l,
-        Err(message) => return crash_before_start(&ctx, &run, message).await,
+        Err(message) => return crash_before_start(&ctx, &mut log, &run, message).await,
     };
     let mut process = match FlowRunProcess::spawn(&launch) {
         Ok(p) => p,
         Err(e) => {
             // `prefect/runner/_flow_run_executor.py: FlowRunExecutor.submit` words it so.
-            return crash_before_start(&ctx, &run, format!("Flow run could not start: {e}")).await;
+            return crash_before_start(
+                &ctx,
+                &mut log,
+                &run,
+                format!("Flow run could not start: {e}"),
+            )
+            .await;
         }
     };
     let pid = process.pid().to_string();
     if let Err(e) = ctx.client.set_infrastructure_pid(run.id, &pid).await {
         tracing::error!(error = %e, "An error occurred while setting the `infrastructure_pid` on flow run; it will not be cancellable");
     }
-    tracing::info!(pid = %pid, "Flow run '{}' submitted to infrastructure", run.name);
+    log.info(format!(
+        "Flow run '{}' submitted to infrastructure",
+        run.name
+    ));
+    log.flush(&ctx.client).await;
 
     // 7. Supervise until it exits, or until the worker must stop it.
     let status = tokio::select! {
@@ -193,14 +307,20 @@ pub(crate) async fn submit(ctx: Arc<RunContext>, run: FlowRun, terminate: Cancel
     // 8. A non-zero exit of a run that did not reach a final state is a crash.
     if code != 0 {
         let message = crashed_message(code);
-        tracing::warn!("{message}");
-        tracing::info!("{}", exit_info(code).resolution);
+        log.error(message.clone());
+        log.info(exit_info(code).resolution.to_owned());
+        log.flush(&ctx.client).await;
         propose_crashed(&ctx.client, run.id, &message).await;
     }
 
     // 9. executed-flow-run, linked to submitted under the 5-minute rule.
     let related = related::with_infrastructure(related, &pid, code);
-    let executed = Event::new(names::WORKER_EXECUTED_FLOW_RUN, ctx.resource.clone(), related).follow(&submitted);
+    let executed = Event::new(
+        names::WORKER_EXECUTED_FLOW_RUN,
+        ctx.resource.clone(),
+        related,
+    )
+    .follow(&submitted);
     ctx.sink.emit(executed);
     Outcome::Exited(code)
 }
@@ -213,10 +333,16 @@ async fn configure(
     run: &FlowRun,
 ) -> Result<ProcessJob, String> {
     let empty = serde_json::Map::new();
-    let deployment_vars = deployment.and_then(|d| d.job_variables.as_ref()).unwrap_or(&empty);
+    let deployment_vars = deployment
+        .and_then(|d| d.job_variables.as_ref())
+        .unwrap_or(&empty);
     let run_vars = run.job_variables.as_ref().unwrap_or(&empty);
     let values = cohort_template::merge_job_variables(deployment_vars, run_vars);
-    let template = if pool.base_job_template.as_object().is_some_and(|o| !o.is_empty()) {
+    let template = if pool
+        .base_job_template
+        .as_object()
+        .is_some_and(|o| !o.is_empty())
+    {
         pool.base_job_template.clone()
     } else {
         cohort_template::default_process_base_job_template()
@@ -230,8 +356,13 @@ async fn configure(
         for reference in references {
             let data = match &reference {
                 BlockReference::Id(id) => client.read_block_document_data(id).await,
-                BlockReference::Name { block_type_slug, block_document_name } => {
-                    client.read_block_document_data_by_name(block_type_slug, block_document_name).await
+                BlockReference::Name {
+                    block_type_slug,
+                    block_document_name,
+                } => {
+                    client
+                        .read_block_document_data_by_name(block_type_slug, block_document_name)
+                        .await
                 }
             }
             .map_err(|e| format!("could not read {reference}: {e}"))?;
@@ -239,7 +370,8 @@ async fn configure(
                 documents.insert(reference, data);
             }
         }
-        cohort_template::resolve_blocks(&mut config, &documents).map_err(|e| format!("TemplateError: {e}"))?;
+        cohort_template::resolve_blocks(&mut config, &documents)
+            .map_err(|e| format!("TemplateError: {e}"))?;
     }
     let names = cohort_template::variable_references(&config);
     if !names.is_empty() {
@@ -339,8 +471,17 @@ impl WorkDir {
     }
 }
 
-async fn crash_before_start(ctx: &RunContext, run: &FlowRun, message: String) -> Outcome {
-    tracing::error!("Failed to submit flow run '{}' to infrastructure: {message}", run.name);
+async fn crash_before_start(
+    ctx: &RunContext,
+    log: &mut RunLog,
+    run: &FlowRun,
+    message: String,
+) -> Outcome {
+    log.error(format!(
+        "Failed to submit flow run '{}' to infrastructure: {message}",
+        run.name
+    ));
+    log.flush(&ctx.client).await;
     propose_crashed(&ctx.client, run.id, &message).await;
     Outcome::FailedToSubmit(message)
 }

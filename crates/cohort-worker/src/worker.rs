@@ -57,7 +57,9 @@ pub struct WorkerOptions {
 /// Why the worker could not start. Each is final: retrying with the same input will not help.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot reach the Prefect API at {url} (check PREFECT_API_URL, and that the server is up)")]
+    #[error(
+        "cannot reach the Prefect API at {url} (check PREFECT_API_URL, and that the server is up)"
+    )]
     Unreachable {
         url: String,
         #[source]
@@ -149,7 +151,11 @@ impl Worker {
         };
         // Prefect only warns on a mismatch and then renders a foreign template into a process
         // job; Cohort refuses, because nothing good can come of it (docs/compat.md).
-        if let Some(t) = options.worker_type.as_deref().filter(|t| *t != pool.pool_type) {
+        if let Some(t) = options
+            .worker_type
+            .as_deref()
+            .filter(|t| *t != pool.pool_type)
+        {
             return Err(StartError::PoolTypeMismatch {
                 pool: pool.name,
                 pool_type: pool.pool_type,
@@ -163,7 +169,11 @@ impl Worker {
             });
         }
         let mut pool = pool;
-        if pool.base_job_template.as_object().is_none_or(|o| o.is_empty()) {
+        if pool
+            .base_job_template
+            .as_object()
+            .is_none_or(|o| o.is_empty())
+        {
             let template = cohort_template::default_process_base_job_template();
             client
                 .update_work_pool_template(&pool.name, &template)
@@ -172,7 +182,10 @@ impl Worker {
             pool.base_job_template = template;
         }
         if pool.is_paused {
-            tracing::warn!("Work pool '{}' is paused. No flow runs will be submitted until it is resumed.", pool.name);
+            tracing::warn!(
+                "Work pool '{}' is paused. No flow runs will be submitted until it is resumed.",
+                pool.name
+            );
         }
         Ok(Self {
             client,
@@ -252,7 +265,11 @@ impl Worker {
         ));
 
         let pool_related = vec![related::work_pool(&self.pool_named())];
-        let started = Event::new(names::WORKER_STARTED, resource.clone(), pool_related.clone());
+        let started = Event::new(
+            names::WORKER_STARTED,
+            resource.clone(),
+            pool_related.clone(),
+        );
         sink.emit(started.clone());
         tracing::info!("Worker '{}' started!", self.options.name);
 
@@ -394,13 +411,20 @@ impl Poller<'_> {
             return;
         }
         let deadline = self.worker.options.drain_timeout;
-        tracing::info!(runs = self.runs.len(), ?deadline, "waiting for running flow runs before stopping");
+        tracing::info!(
+            runs = self.runs.len(),
+            ?deadline,
+            "waiting for running flow runs before stopping"
+        );
         let drained = tokio::select! {
             _ = force.cancelled() => false,
             r = tokio::time::timeout(deadline, self.join_all()) => r.is_ok(),
         };
         if !drained {
-            tracing::warn!(runs = self.runs.len(), "stopping the flow runs still running");
+            tracing::warn!(
+                runs = self.runs.len(),
+                "stopping the flow runs still running"
+            );
             self.terminate.cancel();
             self.join_all().await;
         }

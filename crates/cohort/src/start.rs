@@ -42,8 +42,14 @@ fn report(failure: Failure) -> i32 {
 }
 
 fn init_logging(settings: &Settings) {
-    let debug = settings.bool("PREFECT_WORKER_DEBUG_MODE", false).unwrap_or(false);
-    let default = if debug { "info,cohort=debug,cohort_worker=debug,cohort_api=debug,cohort_events=debug" } else { "info" };
+    let debug = settings
+        .bool("PREFECT_WORKER_DEBUG_MODE", false)
+        .unwrap_or(false);
+    let default = if debug {
+        "info,cohort=debug,cohort_worker=debug,cohort_api=debug,cohort_events=debug"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("COHORT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -98,7 +104,10 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
 /// (`prefect/utilities/processutils.py: setup_signal_handlers_worker` escalates the same way).
 async fn watch_signals(shutdown: CancellationToken, force: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -125,8 +134,9 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read --base-job-template {}", path.display()))?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("--base-job-template {} is not valid JSON", path.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+                format!("--base-job-template {} is not valid JSON", path.display())
+            })?;
             anyhow::ensure!(
                 value.get("job_configuration").is_some_and(|v| v.is_object())
                     && value.get("variables").is_some_and(|v| v.is_object()),
@@ -137,11 +147,15 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
         }
     };
     let healthcheck = if args.with_healthcheck {
-        let host = settings.get("PREFECT_WORKER_WEBSERVER_HOST").unwrap_or("0.0.0.0");
+        let host = settings
+            .get("PREFECT_WORKER_WEBSERVER_HOST")
+            .unwrap_or("0.0.0.0");
         let port = settings.u64("PREFECT_WORKER_WEBSERVER_PORT", 8080)?;
         let ip: IpAddr = match host {
             "localhost" => IpAddr::from([127, 0, 0, 1]),
-            h => h.parse().with_context(|| format!("PREFECT_WORKER_WEBSERVER_HOST {h:?} is not an IP address"))?,
+            h => h.parse().with_context(|| {
+                format!("PREFECT_WORKER_WEBSERVER_HOST {h:?} is not an IP address")
+            })?,
         };
         let port = u16::try_from(port).context("PREFECT_WORKER_WEBSERVER_PORT is out of range")?;
         Some(SocketAddr::new(ip, port))
@@ -153,7 +167,10 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
         None => settings.seconds("PREFECT_WORKER_PREFETCH_SECONDS", Duration::from_secs(10))?,
     };
     let seconds = |v: f64, flag: &str| -> anyhow::Result<Duration> {
-        anyhow::ensure!(v.is_finite() && v >= 0.0, "{flag} must be a number of seconds ≥ 0");
+        anyhow::ensure!(
+            v.is_finite() && v >= 0.0,
+            "{flag} must be a number of seconds ≥ 0"
+        );
         Ok(Duration::from_secs_f64(v))
     };
     Ok(WorkerOptions {
@@ -166,8 +183,10 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
         work_queues: args.work_queues.clone(),
         limit: args.limit,
         prefetch,
-        query_interval: settings.seconds("PREFECT_WORKER_QUERY_SECONDS", Duration::from_secs(10))?,
-        heartbeat_interval: settings.seconds("PREFECT_WORKER_HEARTBEAT_SECONDS", Duration::from_secs(30))?,
+        query_interval: settings
+            .seconds("PREFECT_WORKER_QUERY_SECONDS", Duration::from_secs(10))?,
+        heartbeat_interval: settings
+            .seconds("PREFECT_WORKER_HEARTBEAT_SECONDS", Duration::from_secs(30))?,
         run_once: args.run_once && !args.no_run_once,
         base_job_template,
         create_pool_if_not_found: !args.no_create_pool_if_not_found,

@@ -1,15 +1,18 @@
 //! End-to-end tests of `cohort worker start --type process` against a real Prefect 3.8.8
 //! server (see `util`): flow runs are deployed and created by REST, a worker process runs
 //! them, and every assertion reads the outcome back from the server (flow-run states,
-//! labels, work pools, and the worker's events via `POST /api/events/filter`) — never from
-//! the worker's own output.
+//! labels, work pools, the run's logs, and the worker's events via `POST
+//! /api/events/filter`) — never from the worker's own output, except for the start-up
+//! failures whose point is the message.
 //!
 //! The expectations are what Prefect's own process worker does (`prefect/workers/base.py`,
 //! `prefect/workers/process.py`), with two documented differences: the worker resource of
 //! Cohort's events carries one extra label, `cohort.version`, and some bad-input cases
 //! fail fast with a clear message where Prefect only logs (marked "Cohort-specific" below).
 //! `COHORT_E2E_WORKER=python cargo test -p cohort --test worker` runs the same scenarios
-//! against `prefect worker start` to check the shared expectations.
+//! against `prefect worker start` to check the shared expectations (the Cohort-specific
+//! checks then assert what Prefect does instead; its event snapshots are the `@python`
+//! files next to Cohort's).
 
 // End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -20,7 +23,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::time::Instant;
-use util::{server, slugify, unique, unused_port, DeploySpec, FlowRun, PrefectServer, Worker, WorkerKind};
+use util::{
+    server, slugify, unique, unused_port, DeploySpec, FlowRun, PrefectServer, Worker, WorkerKind,
+};
 
 /// Python start-up of each flow-run process is several seconds on a loaded 2-core machine.
 const FLOW_RUN_TIMEOUT: Duration = Duration::from_secs(240);
@@ -162,7 +167,9 @@ fn flow_run_events_filter(run_id: &str) -> Value {
 }
 
 fn pool_id(s: &PrefectServer, pool: &str) -> String {
-    let p = s.read_work_pool(pool).unwrap_or_else(|| panic!("pool {pool} not found"));
+    let p = s
+        .read_work_pool(pool)
+        .unwrap_or_else(|| panic!("pool {pool} not found"));
     p["id"].as_str().expect("pool id").to_owned()
 }
 
@@ -197,7 +204,11 @@ fn wait_final(s: &PrefectServer, worker: &mut Worker, run: &FlowRun) -> Value {
 fn stop_gracefully(worker: &mut Worker) {
     worker.sigterm();
     let status = worker.wait_timeout(STOP_TIMEOUT);
-    assert_eq!(status.code(), Some(0), "worker exit after SIGTERM: {status}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "worker exit after SIGTERM: {status}"
+    );
 }
 
 /// Replace run-specific values (ids, names, pids, times) with stable placeholders so the
@@ -212,7 +223,8 @@ impl Redactions {
     }
 
     fn add(mut self, value: &str, placeholder: &str) -> Redactions {
-        self.pairs.push((value.to_owned(), format!("[{placeholder}]")));
+        self.pairs
+            .push((value.to_owned(), format!("[{placeholder}]")));
         self
     }
 
@@ -295,10 +307,22 @@ fn hello_run_completes_with_prefect_worker_events() {
     // The worker PATCHes its identity onto the flow run (BaseWorker._give_worker_labels_to_flow_run).
     let flow_run = s.read_flow_run(&run.id);
     let labels = &flow_run["labels"];
-    assert_eq!(labels["prefect.worker.name"], json!(name), "labels: {labels}");
+    assert_eq!(
+        labels["prefect.worker.name"],
+        json!(name),
+        "labels: {labels}"
+    );
     assert_eq!(labels["prefect.worker.type"], "process", "labels: {labels}");
-    assert_eq!(labels["prefect.work-pool.name"], json!(pool), "labels: {labels}");
-    assert_eq!(labels["prefect.work-pool.id"], json!(pool_id), "labels: {labels}");
+    assert_eq!(
+        labels["prefect.work-pool.name"],
+        json!(pool),
+        "labels: {labels}"
+    );
+    assert_eq!(
+        labels["prefect.work-pool.id"],
+        json!(pool_id),
+        "labels: {labels}"
+    );
     let pid = flow_run["infrastructure_pid"]
         .as_str()
         .unwrap_or_else(|| panic!("no infrastructure_pid on {flow_run}"))
@@ -338,13 +362,22 @@ fn hello_run_completes_with_prefect_worker_events() {
 
     stop_gracefully(&mut worker);
     let events = s.wait_for_events(worker_events_filter(&name), 4, EVENTS_TIMEOUT);
-    assert_eq!(events.len(), 4, "worker events:\n{}", util::summarize_events(&events));
+    assert_eq!(
+        events.len(),
+        4,
+        "worker events:\n{}",
+        util::summarize_events(&events)
+    );
     let stopped = only(&events, STOPPED);
     assert_event_basics(stopped);
     assert_eq!(stopped["resource"], resource);
     assert_eq!(stopped["related"], pool_related);
     assert_eq!(stopped["follows"], started["id"]);
-    assert_eq!(events.last(), Some(stopped), "stopped is the last worker event");
+    assert_eq!(
+        events.last(),
+        Some(stopped),
+        "stopped is the last worker event"
+    );
 
     let redactions = Redactions::new()
         .add(&name, "worker-name")
@@ -450,7 +483,11 @@ fn worker_creates_missing_pool() {
     let mut custom_template = s.process_base_job_template().clone();
     custom_template["variables"]["properties"]["env"]["default"] = json!({"FROM_TEMPLATE": "1"});
     let template_file = util::json_temp_file(&custom_template);
-    let template_path = template_file.path().to_str().expect("utf-8 temp path").to_owned();
+    let template_path = template_file
+        .path()
+        .to_str()
+        .expect("utf-8 temp path")
+        .to_owned();
 
     let default_name = worker_name("Creator");
     let custom_name = worker_name("Custom Creator");
@@ -461,7 +498,8 @@ fn worker_creates_missing_pool() {
 
     // What `prefect work-pool create --type process` makes, for comparison.
     s.run_prefect_cli(&["work-pool", "create", &cli_pool, "--type", "process"]);
-    let cli_template = s.read_work_pool(&cli_pool).expect("CLI-created pool")["base_job_template"].clone();
+    let cli_template =
+        s.read_work_pool(&cli_pool).expect("CLI-created pool")["base_job_template"].clone();
     assert_eq!(&cli_template, s.process_base_job_template());
 
     for (pool, worker, expected) in [
@@ -517,7 +555,10 @@ fn bad_job_variables_crash_only_that_run() {
     let mut worker = Worker::under_test(&worker_args(&pool, &name));
 
     let bad_env_state = wait_final(s, &mut worker, &bad_env_run);
-    assert_eq!(bad_env_state["type"], "CRASHED", "env as a list: {bad_env_state}");
+    assert_eq!(
+        bad_env_state["type"], "CRASHED",
+        "env as a list: {bad_env_state}"
+    );
     let message = bad_env_state["message"].as_str().unwrap_or_default();
     // prefect/workers/base.py: BaseWorker._submit_run_and_capture_errors
     assert!(
@@ -526,7 +567,10 @@ fn bad_job_variables_crash_only_that_run() {
     );
 
     let bad_cmd_state = wait_final(s, &mut worker, &bad_cmd_run);
-    assert_eq!(bad_cmd_state["type"], "CRASHED", "missing command: {bad_cmd_state}");
+    assert_eq!(
+        bad_cmd_state["type"], "CRASHED",
+        "missing command: {bad_cmd_state}"
+    );
     let message = bad_cmd_state["message"].as_str().unwrap_or_default();
     if worker.kind() == WorkerKind::Cohort {
         // Cohort-specific: Prefect 3.8.8 says "Flow run could not start: unhandled errors
@@ -544,7 +588,10 @@ fn bad_job_variables_crash_only_that_run() {
 
     let good_run = s.create_flow_run(&good_dep.id, &[], json!({}), json!({}));
     let good_state = wait_final(s, &mut worker, &good_run);
-    assert_eq!(good_state["type"], "COMPLETED", "later good run: {good_state}");
+    assert_eq!(
+        good_state["type"], "COMPLETED",
+        "later good run: {good_state}"
+    );
 
     // Events of the good run are persisted, so the bad runs' would be too: a run whose
     // configuration cannot be built gets no event; a run whose process never started gets
@@ -565,6 +612,77 @@ fn bad_job_variables_crash_only_that_run() {
         util::summarize_events(&bad_cmd_events)
     );
     assert!(worker.try_wait().is_none(), "the worker keeps running");
+    stop_gracefully(&mut worker);
+}
+
+/// The flow-run process gets the worker's env contract (`prefect/workers/base.py:
+/// BaseJobConfiguration.prepare_for_flow_run`) and the job variables' `env`, merged pool
+/// default < deployment < flow run. Read back from the run's logs (`print_env` logs its
+/// findings), not from the worker's output.
+#[test]
+fn flow_run_env_contract_and_env_merge() {
+    let s = server();
+    let pool = unique("e2e-env");
+    let mut template = s.process_base_job_template().clone();
+    template["variables"]["properties"]["env"]["default"] =
+        json!({"POOL_ONLY": "pool", "OVERRIDE_ME": "pool"});
+    s.create_work_pool_with_template(&pool, "process", template);
+    let names = [
+        "PREFECT_API_URL",
+        "PREFECT__FLOW_RUN_ID",
+        "PREFECT__FLOW_ID",
+        "PREFECT__FLOW_NAME",
+        "PREFECT__DEPLOYMENT_ID",
+        "PREFECT__DEPLOYMENT_NAME",
+        "PREFECT__WORKER_NAME",
+        "POOL_ONLY",
+        "DEP_ONLY",
+        "RUN_ONLY",
+        "OVERRIDE_ME",
+    ];
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "print_env")
+            .job_variables(json!({"env": {"DEP_ONLY": "dep", "OVERRIDE_ME": "dep"}}))
+            .parameters(json!({"names": names})),
+    );
+    let run = s.create_flow_run(
+        &dep.id,
+        &[],
+        json!({"env": {"RUN_ONLY": "run", "OVERRIDE_ME": "run"}}),
+        json!({}),
+    );
+    let name = worker_name("Env");
+    let mut worker = Worker::under_test(&worker_args(&pool, &name));
+    let state = wait_final(s, &mut worker, &run);
+    assert_eq!(state["type"], "COMPLETED", "final state: {state}");
+
+    // Flow-run logs are shipped in batches: poll for the summary line.
+    let env: Value = util::poll(
+        "the ENV-JSON log line of print_env",
+        EVENTS_TIMEOUT,
+        Duration::from_millis(500),
+        || {
+            s.read_logs(&run.id).iter().find_map(|log| {
+                let message = log["message"].as_str()?;
+                let json = message.strip_prefix("ENV-JSON ")?;
+                Some(serde_json::from_str(json).expect("ENV-JSON is JSON"))
+            })
+        },
+    );
+    let expected = json!({
+        "PREFECT_API_URL": s.api_url(),
+        "PREFECT__FLOW_RUN_ID": run.id,
+        "PREFECT__FLOW_ID": dep.flow_id,
+        "PREFECT__FLOW_NAME": "print_env",
+        "PREFECT__DEPLOYMENT_ID": dep.id,
+        "PREFECT__DEPLOYMENT_NAME": dep.name,
+        "PREFECT__WORKER_NAME": name,
+        "POOL_ONLY": "pool",
+        "DEP_ONLY": "dep",
+        "RUN_ONLY": "run",
+        "OVERRIDE_ME": "run",
+    });
+    assert_eq!(env, expected);
     stop_gracefully(&mut worker);
 }
 
@@ -594,13 +712,19 @@ fn unreachable_api_fails_fast_naming_the_url() {
                     .then_some(())
             },
         );
-        assert!(worker.try_wait().is_none(), "Prefect's worker keeps running");
+        assert!(
+            worker.try_wait().is_none(),
+            "Prefect's worker keeps running"
+        );
         return;
     }
     let status = worker.wait_timeout(Duration::from_secs(20));
     let elapsed = started.elapsed();
     assert!(!status.success(), "exit status {status}");
-    assert!(elapsed < Duration::from_secs(15), "took {elapsed:?} to give up");
+    assert!(
+        elapsed < Duration::from_secs(15),
+        "took {elapsed:?} to give up"
+    );
     let stderr = worker.stderr();
     assert!(
         stderr.contains(&url[..url.len() - "/api".len()]),
@@ -624,9 +748,17 @@ fn pool_type_mismatch_is_refused() {
             "Prefect's worker to warn about the type mismatch",
             Duration::from_secs(60),
             Duration::from_millis(500),
-            || worker.stderr().contains("Worker type mismatch!").then_some(()),
+            || {
+                worker
+                    .stderr()
+                    .contains("Worker type mismatch!")
+                    .then_some(())
+            },
         );
-        assert!(worker.try_wait().is_none(), "Prefect's worker keeps running");
+        assert!(
+            worker.try_wait().is_none(),
+            "Prefect's worker keeps running"
+        );
         stop_gracefully(&mut worker);
         return;
     }

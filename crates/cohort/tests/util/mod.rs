@@ -14,6 +14,9 @@
 // End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
 #![allow(dead_code, clippy::disallowed_methods, clippy::disallowed_types)]
 
+/// Fault-injecting HTTP/websocket proxy to put between a worker and the server.
+pub mod fault_proxy;
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -123,7 +126,11 @@ pub fn examples_flows_dir() -> PathBuf {
         .join("../../examples/flows")
         .canonicalize()
         .expect("examples/flows not found next to crates/");
-    assert!(dir.join("flows.py").is_file(), "{} has no flows.py", dir.display());
+    assert!(
+        dir.join("flows.py").is_file(),
+        "{} has no flows.py",
+        dir.display()
+    );
     dir
 }
 
@@ -151,10 +158,20 @@ fn path_with_venv_first(venv_bin: &Path) -> std::ffi::OsString {
 
 /// The Prefect server shared by all tests of this binary, started on first use.
 pub fn server() -> &'static PrefectServer {
-    static SERVER: OnceLock<Result<PrefectServer, String>> = OnceLock::new();
     match SERVER.get_or_init(PrefectServer::start) {
         Ok(s) => s,
         Err(e) => panic!("the shared Prefect server is not available: {e}"),
+    }
+}
+
+static SERVER: OnceLock<Result<PrefectServer, String>> = OnceLock::new();
+
+/// Where per-test temporary files go: inside the server's directory once it runs (the
+/// watchdog removes that even if this process is SIGKILLed), else the system temp dir.
+fn scratch_dir() -> PathBuf {
+    match SERVER.get() {
+        Some(Ok(s)) => s.dir.clone(),
+        _ => std::env::temp_dir(),
     }
 }
 
@@ -262,7 +279,10 @@ impl PrefectServer {
             .env("PREFECT_LOGGING_LEVEL", "WARNING")
             // Events reach the database in batches; flush every second instead of every
             // 5 s so reading them back is quicker (it changes nothing a worker sees).
-            .env("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "1")
+            .env(
+                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL",
+                "1",
+            )
             .env("PATH", path_with_venv_first(&venv.join("bin")))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -360,7 +380,7 @@ impl PrefectServer {
     pub fn prefect_cli(&self, args: &[&str]) -> (Command, tempfile::TempDir) {
         let home = tempfile::Builder::new()
             .prefix("cohort-prefect-cli-")
-            .tempdir()
+            .tempdir_in(scratch_dir())
             .expect("temp dir");
         let mut cmd = Command::new(self.venv_bin().join("prefect"));
         scrub_prefect_env(&mut cmd);
@@ -392,7 +412,12 @@ impl PrefectServer {
     /// Send one request, retrying connection errors and 429/502/503 with backoff (the
     /// SQLite server answers 503 "database is locked" under load). Returns the final
     /// status and JSON body (`Value::Null` when empty or not JSON).
-    pub fn try_request(&self, method: Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
+    pub fn try_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
         let url = if path.starts_with("http") {
             path.to_owned()
         } else {
@@ -456,7 +481,12 @@ impl PrefectServer {
         self.create_work_pool_with_template(name, pool_type, template)
     }
 
-    pub fn create_work_pool_with_template(&self, name: &str, pool_type: &str, template: Value) -> Value {
+    pub fn create_work_pool_with_template(
+        &self,
+        name: &str,
+        pool_type: &str,
+        template: Value,
+    ) -> Value {
         self.request(
             Method::POST,
             "/work_pools/",
@@ -466,7 +496,8 @@ impl PrefectServer {
 
     /// `GET /work_pools/{name}`; `None` on 404.
     pub fn read_work_pool(&self, name: &str) -> Option<Value> {
-        let (status, value) = self.try_request(Method::GET, &format!("/work_pools/{}", encode(name)), None);
+        let (status, value) =
+            self.try_request(Method::GET, &format!("/work_pools/{}", encode(name)), None);
         match status {
             StatusCode::NOT_FOUND => None,
             s if s.is_success() => Some(value),
@@ -504,8 +535,16 @@ impl PrefectServer {
     /// amounts to): `POST /flows/` then `POST /deployments/` with a
     /// `set_working_directory` pull step to `examples/flows`.
     pub fn deploy(&self, spec: &DeploySpec) -> Deployment {
-        let function = if spec.function.is_empty() { "hello" } else { &spec.function };
-        let flow_name = if spec.flow_name.is_empty() { function } else { &spec.flow_name };
+        let function = if spec.function.is_empty() {
+            "hello"
+        } else {
+            &spec.function
+        };
+        let flow_name = if spec.flow_name.is_empty() {
+            function
+        } else {
+            &spec.flow_name
+        };
         let name = if spec.deployment_name.is_empty() {
             unique(function)
         } else {
@@ -582,6 +621,29 @@ impl PrefectServer {
                 panic!("flow run {id} not final after {timeout:?}; last state: {state}");
             }
             sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The flow run's logs (`POST /logs/filter`), oldest first.
+    pub fn read_logs(&self, flow_run_id: &str) -> Vec<Value> {
+        let mut logs = Vec::new();
+        loop {
+            let page = self.request(
+                Method::POST,
+                "/logs/filter",
+                Some(&json!({
+                    "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                    "sort": "TIMESTAMP_ASC",
+                    "offset": logs.len(),
+                    "limit": 200,
+                })),
+            );
+            let page = page.as_array().cloned().unwrap_or_default();
+            let done = page.len() < 200;
+            logs.extend(page);
+            if done {
+                return logs;
+            }
         }
     }
 
@@ -813,11 +875,11 @@ impl WorkerBuilder {
         };
         let home = tempfile::Builder::new()
             .prefix("cohort-worker-home-")
-            .tempdir()
+            .tempdir_in(scratch_dir())
             .expect("temp dir");
         let out_dir = tempfile::Builder::new()
             .prefix("cohort-worker-out-")
-            .tempdir()
+            .tempdir_in(scratch_dir())
             .expect("temp dir");
         let stdout_path = out_dir.path().join("stdout.log");
         let stderr_path = out_dir.path().join("stderr.log");
@@ -1042,9 +1104,10 @@ pub fn json_temp_file(value: &Value) -> tempfile::NamedTempFile {
     let mut f = tempfile::Builder::new()
         .prefix("cohort-test-")
         .suffix(".json")
-        .tempfile()
+        .tempfile_in(scratch_dir())
         .expect("temp file");
-    f.write_all(value.to_string().as_bytes()).expect("write temp file");
+    f.write_all(value.to_string().as_bytes())
+        .expect("write temp file");
     f.flush().expect("flush temp file");
     f
 }

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, and every test — unit tests and the
+# end-to-end tests that run workers against a real Prefect 3.8.8 server.
+#
+# Installs what it needs: the pinned Prefect venv (scripts/prefect-venv.sh) and, on
+# Debian/Ubuntu, python3 + python3-venv when missing. Non-interactive (CI=true, no stdin).
+#
+#   COHORT_PREFECT_VENV  where the Prefect venv lives (default: $HOME/.cache/cohort/prefect-3.8.8)
+#   extra arguments      passed to `cargo test` (e.g. `scripts/test.sh -p cohort --test worker`)
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'test.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# --- system packages ---------------------------------------------------------------------
+python_ok() {
+    command -v "${PYTHON:-python3}" >/dev/null 2>&1 &&
+        "${PYTHON:-python3}" -c 'import sys, venv, ensurepip; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+            >/dev/null 2>&1
+}
+
+if ! python_ok; then
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo=""
+        if [[ $(id -u) -ne 0 ]]; then
+            command -v sudo >/dev/null 2>&1 || die "python3 with venv is missing and apt-get needs root (no sudo)"
+            sudo="sudo -n"
+        fi
+        log "installing python3 python3-venv (apt-get)"
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            python3 python3-venv </dev/null
+    fi
+    python_ok || die "need Python >= 3.10 with the venv module (set PYTHON=/path/to/python3.x)"
+fi
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs)"
+if command -v rustup >/dev/null 2>&1; then
+    for component in rustfmt clippy; do
+        rustup component list --installed 2>/dev/null | grep -q "^$component" ||
+            rustup component add "$component" </dev/null
+    done
+fi
+
+# --- Prefect venv --------------------------------------------------------------------------
+log "Prefect 3.8.8 venv"
+COHORT_PREFECT_VENV="$("$repo_root/scripts/prefect-venv.sh" </dev/null | tail -n1)"
+export COHORT_PREFECT_VENV
+printf '%s\n' "$COHORT_PREFECT_VENV" >&2
+
+# --- checks --------------------------------------------------------------------------------
+log "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+log "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+# `cargo test`, not nextest: the end-to-end tests of a binary share one Prefect server,
+# which needs all of them in one process. They mostly wait (on Python start-up, polls,
+# event persistence), so run more of them at once than the default of one per CPU.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-6}"
+log "cargo test --workspace"
+cargo test --workspace --no-fail-fast "$@" </dev/null
