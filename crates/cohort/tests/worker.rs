@@ -772,3 +772,204 @@ fn pool_type_mismatch_is_refused() {
     let after = s.read_work_pool(&pool).expect("pool still exists");
     assert_eq!(after["type"], "docker");
 }
+
+// ---------------------------------------------------------------------------------------
+// Cohort's own operating behaviour: slots, run-once, healthcheck, phased shutdown
+// ---------------------------------------------------------------------------------------
+
+/// `--limit 1`: a second run is claimed only once the first one's slot is free, so its
+/// `submitted-flow-run` comes after the first run's `executed-flow-run`.
+#[test]
+fn limit_claims_only_into_free_slots() {
+    let s = server();
+    let pool = unique("e2e-limit");
+    s.create_work_pool(&pool, "process");
+    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").parameters(json!({"seconds": 2})));
+    let runs: Vec<FlowRun> = (0..2)
+        .map(|_| s.create_flow_run(&dep.id, &[], json!({}), json!({})))
+        .collect();
+    let name = worker_name("Limit");
+    let mut args = worker_args(&pool, &name);
+    args.extend(["--limit", "1"]);
+    let mut worker = Worker::cohort(&args);
+    for run in &runs {
+        let state = wait_final(s, &mut worker, run);
+        assert_eq!(state["type"], "COMPLETED", "{}: {state}", run.id);
+    }
+    let events = s.wait_for_events(worker_events_filter(&name), 5, EVENTS_TIMEOUT);
+    let of_run =
+        |name: &str, run: &FlowRun| -> Value {
+            events
+                .iter()
+                .find(|e| {
+                    e["event"] == name
+                        && e["related"].as_array().unwrap().iter().any(|r| {
+                            r["prefect.resource.id"] == format!("prefect.flow-run.{}", run.id)
+                        })
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no {name} for {}: {}",
+                        run.id,
+                        util::summarize_events(&events)
+                    )
+                })
+                .clone()
+        };
+    // Whichever run went first, the other was submitted only after it finished.
+    let (a, b) = (&runs[0], &runs[1]);
+    let (first, second) = if occurred(&of_run(SUBMITTED, a)) <= occurred(&of_run(SUBMITTED, b)) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert!(
+        occurred(&of_run(SUBMITTED, second)) >= occurred(&of_run(EXECUTED, first)),
+        "the second run was claimed while the first still held the only slot:\n{}",
+        util::summarize_events(&events)
+    );
+    stop_gracefully(&mut worker);
+}
+
+/// `--run-once`: one poll, the claimed run supervised to its end, then a clean exit with
+/// `stopped` as the last event. (Prefect's worker emits `stopped` before the run is even
+/// submitted and leaves the run to finish unsupervised; Cohort waits for it.)
+#[test]
+fn run_once_supervises_its_runs_then_exits() {
+    let s = server();
+    let pool = unique("e2e-once");
+    s.create_work_pool(&pool, "process");
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello"));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let name = worker_name("Once");
+    let mut args = worker_args(&pool, &name);
+    args.push("--run-once");
+    let mut worker = Worker::cohort(&args);
+    let status = worker.wait_timeout(FLOW_RUN_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit: {status}\n{}",
+        worker.output()
+    );
+    let state = s.read_flow_run(&run.id)["state"].clone();
+    assert_eq!(state["type"], "COMPLETED", "{state}");
+    let events = s.wait_for_events(worker_events_filter(&name), 4, EVENTS_TIMEOUT);
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [STARTED, SUBMITTED, EXECUTED, STOPPED],
+        "{}",
+        util::summarize_events(&events)
+    );
+}
+
+/// `--with-healthcheck` serves Prefect's `GET /health` answer on the configured address.
+#[test]
+fn healthcheck_answers_like_prefect() {
+    let s = server();
+    let pool = unique("e2e-health");
+    s.create_work_pool(&pool, "process");
+    let port = unused_port().to_string();
+    let name = worker_name("Health");
+    let mut args = worker_args(&pool, &name);
+    args.push("--with-healthcheck");
+    let mut worker = Worker::builder(WorkerKind::Cohort, &args)
+        .env("PREFECT_WORKER_WEBSERVER_HOST", "127.0.0.1")
+        .env("PREFECT_WORKER_WEBSERVER_PORT", &port)
+        .spawn();
+    let url = format!("http://127.0.0.1:{port}/health");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, body) = loop {
+        if let Ok(resp) = reqwest::blocking::get(&url) {
+            break (resp.status().as_u16(), resp.json::<Value>().unwrap());
+        }
+        assert!(
+            worker.try_wait().is_none(),
+            "worker exited:\n{}",
+            worker.output()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no healthcheck on {url}:\n{}",
+            worker.output()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!((status, body), (200, json!({"message": "OK"})));
+    stop_gracefully(&mut worker);
+}
+
+/// SIGTERM with a flow still running: the worker stops claiming, waits out
+/// `--drain-timeout`, then stops the flow's whole process group; the run still gets its
+/// `executed-flow-run` before `stopped`, and no process of the run survives.
+#[test]
+fn shutdown_drains_then_stops_running_flows() {
+    let s = server();
+    let pool = unique("e2e-drain");
+    s.create_work_pool(&pool, "process");
+    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").parameters(json!({"seconds": 600})));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let name = worker_name("Drain");
+    let mut args = worker_args(&pool, &name);
+    args.extend(["--drain-timeout", "2", "--termination-grace", "10"]);
+    let mut worker = Worker::cohort(&args);
+    let deadline = Instant::now() + FLOW_RUN_TIMEOUT;
+    while s.read_flow_run(&run.id)["state"]["type"] != "RUNNING" {
+        assert!(
+            worker.try_wait().is_none(),
+            "worker exited:\n{}",
+            worker.output()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "run never started:\n{}",
+            worker.output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let pid: i32 = s.read_flow_run(&run.id)["infrastructure_pid"]
+        .as_str()
+        .expect("infrastructure_pid")
+        .parse()
+        .expect("pid");
+    stop_gracefully(&mut worker);
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+    assert!(!alive, "flow-run process {pid} survived the worker");
+    let state = s.wait_for_final_state(&run.id, Duration::from_secs(60));
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let events = s.wait_for_events(worker_events_filter(&name), 4, EVENTS_TIMEOUT);
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [STARTED, SUBMITTED, EXECUTED, STOPPED],
+        "{}",
+        util::summarize_events(&events)
+    );
+    let executed = &events[2];
+    let flow_run = executed["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["prefect.resource.role"] == "flow-run")
+        .unwrap();
+    assert_eq!(
+        flow_run["prefect.infrastructure.identifier"],
+        pid.to_string()
+    );
+    assert!(
+        flow_run["prefect.infrastructure.status-code"].is_string(),
+        "{flow_run}"
+    );
+}
