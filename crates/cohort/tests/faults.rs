@@ -2,6 +2,9 @@
 //! answers, dropped websockets — injected by `util::fault_proxy` between the worker and the
 //! real server. Runs must not be harmed, and every event must arrive exactly once.
 
+// End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 mod util;
 
 use std::time::Duration;
