@@ -11,6 +11,8 @@
 // Each test binary that pulls in `util` uses only part of this API; without this every unused
 // method would be a dead-code warning there (and `clippy -D warnings` would fail).
 #![allow(dead_code)]
+// A test fixture on real sockets and threads: wall-clock time is the point.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
