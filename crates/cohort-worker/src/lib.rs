@@ -4,10 +4,8 @@
 #![forbid(unsafe_code)]
 
 mod channel;
-pub mod exit_codes;
 pub mod health;
 pub mod job;
-pub mod process;
 mod submit;
 mod worker;
 

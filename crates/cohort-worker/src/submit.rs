@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use cohort_template::BlockReference;
 
-use crate::exit_codes::{crashed_message, exit_info};
 use crate::job::ProcessJob;
-use crate::process::{find_python, FlowRunProcess, Launch};
+use cohort_process::exit_codes::{crashed_message, exit_info};
+use cohort_process::{find_python, FlowRunProcess, Launch};
 
 /// What every run of one worker shares.
 pub(crate) struct RunContext {
