@@ -10,6 +10,10 @@
 //! `sh` watchdog that holds the read end of a pipe whose write end only this process has:
 //! when the test binary exits, for whatever reason, the watchdog sees EOF and kills the
 //! server's process group (and the process groups of workers still registered).
+//!
+//! A test binary that needs a differently configured server (e.g. one requiring an auth
+//! string) calls [`configure_server`] before its first [`server()`], with the same
+//! [`ServerOptions`] in every test of the binary.
 
 // End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
 #![allow(dead_code, clippy::disallowed_methods, clippy::disallowed_types)]
@@ -29,7 +33,9 @@ use std::sync::{Mutex, OnceLock};
 use std::thread::sleep;
 use std::time::Duration;
 
+use base64::Engine as _;
 use reqwest::blocking::Client;
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -156,7 +162,8 @@ fn path_with_venv_first(venv_bin: &Path) -> std::ffi::OsString {
 // The shared server
 // ---------------------------------------------------------------------------------------
 
-/// The Prefect server shared by all tests of this binary, started on first use.
+/// The Prefect server shared by all tests of this binary, started on first use (with the
+/// [`ServerOptions`] given to [`configure_server`], default ones otherwise).
 pub fn server() -> &'static PrefectServer {
     match SERVER.get_or_init(PrefectServer::start) {
         Ok(s) => s,
@@ -165,6 +172,44 @@ pub fn server() -> &'static PrefectServer {
 }
 
 static SERVER: OnceLock<Result<PrefectServer, String>> = OnceLock::new();
+
+/// How the shared server of a test binary is started; see [`configure_server`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// `PREFECT_SERVER_API_AUTH_STRING` (`user:password`): the server then answers 401
+    /// `{"exception_message":"Unauthorized"}` to every request but `GET /health` that lacks
+    /// `Authorization: Basic base64(<auth string>)`. The harness's own REST calls and
+    /// `prefect` CLI commands send it; workers get none unless the test passes
+    /// `PREFECT_API_AUTH_STRING` itself ([`WorkerBuilder::env`]).
+    pub auth_string: Option<String>,
+    /// More environment for `prefect server start`, applied last (so it can override the
+    /// harness's defaults).
+    pub env: Vec<(String, String)>,
+}
+
+static SERVER_OPTIONS: OnceLock<ServerOptions> = OnceLock::new();
+
+/// Set how [`server()`] starts the shared server of this test binary. Call it before the
+/// first [`server()`] — in practice at the top of every test of the binary, with the same
+/// options each time (tests run in any order, on parallel threads). Panics if the server
+/// was already started with, or configured for, other options.
+pub fn configure_server(options: ServerOptions) {
+    let chosen = SERVER_OPTIONS.get_or_init(|| options.clone());
+    assert!(
+        *chosen == options,
+        "configure_server({options:?}): the shared server was already started or configured \
+         with {chosen:?}; every test of a binary must pass the same options, before server()"
+    );
+}
+
+/// `Basic base64(<auth string>)`, the `Authorization` value Prefect's client sends for
+/// `PREFECT_API_AUTH_STRING` (`prefect/client/base.py`).
+pub fn basic_authorization(auth_string: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(auth_string)
+    )
+}
 
 /// Where per-test temporary files go: inside the server's directory once it runs (the
 /// watchdog removes that even if this process is SIGKILLed), else the system temp dir.
@@ -223,6 +268,7 @@ kill -KILL "-$$" 2>/dev/null
 /// A running Prefect server (SQLite, 127.0.0.1, temporary `PREFECT_HOME`).
 pub struct PrefectServer {
     api_url: String,
+    auth_string: Option<String>,
     venv: PathBuf,
     dir: PathBuf,
     http: Client,
@@ -236,10 +282,12 @@ pub struct PrefectServer {
 impl PrefectServer {
     fn start() -> Result<PrefectServer, String> {
         let venv = venv();
+        // Freezes the options: a later configure_server with others panics.
+        let options = SERVER_OPTIONS.get_or_init(ServerOptions::default);
         let mut last_err = String::new();
         // A free port can be taken between probing and binding: retry on another one.
         for _ in 0..3 {
-            match Self::start_once(&venv) {
+            match Self::start_once(&venv, options) {
                 Ok(s) => {
                     let _ = WATCHDOG_FILE.set(s.dir.join("workers.pgids"));
                     // Workers started before the server (own API URL) are listed too.
@@ -253,7 +301,7 @@ impl PrefectServer {
         Err(last_err)
     }
 
-    fn start_once(venv: &Path) -> Result<PrefectServer, (bool, String)> {
+    fn start_once(venv: &Path, options: &ServerOptions) -> Result<PrefectServer, (bool, String)> {
         let port = free_port();
         let dir = tempfile::Builder::new()
             .prefix("cohort-prefect-server-")
@@ -283,8 +331,16 @@ impl PrefectServer {
                 "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL",
                 "1",
             )
-            .env("PATH", path_with_venv_first(&venv.join("bin")))
-            .stdin(Stdio::piped())
+            .env("PATH", path_with_venv_first(&venv.join("bin")));
+        if let Some(auth) = &options.auth_string {
+            // The server's own clients (if any) authenticate like every other client.
+            cmd.env("PREFECT_SERVER_API_AUTH_STRING", auth)
+                .env("PREFECT_API_AUTH_STRING", auth);
+        }
+        for (k, v) in &options.env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0);
@@ -294,8 +350,16 @@ impl PrefectServer {
         let stdin = watchdog.stdin.take().expect("piped stdin");
 
         let api_url = format!("http://127.0.0.1:{port}/api");
+        let mut headers = HeaderMap::new();
+        if let Some(auth) = &options.auth_string {
+            let mut value = HeaderValue::from_str(&basic_authorization(auth))
+                .map_err(|e| (false, format!("auth string unusable in a header: {e}")))?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
         let http = Client::builder()
             .timeout(Duration::from_secs(60))
+            .default_headers(headers)
             .build()
             .expect("reqwest client");
         let started = Instant::now();
@@ -334,6 +398,7 @@ impl PrefectServer {
 
         let mut server = PrefectServer {
             api_url,
+            auth_string: options.auth_string.clone(),
             venv: venv.to_path_buf(),
             dir,
             http,
@@ -353,6 +418,11 @@ impl PrefectServer {
     /// `http://127.0.0.1:<port>/api`
     pub fn api_url(&self) -> String {
         self.api_url.clone()
+    }
+
+    /// The auth string the server requires ([`ServerOptions::auth_string`]), if any.
+    pub fn auth_string(&self) -> Option<&str> {
+        self.auth_string.as_deref()
     }
 
     /// The server's Prefect version (`GET /api/admin/version`), e.g. `3.8.8`.
@@ -376,7 +446,8 @@ impl PrefectServer {
     }
 
     /// A `prefect …` CLI command against this server, with a fresh `PREFECT_HOME`
-    /// (kept alive by the returned guard).
+    /// (kept alive by the returned guard) and the server's auth string, if any, as
+    /// `PREFECT_API_AUTH_STRING`.
     pub fn prefect_cli(&self, args: &[&str]) -> (Command, tempfile::TempDir) {
         let home = tempfile::Builder::new()
             .prefix("cohort-prefect-cli-")
@@ -390,6 +461,9 @@ impl PrefectServer {
             .env("PATH", path_with_venv_first(&self.venv_bin()))
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .stdin(Stdio::null());
+        if let Some(auth) = &self.auth_string {
+            cmd.env("PREFECT_API_AUTH_STRING", auth);
+        }
         (cmd, home)
     }
 
@@ -411,7 +485,8 @@ impl PrefectServer {
 
     /// Send one request, retrying connection errors and 429/502/503 with backoff (the
     /// SQLite server answers 503 "database is locked" under load). Returns the final
-    /// status and JSON body (`Value::Null` when empty or not JSON).
+    /// status and JSON body (`Value::Null` when empty or not JSON). Sends the server's
+    /// auth string, if any, as `Authorization: Basic …`.
     pub fn try_request(
         &self,
         method: Method,
@@ -855,7 +930,9 @@ pub struct WorkerBuilder {
 
 impl WorkerBuilder {
     /// Override `PREFECT_API_URL` (default: the shared server's; when overridden the
-    /// shared server is not started for this worker).
+    /// shared server is not started for this worker). Workers get no
+    /// `PREFECT_API_AUTH_STRING` from the harness, even when the shared server requires
+    /// one: pass it with [`Self::env`].
     pub fn api_url(mut self, url: &str) -> Self {
         self.api_url = Some(url.to_owned());
         self
