@@ -378,6 +378,95 @@ impl PrefectClient {
         }
     }
 
+    /// `POST /flow_runs/filter`: which of `ids` are in one of `states` (the polling fallback of
+    /// cancellation, `prefect/_internal/observers.py`).
+    pub async fn flow_runs_in_states(
+        &self,
+        ids: &[Uuid],
+        states: &[StateType],
+    ) -> Result<Vec<FlowRun>, ApiError> {
+        let body = json!({
+            "flow_runs": {"id": {"any_": ids}, "state": {"type": {"any_": states}}},
+        });
+        self.json(Method::POST, &["flow_runs", "filter"], Some(&body))
+            .await
+    }
+
+    /// `POST /flows/`: the flow's id, creating the flow when it does not exist.
+    pub async fn create_flow(&self, name: &str) -> Result<Uuid, ApiError> {
+        let flow: Flow = self
+            .json(Method::POST, &["flows", ""], Some(&json!({"name": name})))
+            .await?;
+        Ok(flow.id)
+    }
+
+    /// `GET /deployments/name/{flow}/{deployment}`; `None` when it does not exist.
+    pub async fn read_deployment_by_name(
+        &self,
+        flow_name: &str,
+        deployment_name: &str,
+    ) -> Result<Option<Deployment>, ApiError> {
+        match self
+            .json(
+                Method::GET,
+                &["deployments", "name", flow_name, deployment_name],
+                None,
+            )
+            .await
+        {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /deployments/` (the server upserts by flow and name); returns the id.
+    pub async fn create_deployment(&self, body: &Value) -> Result<Uuid, ApiError> {
+        let d: Deployment = self
+            .json(Method::POST, &["deployments", ""], Some(body))
+            .await?;
+        Ok(d.id)
+    }
+
+    /// `PATCH /deployments/{id}`.
+    pub async fn update_deployment(&self, id: Uuid, body: &Value) -> Result<(), ApiError> {
+        self.send(Method::PATCH, &["deployments", &id.to_string()], Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /deployments/get_scheduled_flow_runs`: what a runner polls.
+    pub async fn get_scheduled_flow_runs_for_deployments(
+        &self,
+        deployment_ids: &[Uuid],
+        scheduled_before: DateTime<Utc>,
+    ) -> Result<Vec<FlowRun>, ApiError> {
+        let body = json!({
+            "deployment_ids": deployment_ids,
+            "scheduled_before": python_datetime(scheduled_before),
+        });
+        self.json(
+            Method::POST,
+            &["deployments", "get_scheduled_flow_runs"],
+            Some(&body),
+        )
+        .await
+    }
+
+    /// `POST /deployments/{id}/create_flow_run` with parameters; the new run's id.
+    pub async fn create_flow_run_from_deployment(
+        &self,
+        id: Uuid,
+        body: &Value,
+    ) -> Result<FlowRun, ApiError> {
+        self.json(
+            Method::POST,
+            &["deployments", &id.to_string(), "create_flow_run"],
+            Some(body),
+        )
+        .await
+    }
+
     /// `PATCH /flow_runs/{id}/labels`.
     pub async fn update_flow_run_labels(&self, id: Uuid, labels: &Map) -> Result<(), ApiError> {
         self.send(

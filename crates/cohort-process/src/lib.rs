@@ -4,7 +4,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod exit_codes;
 pub mod process;
 
+pub use control::{Attempt, Conclusion, ControlListener, Intent, SignalStatus};
 pub use process::{find_python, FlowRunProcess, Launch, LaunchError};

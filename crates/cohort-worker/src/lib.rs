@@ -3,7 +3,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cancel;
 mod channel;
+pub mod execution;
 pub mod health;
 pub mod job;
 mod submit;

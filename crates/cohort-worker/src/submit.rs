@@ -5,102 +5,50 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use cohort_api::models::{Deployment, Flow, FlowRun, StateCreate, StateType, WorkPool};
 use cohort_api::PrefectClient;
 use cohort_events::related::{self, FlowRunObjects, Named};
-use cohort_events::{names, Event, EventSink};
+use cohort_events::{names, Event};
+use cohort_process::{find_python, Launch};
+use cohort_template::BlockReference;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use cohort_template::BlockReference;
-
+use crate::execution::{claim, propose_crashed, Executor, Gate, NotExecuted, RunLog};
 use crate::job::ProcessJob;
-use cohort_process::exit_codes::{crashed_message, exit_info};
-use cohort_process::{find_python, FlowRunProcess, Launch};
 
 /// What every run of one worker shares.
 pub(crate) struct RunContext {
-    pub client: PrefectClient,
-    pub sink: Arc<dyn EventSink>,
+    pub executor: Executor,
     pub worker_name: String,
     pub worker_type: String,
     pub resource: cohort_events::Resource,
     pub pool: Arc<RwLock<WorkPool>>,
     /// `PREFECT_*` settings set explicitly for the worker, passed on to the flow.
     pub settings_env: Vec<(String, String)>,
-    /// SIGTERM → SIGKILL grace when a run must be stopped.
-    pub termination_grace: Duration,
-}
-
-/// The flow-run log lines the worker writes, shipped to `POST /logs/` so they show in the
-/// Prefect UI next to the flow's own, as Prefect's worker does (logger
-/// `prefect.flow_runs.worker`, `prefect/workers/base.py: BaseWorker.get_flow_run_logger`).
-struct RunLog {
-    flow_run_id: Uuid,
-    entries: Vec<serde_json::Value>,
-}
-
-impl RunLog {
-    fn new(flow_run_id: Uuid) -> Self {
-        Self {
-            flow_run_id,
-            entries: Vec::new(),
-        }
-    }
-
-    fn info(&mut self, message: String) {
-        tracing::info!("{message}");
-        self.push(20, message);
-    }
-
-    fn error(&mut self, message: String) {
-        tracing::error!("{message}");
-        self.push(40, message);
-    }
-
-    fn push(&mut self, level: u8, message: String) {
-        self.entries.push(json!({
-            "name": "prefect.flow_runs.worker",
-            "level": level,
-            "message": message,
-            "timestamp": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
-            "flow_run_id": self.flow_run_id,
-            "task_run_id": null,
-        }));
-    }
-
-    /// Ships what was logged so far; a failure costs log lines, never the run.
-    async fn flush(&mut self, client: &PrefectClient) {
-        if self.entries.is_empty() {
-            return;
-        }
-        let entries = std::mem::take(&mut self.entries);
-        if let Err(e) = client.create_logs(&entries).await {
-            tracing::debug!(error = %e, "could not ship flow-run logs");
-        }
-    }
 }
 
 /// How a submission ended, for the worker's bookkeeping and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// The run is not ours (Pending rejected or aborted) or it vanished; nothing was started.
+    /// The run is not ours (Pending rejected or aborted), vanished, or was cancelled before
+    /// launch; nothing was started.
     Skipped(String),
-    /// The run could not be started; it was proposed Crashed.
+    /// The run could not be started (it was proposed Crashed), or was lost track of.
     FailedToSubmit(String),
-    /// The process ran and exited with this status code.
+    /// The process ran and ended with this status code.
     Exited(i64),
 }
 
 pub(crate) async fn submit(
     ctx: Arc<RunContext>,
     run: FlowRun,
+    cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
-    let mut log = RunLog::new(run.id);
+    let client = &ctx.executor.client;
+    let mut log = RunLog::new(run.id, "prefect.flow_runs.worker");
     log.info(format!(
         "Worker '{}' submitting flow run '{}'",
         ctx.worker_name, run.id
@@ -109,14 +57,14 @@ pub(crate) async fn submit(
     // 1. The deployment must still exist (`BaseWorker._submit_run`).
     let deployment = match run.deployment_id {
         None => None,
-        Some(id) => match ctx.client.read_deployment(id).await {
+        Some(id) => match client.read_deployment(id).await {
             Ok(Some(d)) => Some(d),
             Ok(None) => {
                 let message = format!("Deployment {id} no longer exists, cancelled run.");
                 tracing::error!("{message}");
                 let state =
                     StateCreate::new(StateType::Cancelled, "Cancelled").with_message(&message);
-                if let Err(e) = ctx.client.set_flow_run_state(run.id, &state, true).await {
+                if let Err(e) = client.set_flow_run_state(run.id, &state, true).await {
                     tracing::warn!(error = %e, "could not cancel the run");
                 }
                 return Outcome::Skipped(message);
@@ -126,63 +74,24 @@ pub(crate) async fn submit(
     };
 
     // 2. Claim: propose Pending; anything but an accepted Pending means another worker has it.
-    match ctx
-        .client
-        .set_flow_run_state(
-            run.id,
-            &StateCreate::new(StateType::Pending, "Pending"),
-            false,
-        )
-        .await
-    {
-        Ok(r)
-            if r.state
-                .as_ref()
-                .is_some_and(|s| s.state_type == StateType::Pending)
-                && r.status == cohort_api::models::SetStateStatus::Accept => {}
-        Ok(r) => {
-            let state = r
-                .state
-                .as_ref()
-                .map(|s| format!("{:?}", s.state_type).to_uppercase());
-            let why = format!(
-                "Aborted submission of flow run '{}': Server returned a non-pending state '{}'",
-                run.id,
-                state.unwrap_or_else(|| "UNKNOWN".into())
-            );
-            tracing::info!(reason = r.reason().unwrap_or(""), "{why}");
-            return Outcome::Skipped(why);
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not claim flow run; leaving it for the next poll");
-            return Outcome::Skipped(format!("claim failed: {e}"));
-        }
+    if let Err(why) = claim(client, &run).await {
+        return Outcome::Skipped(why);
     }
 
     // 3. Everything the configuration and events need; a work pool copy frozen for this run.
     let pool = ctx.pool.read().expect("pool lock poisoned").clone();
-    let flow = match ctx.client.read_flow(run.flow_id).await {
+    let flow = match client.read_flow(run.flow_id).await {
         Ok(f) => f,
         Err(e) => {
-            return crash_before_start(
-                &ctx,
-                &mut log,
-                &run,
-                format!("Failed to submit flow run to infrastructure: {e}"),
-            )
-            .await;
+            let message = format!("Failed to submit flow run to infrastructure: {e}");
+            return crash_before_start(&ctx, &mut log, &run, message).await;
         }
     };
-    let job = match configure(&ctx.client, &pool, deployment.as_ref(), &run).await {
+    let job = match configure(client, &pool, deployment.as_ref(), &run).await {
         Ok(job) => job,
         Err(message) => {
-            return crash_before_start(
-                &ctx,
-                &mut log,
-                &run,
-                format!("Failed to submit flow run to infrastructure: {message}"),
-            )
-            .await;
+            let message = format!("Failed to submit flow run to infrastructure: {message}");
+            return crash_before_start(&ctx, &mut log, &run, message).await;
         }
     };
 
@@ -218,111 +127,69 @@ pub(crate) async fn submit(
         ctx.resource.clone(),
         related.clone(),
     );
-    ctx.sink.emit(submitted.clone());
+    ctx.executor.sink.emit(submitted.clone());
 
-    // 5. Labels and Submitting; neither failure stops the run (Prefect ignores them too).
+    // 5. Labels (a failure does not stop the run; Prefect ignores it too), then Submitting.
     let labels = json!({
         "prefect.worker.name": ctx.worker_name,
         "prefect.worker.type": ctx.worker_type,
         "prefect.work-pool.name": pool.name,
         "prefect.work-pool.id": pool.id.to_string(),
     });
-    if let Err(e) = ctx
-        .client
+    if let Err(e) = client
         .update_flow_run_labels(run.id, labels.as_object().expect("object literal"))
         .await
     {
         tracing::warn!(error = %e, "could not label the flow run");
     }
-    if let Err(e) = ctx
-        .client
-        .set_flow_run_state(
-            run.id,
-            &StateCreate::new(StateType::Pending, "Submitting"),
-            false,
-        )
-        .await
-    {
-        tracing::warn!(error = %e, "could not propose Submitting");
+    if ctx.executor.propose_submitting(&run, &cancel).await == Gate::Cancelled {
+        return Outcome::Skipped("cancelled before execution started".into());
     }
 
-    // 6. Launch.
+    // 6. Launch and supervise.
     let workdir = match WorkDir::new(job.working_dir.clone()) {
         Ok(w) => w,
         Err(e) => {
-            return crash_before_start(
-                &ctx,
-                &mut log,
-                &run,
-                format!("Flow run could not start: cannot create a working directory: {e}"),
-            )
-            .await;
+            let message =
+                format!("Flow run could not start: cannot create a working directory: {e}");
+            return crash_before_start(&ctx, &mut log, &run, message).await;
         }
     };
     let launch = match launch_spec(&ctx, &run, &flow, deployment.as_ref(), &job, workdir.path()) {
         Ok(l) => l,
         Err(message) => return crash_before_start(&ctx, &mut log, &run, message).await,
     };
-    let mut process = match FlowRunProcess::spawn(&launch) {
-        Ok(p) => p,
-        Err(e) => {
-            // `prefect/runner/_flow_run_executor.py: FlowRunExecutor.submit` words it so.
-            return crash_before_start(
-                &ctx,
-                &mut log,
-                &run,
-                format!("Flow run could not start: {e}"),
-            )
-            .await;
-        }
-    };
-    let pid = process.pid().to_string();
-    if let Err(e) = ctx.client.set_infrastructure_pid(run.id, &pid).await {
-        tracing::error!(error = %e, "An error occurred while setting the `infrastructure_pid` on flow run; it will not be cancellable");
-    }
-    log.info(format!(
-        "Flow run '{}' submitted to infrastructure",
-        run.name
-    ));
-    log.flush(&ctx.client).await;
-
-    // 7. Supervise until it exits, or until the worker must stop it.
-    let status = tokio::select! {
-        status = process.wait() => status,
-        _ = terminate.cancelled() => {
-            tracing::warn!(pid = %pid, "stopping flow run: the worker is shutting down");
-            process.terminate(ctx.termination_grace).await
-        }
-    };
-    let code = match status {
-        Ok(code) => code,
-        Err(e) => {
-            // `Lost connection to flow run infrastructure`: no state change, no executed event.
-            tracing::error!(error = %e, "Lost connection to flow run '{}' infrastructure. The flow run's final state will be determined by the execution environment.", run.name);
-            return Outcome::FailedToSubmit(e.to_string());
-        }
-    };
+    let executed = ctx
+        .executor
+        .execute(
+            &run,
+            deployment.as_ref(),
+            Some(&flow),
+            launch,
+            &mut log,
+            &cancel,
+            &terminate,
+        )
+        .await;
     drop(workdir);
+    let executed = match executed {
+        Ok(e) => e,
+        // Could not start (already Crashed), or lost track of: no executed event, as Prefect.
+        Err(NotExecuted::CouldNotStart(m) | NotExecuted::Lost(m)) => {
+            return Outcome::FailedToSubmit(m)
+        }
+    };
 
-    // 8. A non-zero exit of a run that did not reach a final state is a crash.
-    if code != 0 {
-        let message = crashed_message(code);
-        log.error(message.clone());
-        log.info(exit_info(code).resolution.to_owned());
-        log.flush(&ctx.client).await;
-        propose_crashed(&ctx.client, run.id, &message).await;
-    }
-
-    // 9. executed-flow-run, linked to submitted under the 5-minute rule.
-    let related = related::with_infrastructure(related, &pid, code);
-    let executed = Event::new(
+    // 7. executed-flow-run, linked to submitted under the 5-minute rule.
+    let related = related::with_infrastructure(related, &executed.pid, executed.status_code);
+    let event = Event::new(
         names::WORKER_EXECUTED_FLOW_RUN,
         ctx.resource.clone(),
         related,
     )
     .follow(&submitted);
-    ctx.sink.emit(executed);
-    Outcome::Exited(code)
+    ctx.executor.sink.emit(event);
+    Outcome::Exited(executed.status_code)
 }
 
 /// Renders the pool's base job template for this run (`BaseJobConfiguration.resolve_for_flow_run`).
@@ -481,17 +348,7 @@ async fn crash_before_start(
         "Failed to submit flow run '{}' to infrastructure: {message}",
         run.name
     ));
-    log.flush(&ctx.client).await;
-    propose_crashed(&ctx.client, run.id, &message).await;
+    log.flush(&ctx.executor.client).await;
+    propose_crashed(&ctx.executor.client, run.id, &message).await;
     Outcome::FailedToSubmit(message)
-}
-
-/// Proposes Crashed; an ABORT (the run already reached a final state) is expected and quiet.
-async fn propose_crashed(client: &PrefectClient, id: Uuid, message: &str) {
-    let state = StateCreate::new(StateType::Crashed, "Crashed").with_message(message);
-    match client.set_flow_run_state(id, &state, false).await {
-        Ok(r) => tracing::debug!(flow_run = %id, status = ?r.status, "proposed Crashed"),
-        Err(e) if e.is_not_found() => {}
-        Err(e) => tracing::warn!(flow_run = %id, error = %e, "could not propose Crashed"),
-    }
 }

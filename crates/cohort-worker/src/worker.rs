@@ -10,15 +10,19 @@ use cohort_api::models::WorkPool;
 use cohort_api::retry::jittered;
 use cohort_api::{ApiError, PrefectClient};
 use cohort_events::related::{self, Named};
-use cohort_events::{names, Event, EventSink};
-use serde_json::Value;
+use cohort_events::subscriber::SubscriberConfig;
+use cohort_events::{names, Event, EventSink, EventsAuth};
+use cohort_process::control::ControlListener;
+use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::cancel::{self, Cancellable};
 use crate::channel::{self, ChannelConfig};
+use crate::execution::Executor;
 use crate::health::{self, LastPolled};
 use crate::submit::{self, Outcome, RunContext};
 
@@ -51,6 +55,8 @@ pub struct WorkerOptions {
     pub settings_env: Vec<(String, String)>,
     /// Token and header for the websocket handshakes.
     pub auth_token: Option<String>,
+    /// How the events websockets authenticate.
+    pub events_auth: EventsAuth,
     pub authorization: Option<String>,
 }
 
@@ -221,19 +227,46 @@ impl Worker {
         shutdown: CancellationToken,
         force: CancellationToken,
     ) -> Result<(), StartError> {
+        let background = CancellationToken::new();
         let resource =
             related::worker_resource(&self.worker_type, &self.options.name, &self.prefect_version);
+        let control = match ControlListener::bind().await {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the engine control channel; cancellations will be plain SIGTERMs");
+                None
+            }
+        };
         let ctx = Arc::new(RunContext {
-            client: self.client.clone(),
-            sink: sink.clone(),
+            executor: Executor {
+                client: self.client.clone(),
+                sink: sink.clone(),
+                control,
+                // Prefect's process worker cancels through a per-run executor context whose
+                // runner is named "standalone" (`prefect/runner/_flow_run_executor.py`).
+                runner_resource: related::runner_resource("standalone", &self.prefect_version),
+                termination_grace: self.options.termination_grace,
+                cancel_on_shutdown: None,
+            },
             worker_name: self.options.name.clone(),
             worker_type: self.worker_type.clone(),
             resource: resource.clone(),
             pool: self.pool.clone(),
             settings_env: self.options.settings_env.clone(),
-            termination_grace: self.options.termination_grace,
         });
-        let background = CancellationToken::new();
+        let cancellable = Cancellable::default();
+        let cancel_watch = tokio::spawn(cancel::watch(
+            self.client.clone(),
+            SubscriberConfig {
+                api_url: self.client.api_url().clone(),
+                auth: self.options.events_auth.clone(),
+                user_agent: cohort_api::user_agent(),
+                filter: json!({"event": {"name": cancel::CANCEL_EVENTS}}),
+            },
+            cancellable.clone(),
+            self.options.query_interval,
+            background.clone(),
+        ));
         let last_polled = LastPolled::new();
         let health = match self.options.healthcheck {
             Some(addr) => Some(
@@ -276,6 +309,7 @@ impl Worker {
         let mut poller = Poller {
             worker: &self,
             ctx,
+            cancellable,
             slots: self.options.limit.map(|n| Arc::new(Semaphore::new(n))),
             runs: JoinSet::new(),
             task_runs: HashMap::new(),
@@ -288,6 +322,7 @@ impl Worker {
 
         background.cancel();
         let _ = heartbeat.await;
+        let _ = cancel_watch.await;
         if let Some(h) = health {
             let _ = h.await;
         }
@@ -302,6 +337,7 @@ impl Worker {
 struct Poller<'w> {
     worker: &'w Worker,
     ctx: Arc<RunContext>,
+    cancellable: Cancellable,
     slots: Option<Arc<Semaphore>>,
     runs: JoinSet<Outcome>,
     task_runs: HashMap<tokio::task::Id, Uuid>,
@@ -374,11 +410,12 @@ impl Poller<'_> {
             let id = run.id;
             let span = tracing::info_span!("flow_run", id = %id);
             let ctx = self.ctx.clone();
-            let token = self.terminate.child_token();
+            let terminate = self.terminate.child_token();
+            let cancel = self.cancellable.register(id);
             let handle = self.runs.spawn(
                 async move {
                     let _slot = permit;
-                    submit::submit(ctx, run, token).await
+                    submit::submit(ctx, run, cancel, terminate).await
                 }
                 .instrument(span),
             );
@@ -398,6 +435,7 @@ impl Poller<'_> {
         let run = self.task_runs.remove(&task);
         if let Some(run) = run {
             self.in_flight.remove(&run);
+            self.cancellable.remove(&run);
         }
         match joined {
             Ok((_, outcome)) => tracing::debug!(flow_run = ?run, ?outcome, "flow run finished"),

@@ -18,6 +18,96 @@ pub enum Command {
         #[command(subcommand)]
         command: WorkerCommand,
     },
+    /// Work with flows.
+    Flow {
+        #[command(subcommand)]
+        command: FlowCommand,
+    },
+    /// Serve several deployments in one runner, like Prefect's `serve(*deployments)`.
+    Serve(ServeManyArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlowCommand {
+    /// Serve a flow via an entrypoint, like `prefect flow serve`.
+    Serve(FlowServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FlowServeArgs {
+    /// `path/to/file.py:flow_function`.
+    pub entrypoint: String,
+    /// The deployment's name (also the runner's name).
+    #[arg(short = 'n', long)]
+    pub name: String,
+    #[arg(short = 'd', long)]
+    pub description: Option<String>,
+    #[arg(short = 'v', long)]
+    pub version: Option<String>,
+    /// A tag for the deployment (repeatable).
+    #[arg(short = 't', long = "tag")]
+    pub tags: Vec<String>,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    /// Default parameters of the deployment, as a JSON object.
+    #[arg(long)]
+    pub parameters: Option<String>,
+    #[command(flatten)]
+    pub runner: RunnerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// A cron schedule.
+    #[arg(long, conflicts_with_all = ["interval", "rrule"])]
+    pub cron: Option<String>,
+    /// An interval schedule, in seconds.
+    #[arg(long, conflicts_with = "rrule")]
+    pub interval: Option<u64>,
+    /// The start date of an interval schedule.
+    #[arg(long)]
+    pub anchor_date: Option<String>,
+    /// An RRule schedule.
+    #[arg(long)]
+    pub rrule: Option<String>,
+    /// The schedule's timezone, e.g. `America/New_York`.
+    #[arg(long)]
+    pub timezone: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunnerArgs {
+    /// The most runs this runner executes at once (unlimited by default, as `serve`).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Pause the schedules when the runner stops (the default).
+    #[arg(long, overrides_with = "no_pause_on_shutdown")]
+    pub pause_on_shutdown: bool,
+    /// Leave the schedules running when the runner stops.
+    #[arg(long)]
+    pub no_pause_on_shutdown: bool,
+    /// Serve the runner webserver (also enabled by PREFECT_RUNNER_SERVER_ENABLE).
+    #[arg(long)]
+    pub webserver: bool,
+    /// Seconds between SIGTERM and SIGKILL when a flow-run process must be stopped.
+    #[arg(long, default_value_t = 30.0)]
+    pub termination_grace: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeManyArgs {
+    /// Deployments as `path/to/file.py:function[@deployment-name]` (the name defaults to the
+    /// function's name).
+    pub entrypoints: Vec<String>,
+    /// A JSON file listing deployments: `[{"entrypoint", "name", "tags", "cron" | "interval" |
+    /// "rrule", "timezone", "description", "version", "parameters"}]`.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// The runner's name (default `runner-<uuid>`, as `serve()`).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub runner: RunnerArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod serve;
 mod start;
 
 use clap::Parser;
@@ -16,6 +17,10 @@ fn main() {
         cli::Command::Worker {
             command: cli::WorkerCommand::Start(args),
         } => start::main(args),
+        cli::Command::Flow {
+            command: cli::FlowCommand::Serve(args),
+        } => serve::flow_serve(args),
+        cli::Command::Serve(args) => serve::serve_many(args),
     };
     std::process::exit(code);
 }

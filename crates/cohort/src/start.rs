@@ -33,7 +33,7 @@ pub fn main(args: StartArgs) -> i32 {
     }
 }
 
-fn report(failure: Failure) -> i32 {
+pub(crate) fn report(failure: Failure) -> i32 {
     let err = match &failure {
         Failure::Usage(e) | Failure::Runtime(e) => e,
     };
@@ -41,7 +41,7 @@ fn report(failure: Failure) -> i32 {
     failure.exit_code()
 }
 
-fn init_logging(settings: &Settings) {
+pub(crate) fn init_logging(settings: &Settings) {
     let debug = settings
         .bool("PREFECT_WORKER_DEBUG_MODE", false)
         .unwrap_or(false);
@@ -67,6 +67,11 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     let client_config = ClientConfig::from_settings(&settings).map_err(|e| usage(e.into()))?;
     options.authorization = cohort_api::authorization(&client_config);
     let client = PrefectClient::new(client_config).map_err(|e| usage(e.into()))?;
+    options.events_auth = if client.is_cloud() {
+        EventsAuth::Bearer(settings.api_key().unwrap_or_default().to_owned())
+    } else {
+        EventsAuth::Token(options.auth_token.clone())
+    };
 
     let worker = Worker::start(client.clone(), options.clone())
         .await
@@ -75,11 +80,7 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
             other => Failure::Runtime(other.into()),
         })?;
 
-    let auth = if client.is_cloud() {
-        EventsAuth::Bearer(settings.api_key().unwrap_or_default().to_owned())
-    } else {
-        EventsAuth::Token(options.auth_token.clone())
-    };
+    let auth = options.events_auth.clone();
     let (emitter, emitter_task) = Emitter::spawn(EmitterConfig {
         api_url: client.api_url().clone(),
         auth,
@@ -102,7 +103,7 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: stop running flows now
 /// (`prefect/utilities/processutils.py: setup_signal_handlers_worker` escalates the same way).
-async fn watch_signals(shutdown: CancellationToken, force: CancellationToken) {
+pub(crate) async fn watch_signals(shutdown: CancellationToken, force: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
@@ -202,5 +203,6 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
             .or(settings.api_key())
             .map(str::to_owned),
         authorization: None,
+        events_auth: EventsAuth::Token(None),
     })
 }

@@ -17,8 +17,6 @@
 //! 10 attempts and drops the event), and a ping left unanswered for `pong_timeout` counts as
 //! a dead connection.
 
-mod backoff;
-mod connect;
 mod task;
 
 #[cfg(test)]
@@ -38,7 +36,7 @@ use uuid::Uuid;
 use crate::event::Event;
 use crate::sink::EventSink;
 
-pub use connect::{events_in_url, ConnectError};
+pub use crate::connect::{events_in_url, ConnectError};
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]

@@ -21,9 +21,9 @@ use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::{self, Bytes, Message};
 use url::Url;
 
-use super::backoff::Backoff;
-use super::connect::{self, describe_close, ConnectError, Socket};
 use super::{Command, EmitterConfig, Outgoing, Shared, Tuning};
+use crate::backoff::Backoff;
+use crate::connect::{self, describe_close, ConnectError, Handshake, Socket};
 
 // Sockets are large; boxing keeps the state and wake-up enums small.
 type Attempt = Pin<Box<dyn Future<Output = Result<Box<Socket>, ConnectError>> + Send>>;
@@ -198,13 +198,9 @@ impl EmitterTask {
     fn handle_retry_due(&mut self) {
         match &self.url {
             Ok(url) => {
-                let (url, config, timeout) = (
-                    url.clone(),
-                    self.config.clone(),
-                    self.tuning.connect_timeout,
-                );
-                let attempt =
-                    async move { connect::open(url, config, timeout).await.map(Box::new) };
+                let handshake = Handshake::events_in(url.clone(), &self.config);
+                let timeout = self.tuning.connect_timeout;
+                let attempt = async move { connect::open(&handshake, timeout).await.map(Box::new) };
                 self.state = State::Connecting {
                     attempt: Box::pin(attempt),
                 };

@@ -1,6 +1,8 @@
-//! Opening the events socket: URL derivation, the upgrade request, the first ping/pong and
-//! the auth handshake (`prefect/events/clients.py: events_in_socket_from_api_url`,
-//! `PrefectEventsClient._reconnect`, `_auth_handshake`; server side
+//! Opening an events socket (`/api/events/in` for the emitter, `/api/events/out` for the
+//! subscriber): URL derivation, the upgrade request, the first ping/pong and the auth
+//! handshake (`prefect/events/clients.py: events_in_socket_from_api_url`,
+//! `events_out_socket_from_api_url`, `PrefectEventsClient._reconnect`, `_auth_handshake`,
+//! `PrefectEventSubscriber._reconnect`; server side
 //! `prefect/server/utilities/subscriptions.py: accept_prefect_socket`).
 
 use std::time::Duration;
@@ -16,7 +18,7 @@ use tokio_tungstenite::tungstenite::{self, Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use url::Url;
 
-use super::{EmitterConfig, EventsAuth};
+use crate::emitter::{EmitterConfig, EventsAuth};
 
 /// An authenticated events socket.
 pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -87,6 +89,16 @@ impl ConnectError {
 /// `…/api` → `ws(s)://…/api/events/in`: `https://` → `wss://`, `http://` → `ws://`, trailing
 /// `/` stripped, then `/events/in` (`events_in_socket_from_api_url`).
 pub fn events_in_url(api_url: &Url) -> Result<Url, ConnectError> {
+    events_socket_url(api_url, "/events/in")
+}
+
+/// `…/api` → `ws(s)://…/api/events/out`, by the same rules as [`events_in_url`]
+/// (`events_out_socket_from_api_url`).
+pub fn events_out_url(api_url: &Url) -> Result<Url, ConnectError> {
+    events_socket_url(api_url, "/events/out")
+}
+
+fn events_socket_url(api_url: &Url, endpoint: &str) -> Result<Url, ConnectError> {
     let invalid = |reason: String| ConnectError::InvalidUrl {
         api_url: api_url.to_string(),
         reason,
@@ -98,30 +110,105 @@ pub fn events_in_url(api_url: &Url) -> Result<Url, ConnectError> {
         "ws" | "wss" => text.to_owned(),
         other => return Err(invalid(format!("unsupported scheme `{other}`"))),
     };
-    let socket = format!("{}/events/in", ws.trim_end_matches('/'));
+    let socket = format!("{}{endpoint}", ws.trim_end_matches('/'));
     Url::parse(&socket).map_err(|e| invalid(e.to_string()))
 }
 
-/// Opens, checks and authenticates one socket within `timeout`.
-pub(crate) async fn open(
-    url: Url,
-    config: EmitterConfig,
-    timeout: Duration,
-) -> Result<Socket, ConnectError> {
-    match tokio::time::timeout(timeout, open_unbounded(&url, &config)).await {
-        Ok(result) => result,
-        Err(_) => Err(ConnectError::Timeout { url, timeout }),
+/// How one socket opens: what the upgrade request carries and whether an auth frame follows.
+/// Built by [`Handshake::events_in`] or [`Handshake::events_out`], which differ for Cloud.
+#[derive(Clone)]
+pub(crate) struct Handshake {
+    pub(crate) url: Url,
+    pub(crate) user_agent: String,
+    /// The `Authorization` header of the upgrade request, if any.
+    authorization: Option<String>,
+    /// `Some(token)`: offer the `prefect` subprotocol, then send
+    /// `{"type":"auth","token":token}` and expect `auth_success`. `None`: neither.
+    auth_frame: Option<Option<String>>,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print credentials.
+        f.debug_struct("Handshake")
+            .field("url", &self.url.as_str())
+            .field("user_agent", &self.user_agent)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "auth_frame",
+                &self
+                    .auth_frame
+                    .as_ref()
+                    .map(|t| t.as_ref().map(|_| "<redacted>")),
+            )
+            .finish()
     }
 }
 
-async fn open_unbounded(url: &Url, config: &EmitterConfig) -> Result<Socket, ConnectError> {
+impl Handshake {
+    /// `/api/events/in` (`PrefectEventsClient`, `PrefectCloudEventsClient`): a token goes in
+    /// the auth frame and, for proxies that want basic auth before the upgrade, also as
+    /// `Authorization: Basic …` (`PrefectEventsClient.__init__`, `_basic_auth_token`); Prefect
+    /// Cloud takes `Authorization: bearer <key>` on the upgrade and no auth frame.
+    pub(crate) fn events_in(url: Url, config: &EmitterConfig) -> Self {
+        let (authorization, auth_frame) = match &config.auth {
+            EventsAuth::Token(token) => {
+                let basic = token.as_deref().filter(|t| !t.is_empty()).map(|token| {
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(token);
+                    format!("Basic {encoded}")
+                });
+                (basic, Some(token.clone()))
+            }
+            EventsAuth::Bearer(key) => (Some(format!("bearer {key}")), None),
+        };
+        Handshake {
+            url,
+            user_agent: config.user_agent.clone(),
+            authorization,
+            auth_frame,
+        }
+    }
+
+    /// `/api/events/out` (`PrefectEventSubscriber`, `PrefectCloudEventSubscriber`): always the
+    /// `prefect` subprotocol and the auth frame, carrying the Cloud API key or the auth string;
+    /// no `Authorization` header in either case.
+    pub(crate) fn events_out(url: Url, user_agent: &str, auth: &EventsAuth) -> Self {
+        let token = match auth {
+            EventsAuth::Token(token) => token.clone(),
+            EventsAuth::Bearer(key) => Some(key.clone()),
+        };
+        Handshake {
+            url,
+            user_agent: user_agent.to_owned(),
+            authorization: None,
+            auth_frame: Some(token),
+        }
+    }
+}
+
+/// Opens, checks and authenticates one socket within `timeout`.
+pub(crate) async fn open(handshake: &Handshake, timeout: Duration) -> Result<Socket, ConnectError> {
+    match tokio::time::timeout(timeout, open_unbounded(handshake)).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Timeout {
+            url: handshake.url.clone(),
+            timeout,
+        }),
+    }
+}
+
+async fn open_unbounded(handshake: &Handshake) -> Result<Socket, ConnectError> {
+    let url = &handshake.url;
     if url.scheme() == "wss" {
         // rustls needs a process-wide crypto provider; it can only pick one by itself when
         // exactly one provider feature is compiled in, which the rest of the build may change.
         // Installing fails harmlessly when someone already did.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    let request = upgrade_request(url, config)?;
+    let request = upgrade_request(handshake)?;
     let (mut socket, _response) = tokio_tungstenite::connect_async(request)
         .await
         .map_err(|source| upgrade_error(url, source))?;
@@ -145,8 +232,9 @@ async fn open_unbounded(url: &Url, config: &EmitterConfig) -> Result<Socket, Con
         }
     }
 
-    let EventsAuth::Token(token) = &config.auth else {
-        // Prefect Cloud authenticates on the upgrade request (`PrefectCloudEventsClient`).
+    let Some(token) = &handshake.auth_frame else {
+        // Prefect Cloud's events/in authenticates on the upgrade request
+        // (`PrefectCloudEventsClient`).
         return Ok(socket);
     };
     let frame = serde_json::to_string(&AuthFrame {
@@ -202,7 +290,8 @@ fn check_auth_reply(url: &Url, reply: &str) -> Result<(), ConnectError> {
     }
 }
 
-fn upgrade_request(url: &Url, config: &EmitterConfig) -> Result<http::Request<()>, ConnectError> {
+fn upgrade_request(handshake: &Handshake) -> Result<http::Request<()>, ConnectError> {
+    let url = &handshake.url;
     let mut request =
         url.as_str()
             .into_client_request()
@@ -219,30 +308,19 @@ fn upgrade_request(url: &Url, config: &EmitterConfig) -> Result<http::Request<()
     };
     headers.insert(
         http::header::USER_AGENT,
-        value("User-Agent", config.user_agent.clone())?,
+        value("User-Agent", handshake.user_agent.clone())?,
     );
-    match &config.auth {
-        EventsAuth::Token(token) => {
-            headers.insert(
-                http::header::SEC_WEBSOCKET_PROTOCOL,
-                http::HeaderValue::from_static("prefect"),
-            );
-            if let Some(token) = token.as_deref().filter(|t| !t.is_empty()) {
-                // For proxies that want basic auth before the upgrade
-                // (`PrefectEventsClient.__init__`, `_basic_auth_token`).
-                let encoded = base64::engine::general_purpose::STANDARD.encode(token);
-                headers.insert(
-                    http::header::AUTHORIZATION,
-                    value("Authorization", format!("Basic {encoded}"))?,
-                );
-            }
-        }
-        EventsAuth::Bearer(key) => {
-            headers.insert(
-                http::header::AUTHORIZATION,
-                value("Authorization", format!("bearer {key}"))?,
-            );
-        }
+    if handshake.auth_frame.is_some() {
+        headers.insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            http::HeaderValue::from_static("prefect"),
+        );
+    }
+    if let Some(authorization) = &handshake.authorization {
+        headers.insert(
+            http::header::AUTHORIZATION,
+            value("Authorization", authorization.clone())?,
+        );
     }
     Ok(request)
 }
@@ -314,6 +392,12 @@ mod tests {
             "wss://api.prefect.cloud/api/accounts/a/workspaces/w/events/in"
         );
         assert_eq!(ws("http://host:4200/"), "ws://host:4200/events/in");
+        assert_eq!(
+            events_out_url(&Url::parse("https://host/api/").unwrap())
+                .unwrap()
+                .as_str(),
+            "wss://host/api/events/out"
+        );
         let err = events_in_url(&Url::parse("ftp://host/api").unwrap()).unwrap_err();
         assert!(matches!(err, ConnectError::InvalidUrl { .. }), "{err}");
     }

@@ -1,0 +1,399 @@
+//! Running one claimed flow run as a local process, shared by the worker and the runner:
+//! Submitting, launch, `infrastructure_pid`, supervision to the end, crash detection, and
+//! cancellation (`prefect/runner/_flow_run_executor.py: FlowRunExecutor`,
+//! `prefect/runner/_cancellation_manager.py: CancellationManager`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_api::models::{Deployment, Flow, FlowRun, SetStateStatus, StateCreate, StateType};
+use cohort_api::PrefectClient;
+use cohort_events::related::{self, Named};
+use cohort_events::{names, Event, EventSink, Resource};
+use cohort_process::control::{ControlListener, Intent, SignalStatus};
+use cohort_process::exit_codes::{crashed_message, exit_info};
+use cohort_process::{FlowRunProcess, Launch};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::cancel::finalize_cancelled;
+
+/// How long the engine gets to acknowledge a cancel intent (Prefect: 1 s).
+const INTENT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What every execution of one worker or runner shares.
+pub struct Executor {
+    pub client: PrefectClient,
+    pub sink: Arc<dyn EventSink>,
+    /// The engine's control channel; `None` when it could not be opened (then a cancel is a
+    /// plain SIGTERM, and the engine reports Crashed before Cancelled is forced).
+    pub control: Option<Arc<ControlListener>>,
+    /// Resource of `prefect.runner.cancelled-flow-run`: `prefect.runner.standalone` for a
+    /// worker, `prefect.runner.<slug>` for a runner.
+    pub runner_resource: Resource,
+    /// SIGTERM → SIGKILL grace when a run must be stopped.
+    pub termination_grace: Duration,
+    /// What stopping a run at shutdown means: `None` for a worker (stop it, Crashed unless
+    /// the engine reported an outcome); a message for a runner, which cancels its runs with
+    /// it, as Prefect's `Runner.stop` does (`cancel_all(state_msg="Runner is shutting down.")`).
+    pub cancel_on_shutdown: Option<&'static str>,
+}
+
+/// Whether a claimed run may be launched.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Gate {
+    Go,
+    /// Cancelled before it started; nothing was launched.
+    Cancelled,
+}
+
+/// A run whose process ran to its end (or was stopped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Executed {
+    pub pid: String,
+    /// Prefect's status code: 0 when the engine reported its outcome or acknowledged a
+    /// cancel over the control channel, else the exit code (negative for a signal).
+    pub status_code: i64,
+}
+
+/// Why a run produced no [`Executed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotExecuted {
+    /// It never started; the run was proposed Crashed with this message.
+    CouldNotStart(String),
+    /// It started but the worker lost track of it; its state is left to the engine.
+    Lost(String),
+}
+
+impl Executor {
+    /// Proposes `Submitting` and checks for a cancellation that arrived before launch
+    /// (`FlowRunExecutor.submit`: Cancelling ⇒ force Cancelled, Cancelled ⇒ skip).
+    pub async fn propose_submitting(&self, run: &FlowRun, cancel: &CancellationToken) -> Gate {
+        let submitting = StateCreate::new(StateType::Pending, "Submitting");
+        let mut current = match self
+            .client
+            .set_flow_run_state(run.id, &submitting, false)
+            .await
+        {
+            Ok(r) => r.state.map(|s| s.state_type),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not propose Submitting");
+                None
+            }
+        };
+        if cancel.is_cancelled() {
+            current = self
+                .client
+                .read_flow_run(run.id)
+                .await
+                .ok()
+                .and_then(|r| r.state.map(|s| s.state_type));
+        }
+        match current {
+            Some(StateType::Cancelling) => {
+                let state = StateCreate::new(StateType::Cancelled, "Cancelled")
+                    .with_message("Flow run was cancelled before execution started.");
+                if let Err(e) = self.client.set_flow_run_state(run.id, &state, true).await {
+                    tracing::warn!(error = %e, "could not mark the run Cancelled");
+                }
+                tracing::info!("flow run was cancelled before execution started");
+                Gate::Cancelled
+            }
+            Some(StateType::Cancelled) => Gate::Cancelled,
+            _ => Gate::Go,
+        }
+    }
+
+    /// Launches `launch`, records the pid, and supervises the process until it exits, is
+    /// cancelled (`cancel`), or must stop because its supervisor is shutting down (`terminate`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn execute(
+        &self,
+        run: &FlowRun,
+        deployment: Option<&Deployment>,
+        flow: Option<&Flow>,
+        mut launch: Launch,
+        log: &mut RunLog,
+        cancel: &CancellationToken,
+        terminate: &CancellationToken,
+    ) -> Result<Executed, NotExecuted> {
+        let attempt = self.control.as_ref().map(|c| c.register());
+        if let Some(attempt) = &attempt {
+            launch.env.extend(attempt.env());
+            // The supervisor owns Cancelled and the crashed/cancellation hooks when the
+            // channel is up (`prefect/runner/_flow_run_executor.py`).
+            launch.env.insert(
+                "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS".into(),
+                "false".into(),
+            );
+        }
+        let mut process = match FlowRunProcess::spawn(&launch) {
+            Ok(p) => p,
+            Err(e) => {
+                // `FlowRunExecutor.submit` words it so.
+                let message = format!("Flow run could not start: {e}");
+                log.error(format!(
+                    "Failed to submit flow run '{}' to infrastructure: {message}",
+                    run.name
+                ));
+                log.flush(&self.client).await;
+                propose_crashed(&self.client, run.id, &message).await;
+                return Err(NotExecuted::CouldNotStart(message));
+            }
+        };
+        let pid = process.pid().to_string();
+        if let Err(e) = self.client.set_infrastructure_pid(run.id, &pid).await {
+            tracing::error!(error = %e, "could not set the `infrastructure_pid` of the flow run; it will not be cancellable by other tools");
+        }
+        log.info(format!(
+            "Flow run '{}' submitted to infrastructure",
+            run.name
+        ));
+        log.flush(&self.client).await;
+
+        enum Ending {
+            Exited(std::io::Result<i64>),
+            Cancel,
+            Terminate,
+        }
+        let ending = tokio::select! {
+            status = process.wait() => Ending::Exited(status),
+            _ = cancel.cancelled() => Ending::Cancel,
+            _ = terminate.cancelled() => Ending::Terminate,
+        };
+        let concluded = |attempt: &Option<cohort_process::control::Attempt>| {
+            attempt.as_ref().is_some_and(|a| a.conclusion().is_some())
+        };
+        let code = match ending {
+            Ending::Exited(Ok(code)) => code,
+            Ending::Exited(Err(e)) => {
+                tracing::error!(error = %e, "Lost connection to flow run '{}' infrastructure. The flow run's final state will be determined by the execution environment.", run.name);
+                return Err(NotExecuted::Lost(e.to_string()));
+            }
+            Ending::Cancel => {
+                let message = "Flow run was cancelled successfully.";
+                let code = self
+                    .stop_cancelled(
+                        run,
+                        &mut process,
+                        attempt.as_ref(),
+                        deployment,
+                        flow,
+                        message,
+                    )
+                    .await;
+                let status_code = if concluded(&attempt) { 0 } else { code };
+                return Ok(Executed { pid, status_code });
+            }
+            Ending::Terminate if self.cancel_on_shutdown.is_some() => {
+                let message = self.cancel_on_shutdown.unwrap_or_default();
+                let code = self
+                    .stop_cancelled(
+                        run,
+                        &mut process,
+                        attempt.as_ref(),
+                        deployment,
+                        flow,
+                        message,
+                    )
+                    .await;
+                let status_code = if concluded(&attempt) { 0 } else { code };
+                return Ok(Executed { pid, status_code });
+            }
+            Ending::Terminate => {
+                tracing::warn!(pid = %pid, "stopping flow run: shutting down");
+                let code = process
+                    .terminate(self.termination_grace)
+                    .await
+                    .map_err(|e| NotExecuted::Lost(e.to_string()))?;
+                if !concluded(&attempt) {
+                    let message = crashed_message(code);
+                    log.error(format!(
+                        "{message} The flow run was stopped because its supervisor shut down."
+                    ));
+                    log.flush(&self.client).await;
+                    propose_crashed(&self.client, run.id, &message).await;
+                }
+                code
+            }
+        };
+        if concluded(&attempt) {
+            return Ok(Executed {
+                pid,
+                status_code: 0,
+            });
+        }
+        if code != 0 {
+            // A non-zero exit without a reported outcome is a crash.
+            let message = crashed_message(code);
+            log.error(message.clone());
+            log.info(exit_info(code).resolution.to_owned());
+            log.flush(&self.client).await;
+            propose_crashed(&self.client, run.id, &message).await;
+        }
+        Ok(Executed {
+            pid,
+            status_code: code,
+        })
+    }
+
+    /// The cancel sequence: intent over the control channel, SIGTERM to the process group,
+    /// SIGKILL after the grace period; then Cancelled made durable and, only then, the
+    /// `prefect.runner.cancelled-flow-run` event. Returns the process's exit code.
+    async fn stop_cancelled(
+        &self,
+        run: &FlowRun,
+        process: &mut FlowRunProcess,
+        attempt: Option<&cohort_process::control::Attempt>,
+        deployment: Option<&Deployment>,
+        flow: Option<&Flow>,
+        message: &str,
+    ) -> i64 {
+        tracing::info!("cancelling flow run");
+        if let Some(attempt) = attempt {
+            match attempt.signal(Intent::Cancel, INTENT_ACK_TIMEOUT).await {
+                SignalStatus::AlreadyConcluded => {
+                    // The engine already reported a final state: nothing to cancel, no event
+                    // (`CancellationManager.cancel`). Let the process finish on its own.
+                    tracing::info!("the flow run concluded before the cancellation reached it");
+                    return process.wait().await.unwrap_or(-1);
+                }
+                status => tracing::debug!(?status, "cancel intent sent"),
+            }
+        }
+        // Returns as soon as the process is gone: Cancelled is reported without waiting out
+        // the grace period.
+        let code = match process.terminate(self.termination_grace).await {
+            Ok(code) => code,
+            Err(e) => {
+                tracing::error!(error = %e, "could not stop the flow-run process");
+                -1
+            }
+        };
+        if finalize_cancelled(&self.client, run.id, message).await {
+            let deployment_named = deployment.map(|d| Named {
+                id: d.id,
+                name: d.name.clone(),
+            });
+            let flow_named = flow.map(|f| Named {
+                id: f.id,
+                name: f.name.clone(),
+            });
+            let tags: Vec<&String> = deployment
+                .iter()
+                .flat_map(|d| d.tags.iter())
+                .chain(run.tags.iter())
+                .collect();
+            let related = related::runner_cancelled_related(
+                deployment_named.as_ref(),
+                flow_named.as_ref(),
+                &Named {
+                    id: run.id,
+                    name: run.name.clone(),
+                },
+                tags,
+            );
+            self.sink.emit(Event::new(
+                names::RUNNER_CANCELLED_FLOW_RUN,
+                self.runner_resource.clone(),
+                related,
+            ));
+        }
+        code
+    }
+}
+
+/// Claims a scheduled run: proposes Pending, and only an accepted Pending makes it ours
+/// (`BaseWorker._propose_pending_state`; the runner's poller does the same).
+pub async fn claim(client: &PrefectClient, run: &FlowRun) -> Result<(), String> {
+    let pending = StateCreate::new(StateType::Pending, "Pending");
+    match client.set_flow_run_state(run.id, &pending, false).await {
+        Ok(r)
+            if r.status == SetStateStatus::Accept
+                && r.state
+                    .as_ref()
+                    .is_some_and(|s| s.state_type == StateType::Pending) =>
+        {
+            Ok(())
+        }
+        Ok(r) => {
+            let state = r
+                .state
+                .as_ref()
+                .map(|s| format!("{:?}", s.state_type).to_uppercase())
+                .unwrap_or_else(|| "UNKNOWN".into());
+            let why = format!(
+                "Aborted submission of flow run '{}': Server returned a non-pending state '{state}'",
+                run.id
+            );
+            tracing::info!(reason = r.reason().unwrap_or(""), "{why}");
+            Err(why)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not claim flow run; leaving it for the next poll");
+            Err(format!("claim failed: {e}"))
+        }
+    }
+}
+
+/// Proposes Crashed; an ABORT (the run already reached a final state) is expected and quiet.
+pub async fn propose_crashed(client: &PrefectClient, id: Uuid, message: &str) {
+    let state = StateCreate::new(StateType::Crashed, "Crashed").with_message(message);
+    match client.set_flow_run_state(id, &state, false).await {
+        Ok(r) => tracing::debug!(status = ?r.status, "proposed Crashed"),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => tracing::warn!(error = %e, "could not propose Crashed"),
+    }
+}
+
+/// The flow-run log lines a supervisor writes, shipped to `POST /logs/` so they show in the
+/// Prefect UI next to the flow's own, as Prefect's worker does (logger
+/// `prefect.flow_runs.worker`, `prefect/workers/base.py: BaseWorker.get_flow_run_logger`).
+pub struct RunLog {
+    flow_run_id: Uuid,
+    logger: &'static str,
+    entries: Vec<serde_json::Value>,
+}
+
+impl RunLog {
+    pub fn new(flow_run_id: Uuid, logger: &'static str) -> Self {
+        Self {
+            flow_run_id,
+            logger,
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn info(&mut self, message: String) {
+        tracing::info!("{message}");
+        self.push(20, message);
+    }
+
+    pub fn error(&mut self, message: String) {
+        tracing::error!("{message}");
+        self.push(40, message);
+    }
+
+    fn push(&mut self, level: u8, message: String) {
+        self.entries.push(json!({
+            "name": self.logger,
+            "level": level,
+            "message": message,
+            "timestamp": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            "flow_run_id": self.flow_run_id,
+            "task_run_id": null,
+        }));
+    }
+
+    /// Ships what was logged so far; a failure costs log lines, never the run.
+    pub async fn flush(&mut self, client: &PrefectClient) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.entries);
+        if let Err(e) = client.create_logs(&entries).await {
+            tracing::debug!(error = %e, "could not ship flow-run logs");
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! End-to-end tests of cancellation (through the worker and through the runner) and of
+//! `cohort flow serve`, against a real Prefect 3.8.8 server. Assertions read states,
+//! deployments and events back from the server.
+
+// End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+mod util;
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use util::{examples_flows_dir, server, unique, DeploySpec, PrefectServer, Worker};
+
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+const EVENTS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until the run is Running; returns its infrastructure pid.
+fn wait_running(s: &PrefectServer, run_id: &str, output: &dyn Fn() -> String) -> i32 {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let run = s.read_flow_run(run_id);
+        if run["state"]["type"] == "RUNNING" {
+            if let Some(pid) = run["infrastructure_pid"].as_str() {
+                return pid.parse().expect("pid");
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {run_id} never ran: {}\n{}",
+            run["state"],
+            output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Proposes Cancelling as `prefect flow-run cancel` does; returns when it was accepted.
+fn request_cancel(s: &PrefectServer, run_id: &str) -> Instant {
+    let r = s.request(
+        Method::POST,
+        &format!("/flow_runs/{run_id}/set_state"),
+        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": false})),
+    );
+    assert_eq!(r["status"], "ACCEPT", "cancel request: {r}");
+    Instant::now()
+}
+
+/// Whether any process of process group `pgid` is still alive (zombies count as gone).
+fn group_alive(pgid: i32) -> Vec<i32> {
+    let mut alive = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command: state ppid pgrp …
+        let rest: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if rest.len() > 2 && rest[0] != "Z" && rest[2] == pgid.to_string() {
+            alive.push(pid);
+        }
+    }
+    alive
+}
+
+fn wait_group_gone(pgid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !group_alive(pgid).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "processes of the flow run's group survived: {:?}",
+            group_alive(pgid)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn cancelled_events_of(s: &PrefectServer, run_id: &str) -> Vec<Value> {
+    s.wait_for_events(
+        json!({
+            "event": {"name": ["prefect.runner.cancelled-flow-run"]},
+            "related": {"id": [format!("prefect.flow-run.{run_id}")]},
+        }),
+        1,
+        EVENTS_TIMEOUT,
+    )
+}
+
+fn related_ids(event: &Value) -> Vec<String> {
+    event["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["prefect.resource.id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A sleeping flow cancelled while Running through the worker: Cancelled within seconds of
+/// the request, no process of its group survives, `prefect.runner.cancelled-flow-run` from
+/// `prefect.runner.standalone` (related deployment, flow, flow-run, sorted tags), then the
+/// worker's `executed-flow-run` with status code "0".
+#[test]
+fn worker_cancels_a_running_flow() {
+    let s = server();
+    let pool = unique("cancel-worker");
+    s.create_work_pool(&pool, "process");
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "sleepy")
+            .tags(&["team-b"])
+            .parameters(json!({"seconds": 600})),
+    );
+    let run = s.create_flow_run(&dep.id, &["run-extra"], json!({}), json!({}));
+    let name = unique("Cancel Worker");
+    let mut worker = Worker::cohort(&["--pool", &pool, "--name", &name, "--type", "process"]);
+    let pid = wait_running(s, &run.id, &|| worker.output());
+    let asked = request_cancel(s, &run.id);
+    let state = s.wait_for_final_state(&run.id, Duration::from_secs(60));
+    let took = asked.elapsed();
+    assert_eq!(state["type"], "CANCELLED", "{state}\n{}", worker.output());
+    assert!(
+        took < Duration::from_secs(20),
+        "Cancelled only after {took:?}"
+    );
+    wait_group_gone(pid);
+
+    let events = cancelled_events_of(s, &run.id);
+    assert_eq!(events.len(), 1, "{}", util::summarize_events(&events));
+    let e = &events[0];
+    assert_eq!(
+        e["resource"]["prefect.resource.id"],
+        "prefect.runner.standalone"
+    );
+    assert_eq!(e["resource"]["prefect.resource.name"], "standalone");
+    assert_eq!(e["resource"]["prefect.version"], s.version());
+    assert_eq!(
+        related_ids(e),
+        vec![
+            format!("prefect.deployment.{}", dep.id),
+            format!("prefect.flow.{}", dep.flow_id),
+            format!("prefect.flow-run.{}", run.id),
+            "prefect.tag.run-extra".to_owned(),
+            "prefect.tag.team-b".to_owned(),
+        ]
+    );
+    let executed = s.wait_for_events(
+        json!({
+            "event": {"name": ["prefect.worker.executed-flow-run"]},
+            "related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+        }),
+        1,
+        EVENTS_TIMEOUT,
+    );
+    let flow_run = executed[0]["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["prefect.resource.role"] == "flow-run")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        flow_run["prefect.infrastructure.status-code"], "0",
+        "{flow_run}"
+    );
+    worker.sigterm();
+    assert!(worker.wait_timeout(Duration::from_secs(60)).success());
+}
+
+/// `cohort flow serve …` as a child process in its own group, output to a file.
+struct Served {
+    child: Child,
+    output: tempfile::NamedTempFile,
+}
+
+impl Served {
+    fn start(s: &PrefectServer, cwd: &Path, args: &[&str]) -> Served {
+        let output = tempfile::NamedTempFile::new().unwrap();
+        let venv_bin = s.venv_bin();
+        let path = format!(
+            "{}:{}",
+            venv_bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let home = tempfile::tempdir().unwrap().keep();
+        use std::os::unix::process::CommandExt as _;
+        let child = Command::new(env!("CARGO_BIN_EXE_cohort"))
+            .args(args)
+            .current_dir(cwd)
+            .env("PREFECT_API_URL", s.api_url())
+            .env("PREFECT_HOME", &home)
+            .env("PATH", path)
+            .env("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null())
+            .stdout(output.reopen().unwrap())
+            .stderr(output.reopen().unwrap())
+            .process_group(0)
+            .spawn()
+            .expect("start cohort");
+        Served { child, output }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(self.output.path()).unwrap_or_default()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn deployment_by_name(s: &PrefectServer, flow: &str, name: &str) -> Option<Value> {
+    let (status, body) = s.try_request(
+        Method::GET,
+        &format!("/deployments/name/{flow}/{}", util::encode(name)),
+        None,
+    );
+    status.is_success().then_some(body)
+}
+
+/// `cohort flow serve` registers the deployment like a served flow (flow name, tags,
+/// parameter schema, no work pool), runs a triggered run to completion, cancels a running
+/// one with the runner's own resource id, and on SIGTERM pauses its schedule and exits 0.
+#[test]
+fn flow_serve_runs_and_cancels_like_prefect() {
+    let s = server();
+    let repo = examples_flows_dir().join("../..").canonicalize().unwrap();
+    let name = unique("My Served Sleepy");
+    let mut served = Served::start(
+        s,
+        &repo,
+        &[
+            "flow",
+            "serve",
+            "examples/flows/flows.py:sleepy",
+            "--name",
+            &name,
+            "--tag",
+            "served",
+            "--tag",
+            "runner-tag",
+            "--interval",
+            "3600",
+        ],
+    );
+    let deadline = Instant::now() + START_TIMEOUT;
+    let dep = loop {
+        if let Some(d) = deployment_by_name(s, "sleepy", &name) {
+            break d;
+        }
+        assert!(
+            served.child.try_wait().unwrap().is_none(),
+            "exited:\n{}",
+            served.output()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "never registered:\n{}",
+            served.output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let dep_id = dep["id"].as_str().unwrap().to_owned();
+    assert_eq!(dep["tags"], json!(["served", "runner-tag"]));
+    assert_eq!(dep["entrypoint"], "examples/flows/flows.py:sleepy");
+    assert_eq!(dep["work_pool_name"], Value::Null);
+    assert_eq!(dep["paused"], false);
+    assert!(
+        dep["parameter_openapi_schema"]["properties"]["seconds"].is_object(),
+        "{}",
+        dep["parameter_openapi_schema"]
+    );
+    assert_eq!(
+        dep["schedules"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        dep["schedules"]
+    );
+
+    // A short run completes.
+    let quick = s.create_flow_run(&dep_id, &[], json!({}), json!({"seconds": 1}));
+    let state = s.wait_for_final_state(&quick.id, START_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}\n{}", served.output());
+
+    // A long one is cancelled.
+    let long = s.create_flow_run(
+        &dep_id,
+        &["runner-extra"],
+        json!({}),
+        json!({"seconds": 600}),
+    );
+    let out = || served.output();
+    let pid = wait_running(s, &long.id, &out);
+    let asked = request_cancel(s, &long.id);
+    let state = s.wait_for_final_state(&long.id, Duration::from_secs(60));
+    assert_eq!(state["type"], "CANCELLED", "{state}\n{}", served.output());
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "slow cancel: {:?}",
+        asked.elapsed()
+    );
+    wait_group_gone(pid);
+    let events = cancelled_events_of(s, &long.id);
+    assert_eq!(events.len(), 1, "{}", util::summarize_events(&events));
+    let e = &events[0];
+    assert_eq!(
+        e["resource"]["prefect.resource.id"],
+        format!("prefect.runner.{}", util::slugify(&name))
+    );
+    assert_eq!(e["resource"]["prefect.resource.name"], json!(name));
+    let flow_id = dep["flow_id"].as_str().unwrap();
+    assert_eq!(
+        related_ids(e),
+        vec![
+            format!("prefect.deployment.{dep_id}"),
+            format!("prefect.flow.{flow_id}"),
+            format!("prefect.flow-run.{}", long.id),
+            "prefect.tag.runner-extra".to_owned(),
+            "prefect.tag.runner-tag".to_owned(),
+            "prefect.tag.served".to_owned(),
+        ]
+    );
+
+    served.sigterm();
+    let status = served.wait(Duration::from_secs(60));
+    assert!(status.success(), "exit {status}:\n{}", served.output());
+    let dep = deployment_by_name(s, "sleepy", &name).unwrap();
+    assert_eq!(dep["paused"], true, "pause on shutdown");
+}
+
+/// Bad input fails before anything is registered, with a clear message and exit code 64.
+#[test]
+fn flow_serve_rejects_bad_input_before_registering() {
+    let s = server();
+    let repo = examples_flows_dir().join("../..").canonicalize().unwrap();
+    let broken = tempfile::Builder::new()
+        .suffix(".py")
+        .tempfile_in(&repo)
+        .unwrap();
+    std::fs::write(
+        broken.path(),
+        "from prefect import flow\nraise RuntimeError('boom on import')\n\n@flow\ndef broken():\n    pass\n",
+    )
+    .unwrap();
+    let broken_entry = format!(
+        "{}:broken",
+        broken.path().file_name().unwrap().to_string_lossy()
+    );
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["flow", "serve", "examples/flows/missing.py:hello"],
+            "missing.py",
+        ),
+        (
+            vec!["flow", "serve", "examples/flows/flows.py:no_such_flow"],
+            "no_such_flow",
+        ),
+        (vec!["flow", "serve", &broken_entry], "boom on import"),
+        (
+            vec![
+                "flow",
+                "serve",
+                "examples/flows/flows.py:hello",
+                "--cron",
+                "not a cron",
+            ],
+            "schedule",
+        ),
+        (
+            vec![
+                "flow",
+                "serve",
+                "examples/flows/flows.py:hello",
+                "--parameters",
+                "{not json",
+            ],
+            "--parameters",
+        ),
+    ];
+    for (args, expect) in cases {
+        let name = unique("bad");
+        let mut all = args.clone();
+        all.extend(["--name", &name]);
+        let mut served = Served::start(s, &repo, &all);
+        let status = served.wait(Duration::from_secs(60));
+        let output = served.output();
+        assert_eq!(status.code(), Some(64), "{all:?}: {status}\n{output}");
+        assert!(
+            output.contains(expect),
+            "{all:?}: expected {expect:?} in:\n{output}"
+        );
+        for flow in ["hello", "sleepy"] {
+            assert!(
+                deployment_by_name(s, flow, &name).is_none(),
+                "{all:?} registered a deployment"
+            );
+        }
+    }
+}
