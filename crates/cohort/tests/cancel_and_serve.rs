@@ -184,6 +184,15 @@ struct Served {
 
 impl Served {
     fn start(s: &PrefectServer, cwd: &Path, args: &[&str]) -> Served {
+        Served::start_with_env(s, cwd, args, &[])
+    }
+
+    fn start_with_env(
+        s: &PrefectServer,
+        cwd: &Path,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Served {
         let output = tempfile::NamedTempFile::new().unwrap();
         let venv_bin = s.venv_bin();
         let path = format!(
@@ -201,6 +210,7 @@ impl Served {
             .env("PATH", path)
             .env("PREFECT_RUNNER_POLL_FREQUENCY", "2")
             .env("PYTHONDONTWRITEBYTECODE", "1")
+            .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .stdout(output.reopen().unwrap())
             .stderr(output.reopen().unwrap())
@@ -238,8 +248,10 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
+        // `--`: procps `kill` would read `-<pgid>` as options (`-106` is `-1`: every process).
         let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.child.id())])
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
             .status();
         let _ = self.child.wait();
     }
@@ -432,4 +444,101 @@ fn flow_serve_rejects_bad_input_before_registering() {
             );
         }
     }
+}
+
+/// `cohort serve` with several deployments in one runner and its webserver: both are
+/// registered, `POST /deployment/{id}/run` starts a run that completes, `/health` and
+/// `/run_count` answer, and SIGTERM cancels what still runs with "Runner is shutting down."
+#[test]
+fn serve_many_with_webserver_cancels_on_shutdown() {
+    let s = server();
+    let repo = examples_flows_dir().join("../..").canonicalize().unwrap();
+    let runner = unique("Many Runner");
+    let hello_name = unique("many-hello");
+    let sleepy_name = unique("many-sleepy");
+    let port = util::unused_port().to_string();
+    let hello_entry = format!("examples/flows/flows.py:hello@{hello_name}");
+    let sleepy_entry = format!("examples/flows/flows.py:sleepy@{sleepy_name}");
+    let mut served = Served::start_with_env(
+        s,
+        &repo,
+        &[
+            "serve",
+            &hello_entry,
+            &sleepy_entry,
+            "--name",
+            &runner,
+            "--webserver",
+        ],
+        &[
+            ("PREFECT_RUNNER_SERVER_HOST", "127.0.0.1"),
+            ("PREFECT_RUNNER_SERVER_PORT", &port),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(r) = reqwest::blocking::get(format!("{base}/health")) {
+            assert_eq!(r.status().as_u16(), 200);
+            assert_eq!(r.json::<Value>().unwrap(), json!({"message": "OK"}));
+            break;
+        }
+        assert!(
+            served.child.try_wait().unwrap().is_none(),
+            "exited:\n{}",
+            served.output()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no webserver:\n{}",
+            served.output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let hello = deployment_by_name(s, "hello", &hello_name).expect("hello deployment");
+    let sleepy = deployment_by_name(s, "sleepy", &sleepy_name).expect("sleepy deployment");
+
+    let started: Value = reqwest::blocking::Client::new()
+        .post(format!(
+            "{base}/deployment/{}/run",
+            hello["id"].as_str().unwrap()
+        ))
+        .json(&json!({"parameters": {"name": "webserver"}}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let run_id = started["flow_run_id"]
+        .as_str()
+        .expect("flow_run_id")
+        .to_owned();
+    let state = s.wait_for_final_state(&run_id, START_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}\n{}", served.output());
+
+    let long = s.create_flow_run(
+        sleepy["id"].as_str().unwrap(),
+        &[],
+        json!({}),
+        json!({"seconds": 600}),
+    );
+    let out = || served.output();
+    let pid = wait_running(s, &long.id, &out);
+    let count: Value = reqwest::blocking::get(format!("{base}/run_count"))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(count, json!(1));
+
+    served.sigterm();
+    let status = served.wait(Duration::from_secs(60));
+    assert!(status.success(), "exit {status}:\n{}", served.output());
+    wait_group_gone(pid);
+    let state = s.read_flow_run(&long.id)["state"].clone();
+    assert_eq!(state["type"], "CANCELLED", "{state}");
+    assert_eq!(state["message"], "Runner is shutting down.");
+    let events = cancelled_events_of(s, &long.id);
+    assert_eq!(
+        events[0]["resource"]["prefect.resource.id"],
+        format!("prefect.runner.{}", util::slugify(&runner))
+    );
 }

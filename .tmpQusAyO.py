@@ -1,0 +1,6 @@
+from prefect import flow
+raise RuntimeError('boom on import')
+
+@flow
+def broken():
+    pass
