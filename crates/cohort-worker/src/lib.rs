@@ -9,6 +9,7 @@ pub mod execution;
 pub mod health;
 pub mod job;
 mod submit;
+mod wake;
 mod worker;
 
 pub use worker::{StartError, Worker, WorkerOptions, PROCESS};

@@ -25,6 +25,7 @@ use crate::channel::{self, ChannelConfig};
 use crate::execution::Executor;
 use crate::health::{self, LastPolled};
 use crate::submit::{self, Outcome, RunContext};
+use crate::wake;
 
 /// The only infrastructure this worker runs.
 pub const PROCESS: &str = "process";
@@ -306,7 +307,21 @@ impl Worker {
         sink.emit(started.clone());
         tracing::info!("Worker '{}' started!", self.options.name);
 
+        let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(64);
+        let pickup = tokio::spawn(wake::watch(
+            self.client.clone(),
+            SubscriberConfig {
+                api_url: self.client.api_url().clone(),
+                auth: self.options.events_auth.clone(),
+                user_agent: cohort_api::user_agent(),
+                filter: wake::filter(self.pool_named().id),
+            },
+            self.options.prefetch,
+            wake_tx,
+            background.clone(),
+        ));
         let mut poller = Poller {
+            wake: wake_rx,
             worker: &self,
             ctx,
             cancellable,
@@ -323,6 +338,7 @@ impl Worker {
         background.cancel();
         let _ = heartbeat.await;
         let _ = cancel_watch.await;
+        let _ = pickup.await;
         if let Some(h) = health {
             let _ = h.await;
         }
@@ -335,6 +351,8 @@ impl Worker {
 
 /// The poll loop's state; owned by one task.
 struct Poller<'w> {
+    /// Instants at which a newly scheduled run is due (event-driven pickup).
+    wake: tokio::sync::mpsc::Receiver<tokio::time::Instant>,
     worker: &'w Worker,
     ctx: Arc<RunContext>,
     cancellable: Cancellable,
@@ -362,6 +380,9 @@ impl Poller<'_> {
                 _ = shutdown.cancelled() => return,
                 Some(joined) = self.runs.join_next_with_id(), if !self.runs.is_empty() => {
                     self.handle_run_finished(joined);
+                }
+                Some(at) = self.wake.recv(), if !opts.run_once => {
+                    next_poll = next_poll.min(at);
                 }
                 _ = tokio::time::sleep_until(next_poll), if !(opts.run_once && polled) => {
                     self.handle_poll(shutdown).await;

@@ -973,3 +973,36 @@ fn shutdown_drains_then_stops_running_flows() {
         "{flow_run}"
     );
 }
+
+/// A run created while the worker idles between polls is picked up from the server's event
+/// stream (`prefect.flow-run.Scheduled` of the pool) rather than at the next poll: with a
+/// 120 s poll interval (the next poll ≥ 84 s away), it still completes within a minute.
+#[test]
+fn scheduled_runs_wake_the_poller() {
+    let s = server();
+    let pool = unique("e2e-wake");
+    s.create_work_pool(&pool, "process");
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello"));
+    let name = worker_name("Wake");
+    let mut worker = Worker::builder(WorkerKind::Cohort, &worker_args(&pool, &name))
+        .env("PREFECT_WORKER_QUERY_SECONDS", "120")
+        .spawn();
+    // The first poll happens right after `started`.
+    s.wait_for_events(worker_events_filter(&name), 1, EVENTS_TIMEOUT);
+    std::thread::sleep(Duration::from_secs(2));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = s.read_flow_run(&run.id)["state"].clone();
+        if state["type"] == "COMPLETED" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not picked up from the event stream; last state {state}\n{}",
+            worker.output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop_gracefully(&mut worker);
+}
