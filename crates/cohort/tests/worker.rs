@@ -1006,3 +1006,41 @@ fn scheduled_runs_wake_the_poller() {
     }
     stop_gracefully(&mut worker);
 }
+
+/// A `--base-job-template` file that is not JSON, or not a template, is a usage error (exit
+/// 64) naming the file, before the worker touches the server.
+#[test]
+fn malformed_base_job_template_file_is_a_usage_error() {
+    let s = server();
+    for (content, expect) in [
+        ("{not json", "is not valid JSON"),
+        (
+            r#"{"variables": {}}"#,
+            "must be an object with `job_configuration` and `variables`",
+        ),
+    ] {
+        let pool = unique("e2e-badtemplate");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), content).unwrap();
+        let path = file.path().display().to_string();
+        let mut args = worker_args(&pool, "bad-template");
+        args.extend(["--base-job-template", path.as_str()]);
+        let mut worker = Worker::cohort(&args);
+        let status = worker.wait_timeout(Duration::from_secs(30));
+        assert_eq!(
+            status.code(),
+            Some(64),
+            "{content}: {status}\n{}",
+            worker.output()
+        );
+        let stderr = worker.stderr();
+        assert!(
+            stderr.contains(expect) && stderr.contains(&path),
+            "{content}: expected {expect:?} and the path in:\n{stderr}"
+        );
+        assert!(
+            s.read_work_pool(&pool).is_none(),
+            "the pool was created anyway"
+        );
+    }
+}
