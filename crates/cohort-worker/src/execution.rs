@@ -165,43 +165,34 @@ impl Executor {
         let concluded = |attempt: &Option<cohort_process::control::Attempt>| {
             attempt.as_ref().is_some_and(|a| a.conclusion().is_some())
         };
+        // A cancel request, or a runner's shutdown, which cancels what still runs.
+        let cancel_message = match &ending {
+            Ending::Cancel => Some("Flow run was cancelled successfully."),
+            Ending::Terminate => self.cancel_on_shutdown,
+            Ending::Exited(_) => None,
+        };
+        if let Some(message) = cancel_message {
+            let code = self
+                .stop_cancelled(
+                    run,
+                    &mut process,
+                    attempt.as_ref(),
+                    deployment,
+                    flow,
+                    message,
+                )
+                .await;
+            let status_code = if concluded(&attempt) { 0 } else { code };
+            return Ok(Executed { pid, status_code });
+        }
         let code = match ending {
             Ending::Exited(Ok(code)) => code,
             Ending::Exited(Err(e)) => {
                 tracing::error!(error = %e, "Lost connection to flow run '{}' infrastructure. The flow run's final state will be determined by the execution environment.", run.name);
                 return Err(NotExecuted::Lost(e.to_string()));
             }
-            Ending::Cancel => {
-                let message = "Flow run was cancelled successfully.";
-                let code = self
-                    .stop_cancelled(
-                        run,
-                        &mut process,
-                        attempt.as_ref(),
-                        deployment,
-                        flow,
-                        message,
-                    )
-                    .await;
-                let status_code = if concluded(&attempt) { 0 } else { code };
-                return Ok(Executed { pid, status_code });
-            }
-            Ending::Terminate if self.cancel_on_shutdown.is_some() => {
-                let message = self.cancel_on_shutdown.unwrap_or_default();
-                let code = self
-                    .stop_cancelled(
-                        run,
-                        &mut process,
-                        attempt.as_ref(),
-                        deployment,
-                        flow,
-                        message,
-                    )
-                    .await;
-                let status_code = if concluded(&attempt) { 0 } else { code };
-                return Ok(Executed { pid, status_code });
-            }
-            Ending::Terminate => {
+            // Cancel was handled above; what is left is a worker's shutdown.
+            Ending::Cancel | Ending::Terminate => {
                 tracing::warn!(pid = %pid, "stopping flow run: shutting down");
                 let code = process
                     .terminate(self.termination_grace)

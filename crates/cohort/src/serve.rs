@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{FlowServeArgs, RunnerArgs, ServeManyArgs};
-use crate::start::{init_logging, report, watch_signals};
+use crate::start::{report, run_with_settings, watch_signals};
 use crate::Failure;
 
 pub fn flow_serve(args: FlowServeArgs) -> i32 {
@@ -152,23 +152,7 @@ fn parse_parameters(
 }
 
 fn run(name: String, specs: Vec<ServeSpec>, args: &RunnerArgs) -> i32 {
-    let settings = match Settings::from_process_env() {
-        Ok(s) => s,
-        Err(e) => return report(Failure::Usage(e.into())),
-    };
-    init_logging(&settings);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return report(Failure::Runtime(e.into())),
-    };
-    match runtime.block_on(serve(name, specs, args, settings)) {
-        Ok(()) => 0,
-        Err(failure) => report(failure),
-    }
+    run_with_settings(|settings| serve(name, specs, args, settings))
 }
 
 async fn serve(

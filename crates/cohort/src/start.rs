@@ -14,6 +14,16 @@ use crate::cli::StartArgs;
 use crate::Failure;
 
 pub fn main(args: StartArgs) -> i32 {
+    run_with_settings(|settings| run(args, settings))
+}
+
+/// Reads the settings, sets up logging and a runtime, runs `main` on it, and maps its
+/// outcome to an exit code: the frame both `worker start` and the runner commands share.
+pub(crate) fn run_with_settings<F, Fut>(main: F) -> i32
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Failure>>,
+{
     let settings = match Settings::from_process_env() {
         Ok(s) => s,
         Err(e) => return report(Failure::Usage(e.into())),
@@ -27,7 +37,7 @@ pub fn main(args: StartArgs) -> i32 {
         Ok(rt) => rt,
         Err(e) => return report(Failure::Runtime(e.into())),
     };
-    match runtime.block_on(run(args, settings)) {
+    match runtime.block_on(main(settings)) {
         Ok(()) => 0,
         Err(failure) => report(failure),
     }
