@@ -22,7 +22,10 @@ pub mod sink;
 pub mod slug;
 pub mod subscriber;
 
-pub use emitter::{ConnectError, Emitter, EmitterConfig, EventsAuth, FlushError, Tuning};
+pub use emitter::{
+    ConnectError, Emitter, EmitterConfig, EventsAuth, FlushError, Outbox, OutboxError,
+    OutboxOptions, Tuning,
+};
 pub use event::{Event, EventError, RelatedResource, Resource};
 pub use sink::{EventSink, RecordingSink};
 pub use subscriber::{

@@ -5,7 +5,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::event::Event;
 
-/// Where events go. `emit` must not block: implementations queue and return.
+/// Where events go. `emit` must not wait on the network: implementations queue and return
+/// (a durable [`Emitter`](crate::Emitter) first commits the event to its outbox, which blocks for one
+/// `fsync`, a few milliseconds).
 pub trait EventSink: Send + Sync + 'static {
     /// Hands over one event; delivery (and its failures) is the sink's business.
     fn emit(&self, event: Event);

@@ -17,18 +17,32 @@ use uuid::Uuid;
 
 use common::{venv, PrefectServer};
 
+/// POST with the retries a busy SQLite server needs: it answers 503 ("database is locked")
+/// now and then under load, and that is real, not a failure of the code under test.
 async fn post(http: &reqwest::Client, server: &PrefectServer, path: &str, body: Value) -> Value {
     let url = format!("{}{path}", server.api_url);
-    let response = http
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    assert!(status.is_success(), "POST {url}: {status}: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {url}: {e}: {text}"))
+    let mut last = String::new();
+    for attempt in 0..10u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+        }
+        let response = match http.post(&url).json(&body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if matches!(status.as_u16(), 429 | 502 | 503) {
+            last = format!("{status}: {text}");
+            continue;
+        }
+        assert!(status.is_success(), "POST {url}: {status}: {text}");
+        return serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {url}: {e}: {text}"));
+    }
+    panic!("POST {url}: still failing after 10 attempts: {last}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{FlowServeArgs, RunnerArgs, ServeManyArgs};
-use crate::start::{report, run_with_settings, watch_signals};
+use crate::start::{open_outbox, report, run_with_settings, watch_signals};
 use crate::Failure;
 
 pub fn flow_serve(args: FlowServeArgs) -> i32 {
@@ -225,17 +225,26 @@ async fn serve(
             .context("cannot read the working directory")
             .map_err(usage)?,
     };
+    let outbox = open_outbox(
+        &settings,
+        &format!("runner-{}", cohort_events::slug::slugify(&options.name)),
+    )?;
     let runner = Runner::start(client.clone(), options, specs)
         .await
         .map_err(|e| match e {
             RunnerError::Inspect { .. } => Failure::Usage(e.into()),
             other => Failure::Runtime(other.into()),
         })?;
-    let (emitter, emitter_task) = Emitter::spawn(EmitterConfig {
-        api_url: client.api_url().clone(),
-        auth: events_auth,
-        user_agent: cohort_api::user_agent(),
-    });
+    let (emitter, emitter_task) = Emitter::spawn_durable(
+        EmitterConfig {
+            api_url: client.api_url().clone(),
+            auth: events_auth,
+            user_agent: cohort_api::user_agent(),
+        },
+        cohort_events::Tuning::default(),
+        outbox,
+    )
+    .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("cannot load the event outbox")))?;
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone(), force.clone()));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cohort_api::{ClientConfig, PrefectClient, Settings};
-use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth};
+use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, Tuning};
 use cohort_worker::{StartError, Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +83,11 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
         EventsAuth::Token(options.auth_token.clone())
     };
 
+    // Events are journaled before anything they report happens: no outbox, no claims.
+    let outbox = open_outbox(
+        &settings,
+        &format!("worker-{}", cohort_events::slug::slugify(&options.name)),
+    )?;
     let worker = Worker::start(client.clone(), options.clone())
         .await
         .map_err(|e| match e {
@@ -91,11 +96,16 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
         })?;
 
     let auth = options.events_auth.clone();
-    let (emitter, emitter_task) = Emitter::spawn(EmitterConfig {
-        api_url: client.api_url().clone(),
-        auth,
-        user_agent: cohort_api::user_agent(),
-    });
+    let (emitter, emitter_task) = Emitter::spawn_durable(
+        EmitterConfig {
+            api_url: client.api_url().clone(),
+            auth,
+            user_agent: cohort_api::user_agent(),
+        },
+        Tuning::default(),
+        outbox,
+    )
+    .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("cannot load the event outbox")))?;
 
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
@@ -109,6 +119,27 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     emitter.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), emitter_task).await;
     result.map_err(|e| Failure::Runtime(e.into()))
+}
+
+/// The durable event outbox of one worker or runner, under `$PREFECT_HOME/cohort/outbox/`
+/// (one file each, so several workers on one machine never share one). Events left there by
+/// an earlier run of the same name are sent first.
+pub(crate) fn open_outbox(settings: &Settings, name: &str) -> Result<Outbox, Failure> {
+    let home = settings
+        .get("PREFECT_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".prefect")))
+        .ok_or_else(|| Failure::Usage(anyhow::anyhow!("neither PREFECT_HOME nor HOME is set")))?;
+    let path = home
+        .join("cohort")
+        .join("outbox")
+        .join(format!("{name}.redb"));
+    Outbox::open(&path).map_err(|e| {
+        Failure::Runtime(anyhow::Error::new(e).context(format!(
+            "cannot open the event outbox {} (is PREFECT_HOME writable?)",
+            path.display()
+        )))
+    })
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: stop running flows now

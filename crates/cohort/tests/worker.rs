@@ -1044,3 +1044,29 @@ fn malformed_base_job_template_file_is_a_usage_error() {
         );
     }
 }
+
+/// An unwritable `$PREFECT_HOME` means no durable event outbox: the worker refuses to start
+/// with a clear error, and claims nothing it could not journal.
+#[test]
+fn unwritable_prefect_home_fails_before_claiming() {
+    let s = server();
+    let pool = unique("e2e-nohome");
+    s.create_work_pool(&pool, "process");
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello"));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let home = tempfile::tempdir().unwrap();
+    // A file where the outbox's directory should be: unwritable even for root.
+    let blocked = home.path().join("home");
+    std::fs::write(&blocked, "not a directory").unwrap();
+    let mut worker = Worker::builder(WorkerKind::Cohort, &worker_args(&pool, "no-home"))
+        .env("PREFECT_HOME", blocked.to_str().unwrap())
+        .spawn();
+    let status = worker.wait_timeout(Duration::from_secs(30));
+    assert!(!status.success(), "started anyway:\n{}", worker.output());
+    let stderr = worker.stderr();
+    assert!(
+        stderr.contains("cannot open the event outbox") && stderr.contains("PREFECT_HOME"),
+        "{stderr}"
+    );
+    assert_eq!(s.read_flow_run(&run.id)["state"]["type"], "SCHEDULED");
+}

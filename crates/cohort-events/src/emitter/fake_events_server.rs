@@ -90,9 +90,17 @@ pub(super) struct FakeEventsServer {
 impl FakeEventsServer {
     /// Starts a server whose n-th connection (from 0) follows `scripts(n)`.
     pub(super) async fn start(scripts: impl Fn(usize) -> Script + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on(0, scripts).await
+    }
+
+    /// Like [`start`](Self::start), on a chosen port (a server that "comes back").
+    pub(super) async fn start_on(
+        port: u16,
+        scripts: impl Fn(usize) -> Script + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port))
             .await
-            .expect("bind 127.0.0.1:0");
+            .expect("bind 127.0.0.1");
         let port = listener.local_addr().expect("local addr").port();
         let records = Arc::new(Mutex::new(Vec::new()));
         let scripts: Scripts = Arc::new(scripts);

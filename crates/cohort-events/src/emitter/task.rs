@@ -7,6 +7,10 @@
 //! (`PrefectEventsClient._reconnect` re-emits `_unconfirmed_events`). A ping remembers the
 //! last sequence number written before it; its pong confirms that prefix
 //! (`PrefectEventsClient._checkpoint`).
+//!
+//! With an outbox, sequence numbers are the outbox's keys: `pending` mirrors the outbox, a
+//! pong also deletes the prefix it confirms from the outbox, and events the outbox dropped to
+//! respect its bound are dropped from `pending` too.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -21,7 +25,8 @@ use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::{self, Bytes, Message};
 use url::Url;
 
-use super::{Command, EmitterConfig, Outgoing, Shared, Tuning};
+use super::outbox::{Outbox, Stored};
+use super::{Command, EmitterConfig, Outgoing, Shared, Slot, Tuning};
 use crate::backoff::Backoff;
 use crate::connect::{self, describe_close, ConnectError, Handshake, Socket};
 
@@ -75,6 +80,7 @@ enum Wake {
     CheckpointDue,
     PongOverdue,
     CloseDeadline,
+    ReportDue,
 }
 
 enum Input {
@@ -99,6 +105,9 @@ pub(super) struct EmitterTask {
     /// Set by [`Command::Close`]: finish once `pending` is empty or at this instant.
     closing_deadline: Option<Instant>,
     gave_up: bool,
+    outbox: Option<Outbox>,
+    /// Next periodic outbox report (durable emitters only).
+    report_at: Option<Instant>,
 }
 
 impl EmitterTask {
@@ -107,6 +116,7 @@ impl EmitterTask {
         tuning: Tuning,
         commands: mpsc::UnboundedReceiver<Command>,
         shared: Arc<Shared>,
+        outbox: Option<Outbox>,
     ) -> Self {
         let url = connect::events_in_url(&config.api_url).map_err(Arc::new);
         let backoff = Backoff::new(tuning.backoff_base, tuning.backoff_cap);
@@ -128,7 +138,35 @@ impl EmitterTask {
             ever_connected: false,
             closing_deadline: None,
             gave_up: false,
+            report_at: outbox
+                .as_ref()
+                .map(|o| Instant::now() + o.options().report_interval),
+            outbox,
         }
+    }
+
+    /// Queues events a previous process left in the outbox, ahead of anything new.
+    pub(super) fn load_backlog(&mut self, backlog: Vec<Stored>) {
+        for stored in backlog {
+            let outgoing = match Outgoing::from_stored(&stored.json) {
+                Some(outgoing) => outgoing,
+                None => {
+                    tracing::error!(
+                        seq = stored.seq,
+                        "event outbox holds an entry that is not an event; skipping it"
+                    );
+                    continue;
+                }
+            };
+            self.next_seq = stored.seq + 1;
+            self.pending.push_back(Pending {
+                seq: stored.seq,
+                outgoing,
+            });
+        }
+        self.shared
+            .unconfirmed
+            .store(self.pending.len(), Ordering::Relaxed);
     }
 
     pub(super) async fn run(mut self) {
@@ -136,9 +174,12 @@ impl EmitterTask {
             let input = tokio::select! {
                 command = self.commands.recv(), if self.commands_open => Input::Command(command),
                 wake = next_wake(&mut self.state, self.closing_deadline) => Input::Wake(wake),
+                () = sleep_until_some(self.report_at) => Input::Wake(Wake::ReportDue),
             };
             match input {
-                Input::Command(Some(Command::Emit(outgoing))) => self.handle_emit(outgoing).await,
+                Input::Command(Some(Command::Emit(outgoing, slot))) => {
+                    self.handle_emit(outgoing, slot).await
+                }
                 Input::Command(Some(Command::Flush(reply))) => self.handle_flush(reply).await,
                 Input::Command(Some(Command::Close)) => self.handle_close().await,
                 Input::Command(None) => {
@@ -155,6 +196,7 @@ impl EmitterTask {
                     self.connection_lost(format!("no pong within {timeout:?}"));
                 }
                 Input::Wake(Wake::CloseDeadline) => self.gave_up = true,
+                Input::Wake(Wake::ReportDue) => self.handle_report_due(),
             }
         }
         self.shutdown().await;
@@ -164,12 +206,40 @@ impl EmitterTask {
         self.closing_deadline.is_some() && (self.pending.is_empty() || self.gave_up)
     }
 
-    async fn handle_emit(&mut self, outgoing: Outgoing) {
+    async fn handle_emit(&mut self, outgoing: Outgoing, slot: Option<Slot>) {
         tracing::trace!(event = %outgoing.name, id = %outgoing.id, "queueing event");
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        if let Some(through) = slot.and_then(|s| s.dropped_through) {
+            self.drop_through(through);
+        }
+        let seq = slot.map_or(self.next_seq, |s| s.seq);
+        self.next_seq = seq + 1;
         self.pending.push_back(Pending { seq, outgoing });
         self.write_and_checkpoint().await;
+    }
+
+    /// Forgets events the outbox dropped to respect its bound (it logged them).
+    fn drop_through(&mut self, through: u64) {
+        let mut dropped = 0;
+        while self.pending.front().is_some_and(|p| p.seq <= through) {
+            self.pending.pop_front();
+            if let State::Connected(connection) = &mut self.state {
+                connection.sent = connection.sent.saturating_sub(1);
+            }
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.shared
+                .unconfirmed
+                .fetch_sub(dropped, Ordering::Relaxed);
+            self.answer_waiters();
+        }
+    }
+
+    fn handle_report_due(&mut self) {
+        if let Some(outbox) = &self.outbox {
+            outbox.log_report();
+            self.report_at = Some(Instant::now() + outbox.options().report_interval);
+        }
     }
 
     async fn handle_flush(&mut self, reply: oneshot::Sender<()>) {
@@ -305,6 +375,13 @@ impl EmitterTask {
         self.shared
             .unconfirmed
             .fetch_sub(confirmed, Ordering::Relaxed);
+        if let Some(outbox) = &self.outbox {
+            // A failure only means these events are re-sent after the next start, which the
+            // server's de-duplication makes harmless.
+            if let Err(error) = outbox.delete_through(ping.through) {
+                tracing::error!(%error, "could not delete confirmed events from the outbox; they will be re-sent after a restart");
+            }
+        }
         self.answer_waiters();
         self.write_and_checkpoint().await;
     }
@@ -398,6 +475,12 @@ impl EmitterTask {
         self.shared.connected.store(false, Ordering::Relaxed);
         if self.pending.is_empty() {
             tracing::debug!("event emitter closed; every event was confirmed");
+        } else if let Some(outbox) = &self.outbox {
+            tracing::info!(
+                unconfirmed = self.pending.len(),
+                path = %outbox.path().display(),
+                "event emitter closed with unconfirmed events; they stay in the outbox and are sent at the next start"
+            );
         } else {
             let first = &self.pending[0].outgoing;
             tracing::warn!(

@@ -470,3 +470,310 @@ async fn wss_against_a_plain_tcp_server_fails_without_panicking() {
     )));
     assert!(!task.is_finished());
 }
+
+// ---- Durable outbox ----
+
+/// A port nothing listens on (yet).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn api_url_on(port: u16) -> url::Url {
+    url::Url::parse(&format!("http://127.0.0.1:{port}/api")).unwrap()
+}
+
+fn outbox_in(dir: &tempfile::TempDir) -> Outbox {
+    Outbox::open(dir.path().join("home/cohort/events-outbox.redb")).expect("open outbox")
+}
+
+/// Kills the emitter without flush or close, as a crash would, and waits until the outbox
+/// file is released.
+async fn crash(emitter: Emitter, task: JoinHandle<()>) {
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    drop(emitter);
+}
+
+#[tokio::test]
+async fn durable_events_emitted_while_the_server_is_down_are_delivered_when_it_comes_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (emitter, _task) = Emitter::spawn_durable(
+        config(api_url_on(port), EventsAuth::Token(None)),
+        tuning(),
+        outbox_in(&dir),
+    )
+    .unwrap();
+    let events: Vec<Event> = (0..5).map(numbered).collect();
+    for event in &events {
+        emitter.emit(event.clone());
+    }
+    assert_eq!(
+        emitter.outbox_depth(),
+        Some(5),
+        "committed before emit returned"
+    );
+    eventually("a failed connection attempt", || {
+        emitter.last_error().is_some()
+    })
+    .await;
+
+    let server = FakeEventsServer::start_on(port, |_| Script::serve()).await;
+    emitter.flush(Duration::from_secs(5)).await.expect("flush");
+    let received: Vec<String> = server
+        .connections()
+        .iter()
+        .flat_map(|c| c.event_ids())
+        .collect();
+    assert_eq!(received, ids(&events));
+    assert_eq!(emitter.outbox_depth(), Some(0));
+}
+
+#[tokio::test]
+async fn durable_events_survive_a_crash_and_are_delivered_by_the_next_emitter_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = api_url_on(free_port());
+    let (emitter, task) = Emitter::spawn_durable(
+        config(down, EventsAuth::Token(None)),
+        tuning(),
+        outbox_in(&dir),
+    )
+    .unwrap();
+    let before: Vec<Event> = (0..4).map(numbered).collect();
+    for event in &before {
+        emitter.emit(event.clone());
+    }
+    crash(emitter, task).await;
+
+    let outbox = outbox_in(&dir);
+    assert_eq!(outbox.depth(), 4, "the crash lost nothing");
+    let server = FakeEventsServer::start(|_| Script::serve()).await;
+    let (emitter, _task) = Emitter::spawn_durable(
+        config(server.api_url(), EventsAuth::Token(None)),
+        tuning(),
+        outbox,
+    )
+    .unwrap();
+    assert_eq!(
+        emitter.unconfirmed(),
+        4,
+        "the backlog counts as unconfirmed"
+    );
+    let after: Vec<Event> = (4..6).map(numbered).collect();
+    for event in &after {
+        emitter.emit(event.clone());
+    }
+    emitter.flush(Duration::from_secs(5)).await.expect("flush");
+
+    let mut all = before.clone();
+    all.extend(after);
+    let connections = server.connections();
+    assert_eq!(connections.len(), 1);
+    assert_eq!(
+        connections[0].event_ids(),
+        ids(&all),
+        "backlog first, in order, then new events, and nothing else"
+    );
+    assert_eq!(
+        connections[0].events[..4],
+        before
+            .iter()
+            .map(|e| e.to_wire_json().unwrap())
+            .collect::<Vec<_>>()[..],
+        "stored frames are byte-identical"
+    );
+    assert_eq!(emitter.outbox_depth(), Some(0));
+}
+
+#[tokio::test]
+async fn confirmed_events_are_deleted_from_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeEventsServer::start(|_| Script::serve()).await;
+    let (emitter, task) = Emitter::spawn_durable(
+        config(server.api_url(), EventsAuth::Token(None)),
+        tuning(),
+        outbox_in(&dir),
+    )
+    .unwrap();
+    for n in 0..10 {
+        emitter.emit(numbered(n));
+    }
+    emitter.flush(Duration::from_secs(5)).await.expect("flush");
+    assert_eq!(emitter.outbox_depth(), Some(0));
+    let stats = emitter.outbox().unwrap().stats().unwrap();
+    assert_eq!(
+        stats,
+        OutboxStats {
+            depth: 0,
+            oldest_age: None
+        }
+    );
+    crash(emitter, task).await;
+
+    // A new emitter has nothing to re-send.
+    let (emitter, _task) = Emitter::spawn_durable(
+        config(server.api_url(), EventsAuth::Token(None)),
+        tuning(),
+        outbox_in(&dir),
+    )
+    .unwrap();
+    assert_eq!(emitter.unconfirmed(), 0);
+    emitter.flush(Duration::from_secs(5)).await.expect("flush");
+    let received: usize = server.connections().iter().map(|c| c.events.len()).sum();
+    assert_eq!(received, 10);
+}
+
+#[tokio::test]
+async fn a_pong_deletes_only_what_it_confirms() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeEventsServer::start(|_| Script {
+        auth: AuthAnswer::Success,
+        after_auth: AfterAuth::Stall,
+    })
+    .await;
+    let (emitter, _task) = Emitter::spawn_durable(
+        config(server.api_url(), EventsAuth::Token(None)),
+        tuning(),
+        outbox_in(&dir),
+    )
+    .unwrap();
+    emitter.emit(numbered(1));
+    emitter.emit(numbered(2));
+    assert!(emitter.flush(Duration::from_millis(300)).await.is_err());
+    let stats = emitter.outbox().unwrap().stats().unwrap();
+    assert_eq!(stats.depth, 2, "sent but unconfirmed events stay stored");
+    assert!(stats.oldest_age.is_some());
+}
+
+#[tokio::test]
+async fn the_outbox_bound_drops_the_oldest_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    let options = OutboxOptions {
+        max_events: 5,
+        ..OutboxOptions::default()
+    };
+    let down = api_url_on(free_port());
+    let (emitter, task) = Emitter::spawn_durable(
+        config(down, EventsAuth::Token(None)),
+        tuning(),
+        Outbox::open_with(&path, options.clone()).unwrap(),
+    )
+    .unwrap();
+    let events: Vec<Event> = (0..8).map(numbered).collect();
+    for event in &events {
+        emitter.emit(event.clone());
+    }
+    assert_eq!(emitter.outbox_depth(), Some(5));
+    eventually("the task forgets the dropped events", || {
+        emitter.unconfirmed() == 5
+    })
+    .await;
+    crash(emitter, task).await;
+
+    let server = FakeEventsServer::start(|_| Script::serve()).await;
+    let (emitter, _task) = Emitter::spawn_durable(
+        config(server.api_url(), EventsAuth::Token(None)),
+        tuning(),
+        Outbox::open_with(&path, options).unwrap(),
+    )
+    .unwrap();
+    emitter.flush(Duration::from_secs(5)).await.expect("flush");
+    assert_eq!(server.connections()[0].event_ids(), ids(&events[3..]));
+}
+
+#[tokio::test]
+async fn the_bound_also_applies_to_events_already_on_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeEventsServer::start(|n| match n {
+        0 => Script {
+            auth: AuthAnswer::Success,
+            after_auth: AfterAuth::Stall,
+        },
+        _ => Script::serve(),
+    })
+    .await;
+    let mut impatient = tuning();
+    impatient.pong_timeout = Duration::from_millis(300);
+    let options = OutboxOptions {
+        max_events: 3,
+        ..OutboxOptions::default()
+    };
+    let (emitter, _task) = Emitter::spawn_durable(
+        config(server.api_url(), EventsAuth::Token(None)),
+        impatient,
+        Outbox::open_with(dir.path().join("o.redb"), options).unwrap(),
+    )
+    .unwrap();
+    eventually("connected", || emitter.is_connected()).await;
+    let events: Vec<Event> = (0..6).map(numbered).collect();
+    for event in &events {
+        emitter.emit(event.clone());
+    }
+    emitter.flush(Duration::from_secs(5)).await.expect("flush");
+    let connections = server.connections();
+    assert_eq!(connections.last().unwrap().event_ids(), ids(&events[3..]));
+    assert_eq!(
+        (emitter.unconfirmed(), emitter.outbox_depth()),
+        (0, Some(0))
+    );
+}
+
+#[test]
+fn an_unwritable_outbox_path_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+
+    let error = Outbox::open(file.join("cohort/events-outbox.redb")).unwrap_err();
+    assert!(matches!(error, OutboxError::CreateDir { .. }), "{error:?}");
+    assert!(
+        error.to_string().starts_with(&format!(
+            "cannot create the directory for the event outbox {}/cohort/events-outbox.redb: ",
+            file.display()
+        )),
+        "{error}"
+    );
+
+    // The path is a directory: redb cannot open it.
+    let error = Outbox::open(dir.path()).unwrap_err();
+    assert!(matches!(error, OutboxError::Open { .. }), "{error:?}");
+    assert!(
+        error.to_string().starts_with(&format!(
+            "cannot open the event outbox {}: ",
+            dir.path().display()
+        )),
+        "{error}"
+    );
+
+    // A file that is not a redb database.
+    let error = Outbox::open(&file).unwrap_err();
+    assert!(matches!(error, OutboxError::Open { .. }), "{error:?}");
+}
+
+#[test]
+fn a_second_open_of_the_same_outbox_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.redb");
+    let _first = Outbox::open(&path).unwrap();
+    let error = Outbox::open(&path).unwrap_err();
+    assert!(
+        matches!(error, OutboxError::AlreadyOpen { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("already open"), "{error}");
+}
+
+#[test]
+fn open_creates_parent_directories_and_the_default_path_is_under_prefect_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Outbox::default_path(&dir.path().join("prefect-home"));
+    assert_eq!(
+        path,
+        dir.path().join("prefect-home/cohort/events-outbox.redb")
+    );
+    let outbox = Outbox::open(&path).unwrap();
+    assert!(path.is_file());
+    assert_eq!(outbox.depth(), 0);
+}

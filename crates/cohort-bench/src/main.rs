@@ -1,0 +1,191 @@
+//! `cohort-bench`: runs Prefect's Python process worker and Cohort on identical workloads
+//! against one local Prefect server, and writes `BENCHMARKS.md` and
+//! `bench-results/<date>.json`. Started by `scripts/bench.sh`, which installs what it needs.
+//!
+//! Performance is measured here and never asserted in the test suite.
+
+// A benchmark measures wall-clock time on real processes: std time and sleeps are the
+// point here (clippy.toml bans them for the worker's own code, for paused-time tests).
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+#![forbid(unsafe_code)]
+
+mod machine;
+mod procfs;
+mod report;
+mod scenarios;
+mod server;
+mod stats;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Parser;
+
+use crate::machine::{command_line, Machine, RunInfo};
+use crate::report::Report;
+use crate::scenarios::{Ctx, Plan};
+use crate::server::{Database, PrefectServer};
+use crate::worker::Programs;
+
+/// Benchmark Prefect's Python process worker against Cohort.
+#[derive(Debug, Parser)]
+#[command(name = "cohort-bench")]
+struct Args {
+    /// Small counts, one repetition (a few minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions (default: 1 quick, 3 full).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Repetitions of scenario 5 (default 1: 1,000 processes per worker are slow to start
+    /// and stop).
+    #[arg(long)]
+    scale_reps: Option<usize>,
+    /// Scenarios to run, comma-separated: idle (1 and 2), burst, flows, scale.
+    #[arg(long, value_delimiter = ',', default_value = "idle,burst,flows,scale")]
+    scenarios: Vec<String>,
+    /// Run the server on PostgreSQL at this `postgresql+asyncpg://` URL (default: SQLite).
+    #[arg(long)]
+    database_url: Option<String>,
+    /// The Prefect 3.8.8 virtualenv.
+    #[arg(long, env = "COHORT_PREFECT_VENV")]
+    venv: PathBuf,
+    /// The `cohort` binary (a release build).
+    #[arg(long)]
+    cohort: PathBuf,
+    /// The repository (for `examples/flows`, `BENCHMARKS.md`, `bench-results/`).
+    #[arg(long)]
+    repo: PathBuf,
+    /// The flags `scripts/bench.sh` was given (recorded in the report).
+    #[arg(long, default_value = "")]
+    flags: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("cohort-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let date = chrono::Utc::now();
+    let mut plan = if args.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    if let Some(r) = args.reps {
+        plan.reps = r.max(1);
+    }
+    if let Some(r) = args.scale_reps {
+        plan.scale_reps = r;
+    }
+    for s in &args.scenarios {
+        if !["idle", "burst", "flows", "scale"].contains(&s.as_str()) {
+            bail!("unknown scenario {s:?}: expected idle, burst, flows or scale");
+        }
+    }
+    let repo = args.repo.canonicalize().context("--repo")?;
+    let flows_dir = repo.join("examples/flows");
+    if !flows_dir.join("flows.py").is_file() {
+        bail!("{} has no flows.py", flows_dir.display());
+    }
+    if !args.cohort.is_file() {
+        bail!("no cohort binary at {}", args.cohort.display());
+    }
+    let machine = Machine::read(&date.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    eprintln!("[bench] {} mode, {:?}", plan.mode, plan);
+
+    let database = match &args.database_url {
+        Some(url) => Database::Postgres(url.clone()),
+        None => Database::Sqlite,
+    };
+    let server = PrefectServer::start(&args.venv, database)?;
+    let template = server::process_base_job_template(&args.venv, server.scratch_dir())?;
+    let ctx = Ctx {
+        server: &server,
+        programs: Programs {
+            venv: args.venv.clone(),
+            cohort: args.cohort.clone(),
+        },
+        flows_dir,
+        template,
+        plan: plan.clone(),
+    };
+
+    let mut scenarios = Vec::new();
+    let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
+    if wants("idle") {
+        let (idle, startup) = scenarios::startup::run(&ctx);
+        scenarios.push(idle);
+        scenarios.push(startup);
+    }
+    if wants("burst") {
+        scenarios.push(scenarios::burst::run(&ctx));
+    }
+    if wants("flows") {
+        scenarios.push(scenarios::flows::run(&ctx));
+    }
+    if wants("scale") && plan.scale_reps > 0 {
+        scenarios.push(scenarios::scale::run(&ctx));
+    }
+
+    let run_info = RunInfo {
+        mode: plan.mode.to_owned(),
+        reps: plan.reps,
+        flags: args.flags.clone(),
+        database: match &server.database {
+            Database::Sqlite => "SQLite".to_owned(),
+            Database::Postgres(_) => format!(
+                "PostgreSQL ({})",
+                command_line("psql", &["--version"], None)
+            ),
+        },
+        prefect_version: server.version.clone(),
+        python: command_line(
+            &args.venv.join("bin/python").to_string_lossy(),
+            &["--version"],
+            None,
+        ),
+        cohort_commit: command_line("git", &["describe", "--always", "--dirty"], Some(&repo)),
+        rustc: command_line("rustc", &["--version"], None),
+        worker_settings: "defaults for both (`PREFECT_WORKER_QUERY_SECONDS` 10, \
+                          `PREFECT_WORKER_PREFETCH_SECONDS` 10, no `--limit`); \
+                          `worker start --pool P --type process --name N`"
+            .to_owned(),
+        duration_s: started.elapsed().as_secs_f64(),
+    };
+    drop(ctx);
+    drop(server);
+    let report = Report {
+        machine,
+        run: run_info,
+        scenarios,
+    };
+    let stamp = date.format("%Y-%m-%dT%H%M%SZ");
+    let json_name = format!("{stamp}-{}-{}.json", plan.mode, report_db_label(&args));
+    let json_path = repo.join("bench-results").join(&json_name);
+    report.write_json(&json_path)?;
+    let md_path = repo.join("BENCHMARKS.md");
+    report.write_markdown(&md_path, &json_name)?;
+    eprintln!(
+        "[bench] wrote {} and {}",
+        md_path.display(),
+        json_path.display()
+    );
+    println!("{}", report.markdown(&json_name));
+    Ok(())
+}
+
+fn report_db_label(args: &Args) -> &'static str {
+    if args.database_url.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    }
+}

@@ -1,0 +1,222 @@
+//! The five scenarios of the benchmark, and what they share: the plan (counts per mode),
+//! the per-repetition fixture (a fresh pool and deployment, removed afterwards) and time
+//! helpers.
+//!
+//! Every scenario runs, for each repetition, Prefect's Python worker and Cohort one after
+//! the other on identical, fresh pools ([`WorkerKind::order`] alternates who goes first).
+
+pub mod burst;
+pub mod flows;
+pub mod scale;
+pub mod startup;
+
+use std::path::PathBuf;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::procfs;
+use crate::report::RepResult;
+use crate::server::PrefectServer;
+use crate::worker::{Programs, WorkerKind};
+
+/// Counts and durations of a run (`--quick` or full).
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub mode: &'static str,
+    pub reps: usize,
+    /// Idle RSS is read this long after the started event …
+    pub idle_settle_s: f64,
+    /// … as the median over this window.
+    pub idle_window_s: f64,
+    /// Single runs created one at a time before the burst (pickup on an idle server).
+    pub idle_pickups: usize,
+    pub burst_runs: usize,
+    pub flow_runs: usize,
+    pub scale_runs: usize,
+    pub scale_reps: usize,
+    /// How long to hold all scale runs before reading RSS and steady CPU.
+    pub scale_hold_s: f64,
+    /// Give up on reaching `scale_runs` running processes after this long.
+    pub scale_deadline_s: f64,
+    /// Client threads creating and deleting runs.
+    pub client_threads: usize,
+}
+
+impl Plan {
+    pub fn quick() -> Plan {
+        Plan {
+            mode: "quick",
+            reps: 1,
+            idle_settle_s: 5.0,
+            idle_window_s: 2.0,
+            idle_pickups: 3,
+            burst_runs: 50,
+            flow_runs: 6,
+            scale_runs: 100,
+            scale_reps: 1,
+            scale_hold_s: 5.0,
+            scale_deadline_s: 150.0,
+            client_threads: 4,
+        }
+    }
+
+    pub fn full() -> Plan {
+        Plan {
+            mode: "full",
+            reps: 3,
+            idle_settle_s: 10.0,
+            idle_window_s: 3.0,
+            idle_pickups: 6,
+            burst_runs: 200,
+            flow_runs: 50,
+            scale_runs: 1000,
+            scale_reps: 1,
+            scale_hold_s: 20.0,
+            scale_deadline_s: 480.0,
+            client_threads: 4,
+        }
+    }
+}
+
+/// What every scenario needs.
+pub struct Ctx<'a> {
+    pub server: &'a PrefectServer,
+    pub programs: Programs,
+    /// `examples/flows` (the deployments' working directory).
+    pub flows_dir: PathBuf,
+    /// Prefect's default process base job template.
+    pub template: Value,
+    pub plan: Plan,
+}
+
+/// A fresh pool and a deployment on it, for one worker in one repetition.
+pub struct Fixture {
+    pub pool: String,
+    pub worker_name: String,
+    pub deployment_id: String,
+}
+
+impl Fixture {
+    /// Pool `bench-<scenario>-<worker>-r<rep>-<hex>`, a deployment of `flows.py:hello` with
+    /// these job variables, and the worker's name.
+    pub fn create(
+        ctx: &Ctx<'_>,
+        scenario: &str,
+        kind: WorkerKind,
+        rep: usize,
+        job_variables: Value,
+    ) -> Result<Fixture> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let pool = format!("bench-{scenario}-{}-r{rep}-{}", kind.label(), &id[..6]);
+        ctx.server.create_process_pool(&pool, &ctx.template)?;
+        let deployment_id = ctx
+            .server
+            .deploy(&pool, &ctx.flows_dir, "hello", job_variables)?;
+        Ok(Fixture {
+            worker_name: format!("{pool}-worker"),
+            pool,
+            deployment_id,
+        })
+    }
+
+    /// Delete the deployment's runs (a run of a custom `command` never reports a state,
+    /// so it would stay Pending), the deployment and the pool. Best effort.
+    pub fn remove(&self, ctx: &Ctx<'_>) -> Value {
+        let ids: Vec<String> = ctx
+            .server
+            .read_flow_runs(&self.deployment_id)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r["id"].as_str().map(str::to_owned))
+            .collect();
+        let failed = ctx.server.delete_flow_runs(&ids, ctx.plan.client_threads);
+        let _ = ctx.server.delete_deployment(&self.deployment_id);
+        let _ = ctx.server.delete_pool(&self.pool);
+        serde_json::json!({"runs_deleted": ids.len() - failed, "delete_failures": failed})
+    }
+}
+
+/// Run `body` for one worker and repetition on a fresh fixture, record an error instead of
+/// failing, and always clean up.
+pub fn one_rep(
+    ctx: &Ctx<'_>,
+    scenario: &str,
+    rep: usize,
+    kind: WorkerKind,
+    job_variables: Value,
+    body: impl FnOnce(&Fixture, &mut RepResult) -> Result<()>,
+) -> RepResult {
+    let mut result = RepResult::new(rep, kind);
+    eprintln!(
+        "[bench] {scenario}: repetition {} of {}, {} worker",
+        rep + 1,
+        if scenario == "scale" {
+            ctx.plan.scale_reps
+        } else {
+            ctx.plan.reps
+        },
+        kind.label()
+    );
+    let started = Instant::now();
+    match Fixture::create(ctx, scenario, kind, rep, job_variables) {
+        Ok(fx) => {
+            let server_cpu0 = server_cpu(ctx);
+            if let Err(e) = body(&fx, &mut result) {
+                eprintln!("[bench]   {} worker: {e:#}", kind.label());
+                result.error = Some(format!("{e:#}"));
+            }
+            if let (Some(a), Some(b)) = (server_cpu0, server_cpu(ctx)) {
+                result.detail("server_cpu_s", b - a);
+            }
+            let cleanup = fx.remove(ctx);
+            result.detail("cleanup", cleanup);
+        }
+        Err(e) => result.error = Some(format!("fixture: {e:#}")),
+    }
+    result.detail("wall_s", started.elapsed().as_secs_f64());
+    result
+}
+
+/// CPU seconds of the server's whole process tree so far.
+pub fn server_cpu(ctx: &Ctx<'_>) -> Option<f64> {
+    procfs::usage(ctx.server.pid()?).map(|u| u.tree_cpu_s)
+}
+
+/// Seconds from `a` to `b`.
+pub fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
+    (b - a).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6
+}
+
+/// Sleep until wall-clock time `t` (no-op if past).
+pub fn sleep_until(t: DateTime<Utc>) {
+    let d = secs(Utc::now(), t);
+    if d > 0.0 {
+        sleep(Duration::from_secs_f64(d));
+    }
+}
+
+/// Poll `f` every `every` until it yields `Some`; an error naming `what` after `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        sleep(every);
+    }
+}
+
+pub const MIB: f64 = 1024.0;

@@ -1,0 +1,198 @@
+//! Scenario 5: `scale_runs` flow runs running at once, each a `sleep 3600` process (job
+//! variable `command`), and what the worker costs while it supervises them.
+//!
+//! The runs are created at once; the driver counts the worker's live `sleep` descendants
+//! every second until all run (or the deadline passes, or the worker falls over), holds
+//! them for `scale_hold_s`, then reads the worker process's RSS (alone: the tree is
+//! dominated by the `sleep` children) and its CPU. Afterwards every child's process group
+//! is killed with `killpg(2)` before the worker is stopped.
+
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use chrono::Utc;
+use serde_json::{json, Value};
+
+use super::{one_rep, secs, Ctx, MIB};
+use crate::procfs;
+use crate::report::{MetricDef, RepResult, ScenarioReport};
+use crate::worker::{Worker, WorkerKind};
+
+const METRICS: [MetricDef; 10] = [
+    MetricDef::new("running", "flow processes running at once", "runs"),
+    MetricDef::new("worker_rss_mib", "RSS, worker process, all running", "MiB").cohort_below(50.0),
+    MetricDef::new("worker_hwm_mib", "peak RSS (VmHWM), worker process", "MiB"),
+    MetricDef::new(
+        "tree_rss_mib",
+        "RSS, process tree (sum; mostly `sleep`)",
+        "MiB",
+    ),
+    MetricDef::new("tree_pss_mib", "PSS, process tree", "MiB"),
+    MetricDef::new("time_to_all_s", "runs created → all running", "s"),
+    MetricDef::new("cpu_per_run_s", "worker CPU per run launched", "s"),
+    MetricDef::new("steady_cpu_pct", "worker CPU while supervising", "%"),
+    MetricDef::new("worker_threads", "worker threads, all running", "count"),
+    MetricDef::new("server_cpu_s", "server CPU during the phase", "s"),
+];
+
+pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
+    let plan = &ctx.plan;
+    let mut report = ScenarioReport::new(
+        "scale",
+        "5. Scale: concurrently running flow processes",
+        &METRICS,
+    );
+    report.params = json!({
+        "what": format!(
+            "{} runs of a deployment with job variable `command: sleep 3600`, created at \
+             once; the worker may launch them all (no limit). Measured once all are running \
+             (or at the {:.0} s deadline) and held {:.0} s: the worker process's RSS alone — \
+             the tree's RSS is dominated by the {} `sleep` children and is shown only for \
+             completeness — and its CPU (launch CPU per run; steady CPU over the hold).",
+            plan.scale_runs, plan.scale_deadline_s, plan.scale_hold_s, plan.scale_runs
+        ),
+        "command": "sleep 3600",
+        "scale_runs": plan.scale_runs,
+        "hold_s": plan.scale_hold_s,
+        "deadline_s": plan.scale_deadline_s,
+    });
+    if plan.scale_runs < 1000 {
+        report.notes.push(format!(
+            "Only {} runs in this mode: the 50 MB target is meant for 1,000 (the full run).",
+            plan.scale_runs
+        ));
+    }
+    for rep in 0..plan.scale_reps {
+        for kind in WorkerKind::order(rep) {
+            let mut r = one_rep(
+                ctx,
+                "scale",
+                rep,
+                kind,
+                json!({"command": "sleep 3600"}),
+                |fx, r| body(ctx, fx, kind, r),
+            );
+            let cpu = r.details.get("server_cpu_s").and_then(Value::as_f64);
+            r.set("server_cpu_s", cpu);
+            report.reps.push(r);
+        }
+    }
+    report.summarize();
+    report
+}
+
+fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult) -> Result<()> {
+    let server = ctx.server;
+    let mut worker = Worker::spawn(server, &ctx.programs, kind, &fx.pool, &fx.worker_name)?;
+    worker.wait_started(Duration::from_secs(120))?;
+    let pid = worker.pid();
+    let before = procfs::usage(pid);
+    let t0 = Utc::now();
+    let result = launch_and_hold(ctx, fx, &mut worker, r, before, t0);
+
+    // Clean up whatever happened: the children's groups first (the worker reaps them),
+    // then the worker.
+    let killed = worker.kill_descendants();
+    let wait_from = Instant::now();
+    while procfs::tree(pid).len() > 1 && wait_from.elapsed() < Duration::from_secs(15) {
+        worker.kill_descendants();
+        sleep(Duration::from_millis(200));
+    }
+    r.detail("children_killed", killed);
+    let stop = worker.stop(Duration::from_secs(10));
+    r.detail("worker_stop", stop);
+    r.detail("submitted_events", worker.count_submitted().ok());
+    let _ = server; // runs are deleted by the fixture
+    result
+}
+
+fn launch_and_hold(
+    ctx: &Ctx<'_>,
+    fx: &super::Fixture,
+    worker: &mut Worker<'_>,
+    r: &mut RepResult,
+    before: Option<procfs::Usage>,
+    t0: chrono::DateTime<Utc>,
+) -> Result<()> {
+    let plan = &ctx.plan;
+    let pid = worker.pid();
+    let ids =
+        ctx.server
+            .create_flow_runs(&fx.deployment_id, plan.scale_runs, plan.client_threads)?;
+    r.detail("create_s", secs(t0, Utc::now()));
+    let deadline = Instant::now() + Duration::from_secs_f64(plan.scale_deadline_s);
+    let mut timeline: Vec<(f64, usize)> = Vec::new();
+    let mut max_running = 0;
+    let mut at_all = None;
+    let mut fell_over = None;
+    loop {
+        if let Some(status) = worker.exited() {
+            fell_over = Some(format!(
+                "the {} worker exited ({}) with {max_running} runs running; last output:\n{}",
+                kind_label(worker),
+                crate::worker::describe_status(status),
+                worker.output_tail(15)
+            ));
+            break;
+        }
+        let running = procfs::count_descendants_running(pid, "sleep");
+        max_running = max_running.max(running);
+        let t = secs(t0, Utc::now());
+        if timeline.last().map(|(_, n)| *n) != Some(running) {
+            timeline.push((t, running));
+        }
+        if running >= ids.len() {
+            at_all = Some(t);
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        sleep(Duration::from_secs(1));
+    }
+    r.set("running", Some(max_running as f64));
+    r.set("time_to_all_s", at_all);
+    r.detail("running_timeline", &timeline);
+    if let Some(msg) = fell_over {
+        bail!(msg);
+    }
+    let launched = procfs::usage(pid);
+    let hold_from = Instant::now();
+    sleep(Duration::from_secs_f64(plan.scale_hold_s));
+    let held = procfs::usage(pid);
+    worker.ensure_alive()?;
+    let running = procfs::count_descendants_running(pid, "sleep");
+    r.detail("running_after_hold", running);
+    if let (Some(a), Some(b), Some(c)) = (before, launched, held) {
+        r.set(
+            "cpu_per_run_s",
+            Some((b.worker_cpu_s - a.worker_cpu_s) / (max_running.max(1)) as f64),
+        );
+        r.set(
+            "steady_cpu_pct",
+            Some(100.0 * (c.worker_cpu_s - b.worker_cpu_s) / hold_from.elapsed().as_secs_f64()),
+        );
+        r.set("worker_rss_mib", Some(c.worker_rss_kib as f64 / MIB));
+        r.set("worker_hwm_mib", Some(c.worker_hwm_kib as f64 / MIB));
+        r.set("tree_rss_mib", Some(c.tree_rss_kib as f64 / MIB));
+        r.detail("tree_procs", c.tree_procs);
+    }
+    r.set("tree_pss_mib", Some(procfs::tree_pss_kib(pid) as f64 / MIB));
+    r.set(
+        "worker_threads",
+        procfs::status_field(pid, "Threads").map(|n| n as f64),
+    );
+    if at_all.is_none() {
+        bail!(
+            "only {max_running} of {} runs were running after {:.0} s",
+            ids.len(),
+            plan.scale_deadline_s
+        );
+    }
+    Ok(())
+}
+
+fn kind_label(worker: &Worker<'_>) -> &'static str {
+    worker.kind.label()
+}

@@ -1,0 +1,586 @@
+//! The Prefect server under the benchmarks, and the REST calls the driver makes to it.
+//!
+//! Started like the test harness starts it (`crates/cohort/tests/util/mod.rs`): `prefect
+//! server start` on 127.0.0.1 and a free port with a temporary `PREFECT_HOME`, under a
+//! small `sh` watchdog that holds the read end of a pipe only this process writes to.
+//! When the driver exits, however it exits, the watchdog sees EOF and kills the worker
+//! process groups still registered with it, then the server, then removes the directory.
+//! The database is SQLite in that directory unless a `postgresql+asyncpg://` URL is given.
+
+use std::fs::{self, File};
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Mutex;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use chrono::{DateTime, Utc};
+use reqwest::blocking::Client;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// See the module doc. Plain POSIX sh: dash's `kill` takes no `--`, so process groups are
+/// written `-PGID` (dash's builtin parses that correctly; procps' `/usr/bin/kill` does
+/// not, which is why the driver itself signals with `killpg(2)`).
+const WATCHDOG_SH: &str = r#"
+dir=$1; shift
+( "$@" </dev/null >"$dir/server.log" 2>&1 &
+  echo $! >"$dir/server.pid"
+  wait $!
+  echo $? >"$dir/server.exit" ) &
+trap '' TERM INT HUP
+read _ldummy || :
+for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -TERM "-$g" 2>/dev/null; done
+pid=$(cat "$dir/server.pid" 2>/dev/null)
+kill -TERM "-$$" 2>/dev/null
+i=0
+while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -KILL "-$g" 2>/dev/null; done
+rm -rf "$dir"
+kill -KILL "-$$" 2>/dev/null
+"#;
+
+/// Which database the server runs on.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Sqlite,
+    /// `postgresql+asyncpg://…`
+    Postgres(String),
+}
+
+impl Database {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Database::Sqlite => "sqlite",
+            Database::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// A running Prefect server and a retrying REST client for it.
+pub struct PrefectServer {
+    api_url: String,
+    dir: PathBuf,
+    http: Client,
+    pub version: String,
+    pub database: Database,
+    worker_pgids: Mutex<Vec<i32>>,
+    _watchdog_stdin: Mutex<ChildStdin>,
+    _watchdog: Mutex<Child>,
+}
+
+impl PrefectServer {
+    pub fn start(venv: &Path, database: Database) -> Result<PrefectServer> {
+        let mut last = anyhow!("not started");
+        // A free port can be taken between probing and binding: retry on another one.
+        for _ in 0..3 {
+            match Self::start_once(venv, &database) {
+                Ok(s) => return Ok(s),
+                Err((true, e)) => last = e,
+                Err((false, e)) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    fn start_once(
+        venv: &Path,
+        database: &Database,
+    ) -> std::result::Result<PrefectServer, (bool, anyhow::Error)> {
+        let fatal = |e: anyhow::Error| (false, e);
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("cohort-bench-server-")
+            .tempdir()
+            .map_err(|e| fatal(e.into()))?
+            .keep();
+        let home = dir.join("home");
+        fs::create_dir_all(&home).map_err(|e| fatal(e.into()))?;
+
+        let mut cmd = Command::new("sh");
+        scrub_prefect_env(&mut cmd);
+        cmd.arg("-c")
+            .arg(WATCHDOG_SH)
+            .arg("cohort-bench-watchdog")
+            .arg(&dir)
+            .arg(venv.join("bin/prefect"))
+            .args(["server", "start", "--host", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .env("PREFECT_HOME", &home)
+            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            .env("PREFECT_UI_ENABLED", "false")
+            .env("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+            .env("PREFECT_LOGGING_LEVEL", "WARNING")
+            // Flush persisted events every second rather than every 5 s, as the tests
+            // do: times come from the events' `occurred`, so this only shortens waits.
+            .env(
+                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL",
+                "1",
+            )
+            .env("PATH", path_with_venv_first(&venv.join("bin")));
+        if let Database::Postgres(url) = database {
+            cmd.env("PREFECT_API_DATABASE_CONNECTION_URL", url);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        let mut watchdog = cmd
+            .spawn()
+            .context("cannot run sh for the Prefect server")
+            .map_err(fatal)?;
+        let stdin = watchdog.stdin.take().expect("piped stdin");
+
+        let api_url = format!("http://127.0.0.1:{port}/api");
+        let http = Client::builder()
+            .timeout(Duration::from_secs(120))
+            .pool_max_idle_per_host(16)
+            .build()
+            .map_err(|e| fatal(e.into()))?;
+        let started = Instant::now();
+        let log = || fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        loop {
+            if let Ok(resp) = http.get(format!("{api_url}/health")).send() {
+                if resp.status().is_success() {
+                    break;
+                }
+            }
+            if dir.join("server.exit").exists() {
+                let log = log();
+                let retry = log.contains("already in use") || log.contains("Errno 98");
+                drop(stdin);
+                return Err((
+                    retry,
+                    anyhow!("`prefect server start` on port {port} exited:\n{log}"),
+                ));
+            }
+            if started.elapsed() > START_TIMEOUT {
+                let log = log();
+                drop(stdin);
+                return Err(fatal(anyhow!(
+                    "`prefect server start` not healthy after {START_TIMEOUT:?}:\n{log}"
+                )));
+            }
+            sleep(Duration::from_millis(250));
+        }
+        eprintln!(
+            "[bench] Prefect server ({}) up at {api_url} after {:.1?}",
+            database.label(),
+            started.elapsed()
+        );
+        let mut server = PrefectServer {
+            api_url,
+            dir,
+            http,
+            version: String::new(),
+            database: database.clone(),
+            worker_pgids: Mutex::new(Vec::new()),
+            _watchdog_stdin: Mutex::new(stdin),
+            _watchdog: Mutex::new(watchdog),
+        };
+        let version = server
+            .request(Method::GET, "/admin/version", None)
+            .map_err(fatal)?;
+        server.version = version.as_str().unwrap_or("?").to_owned();
+        Ok(server)
+    }
+
+    /// `http://127.0.0.1:<port>/api`
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    /// Scratch space removed by the watchdog with the server.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// PID of `prefect server start` (the root of the server's process tree).
+    pub fn pid(&self) -> Option<i32> {
+        fs::read_to_string(self.dir.join("server.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Length of the server log so far (to read what a phase added with [`Self::log_since`]).
+    pub fn log_len(&self) -> u64 {
+        fs::metadata(self.dir.join("server.log"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    pub fn log_since(&self, offset: u64) -> String {
+        let mut out = String::new();
+        if let Ok(mut f) = File::open(self.dir.join("server.log")) {
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                let mut buf = Vec::new();
+                let _ = f.read_to_end(&mut buf);
+                out = String::from_utf8_lossy(&buf).into_owned();
+            }
+        }
+        out
+    }
+
+    /// Tell the watchdog about a worker's process group (or that it is gone).
+    pub fn register_worker_pgid(&self, pgid: i32, live: bool) {
+        let mut set = self.worker_pgids.lock().unwrap_or_else(|e| e.into_inner());
+        if live {
+            set.push(pgid);
+        } else {
+            set.retain(|p| *p != pgid);
+        }
+        let body: String = set.iter().map(|p| format!("{p}\n")).collect();
+        let _ = fs::write(self.dir.join("workers.pgids"), body);
+    }
+
+    // -- HTTP -------------------------------------------------------------------------------
+
+    /// One request, retrying connection errors and 429/502/503 (SQLite's "database is
+    /// locked") with backoff. Returns the final status and JSON body.
+    pub fn try_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value)> {
+        let url = if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            format!("{}{}", self.api_url, path)
+        };
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let err = match req.send() {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = resp.text().unwrap_or_default();
+                    if !matches!(
+                        status,
+                        StatusCode::TOO_MANY_REQUESTS
+                            | StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                    ) {
+                        return Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)));
+                    }
+                    format!("{status}: {text}")
+                }
+                Err(e) => format!("{e}"),
+            };
+            if attempt >= 12 {
+                bail!("{method} {url}: still failing after {attempt} attempts: {err}");
+            }
+            sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(4));
+        }
+    }
+
+    /// Like [`Self::try_request`], and any non-2xx answer is an error.
+    pub fn request(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let (status, value) = self.try_request(method.clone(), path, body)?;
+        if !status.is_success() {
+            bail!("{method} {path} answered {status}: {value}");
+        }
+        Ok(value)
+    }
+
+    // -- pools, deployments, runs ---------------------------------------------------------
+
+    /// Create a `process` pool with Prefect's default base job template (what
+    /// `prefect work-pool create --type process` does).
+    pub fn create_process_pool(&self, name: &str, template: &Value) -> Result<()> {
+        self.request(
+            Method::POST,
+            "/work_pools/",
+            Some(&json!({"name": name, "type": "process", "base_job_template": template})),
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_pool(&self, name: &str) -> Result<()> {
+        self.try_request(
+            Method::DELETE,
+            &format!("/work_pools/{}", encode(name)),
+            None,
+        )?;
+        Ok(())
+    }
+
+    /// Register a deployment of `flows.py:<function>` in `flows_dir` by REST, with a
+    /// `set_working_directory` pull step (what `prefect deploy` amounts to). Returns its id.
+    pub fn deploy(
+        &self,
+        pool: &str,
+        flows_dir: &Path,
+        function: &str,
+        job_variables: Value,
+    ) -> Result<String> {
+        let dir = flows_dir.to_string_lossy().into_owned();
+        let flow = self.request(Method::POST, "/flows/", Some(&json!({"name": function})))?;
+        let flow_id = flow["id"].as_str().context("flow id")?.to_owned();
+        let dep = self.request(
+            Method::POST,
+            "/deployments/",
+            Some(&json!({
+                "name": format!("{pool}-{function}"),
+                "flow_id": flow_id,
+                "entrypoint": format!("flows.py:{function}"),
+                "path": dir,
+                "work_pool_name": pool,
+                "pull_steps": [
+                    {"prefect.deployments.steps.set_working_directory": {"directory": dir}}
+                ],
+                "job_variables": job_variables,
+                "parameters": {},
+                "enforce_parameter_schema": false,
+            })),
+        )?;
+        Ok(dep["id"].as_str().context("deployment id")?.to_owned())
+    }
+
+    pub fn delete_deployment(&self, id: &str) -> Result<()> {
+        self.try_request(Method::DELETE, &format!("/deployments/{id}"), None)?;
+        Ok(())
+    }
+
+    /// `POST /deployments/{id}/create_flow_run`: one run, Scheduled for now. Returns its id.
+    pub fn create_flow_run(&self, deployment_id: &str) -> Result<String> {
+        let run = self.request(
+            Method::POST,
+            &format!("/deployments/{deployment_id}/create_flow_run"),
+            Some(&json!({})),
+        )?;
+        Ok(run["id"].as_str().context("flow run id")?.to_owned())
+    }
+
+    /// Create `n` runs on `threads` client threads; returns their ids.
+    pub fn create_flow_runs(
+        &self,
+        deployment_id: &str,
+        n: usize,
+        threads: usize,
+    ) -> Result<Vec<String>> {
+        let per = n.div_ceil(threads.max(1));
+        let results: Vec<Result<Vec<String>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads.max(1))
+                .map(|t| {
+                    let count = per.min(n.saturating_sub(t * per));
+                    s.spawn(move || {
+                        (0..count)
+                            .map(|_| self.create_flow_run(deployment_id))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("creator thread panicked")))
+                })
+                .collect()
+        });
+        let mut ids = Vec::with_capacity(n);
+        for r in results {
+            ids.extend(r?);
+        }
+        Ok(ids)
+    }
+
+    /// Every flow run of a deployment (`POST /flow_runs/filter`, paged).
+    pub fn read_flow_runs(&self, deployment_id: &str) -> Result<Vec<Value>> {
+        let mut runs = Vec::new();
+        loop {
+            let page = self.request(
+                Method::POST,
+                "/flow_runs/filter",
+                Some(&json!({
+                    "flow_runs": {"deployment_id": {"any_": [deployment_id]}},
+                    "sort": "EXPECTED_START_TIME_ASC",
+                    "offset": runs.len(),
+                    "limit": 200,
+                })),
+            )?;
+            let page = page.as_array().cloned().unwrap_or_default();
+            let done = page.len() < 200;
+            runs.extend(page);
+            if done {
+                return Ok(runs);
+            }
+        }
+    }
+
+    /// `POST /flow_runs/count` of a deployment's runs in the given state types.
+    pub fn count_flow_runs(&self, deployment_id: &str, state_types: &[&str]) -> Result<u64> {
+        let v = self.request(
+            Method::POST,
+            "/flow_runs/count",
+            Some(&json!({
+                "flow_runs": {
+                    "deployment_id": {"any_": [deployment_id]},
+                    "state": {"type": {"any_": state_types}},
+                },
+            })),
+        )?;
+        v.as_u64().context("count is a number")
+    }
+
+    /// Delete flow runs on `threads` client threads (runs of a custom `command` never
+    /// report a state and would stay Pending forever). Returns how many failed.
+    pub fn delete_flow_runs(&self, ids: &[String], threads: usize) -> usize {
+        let chunk = ids.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .filter(|id| {
+                                !matches!(
+                                    self.try_request(Method::DELETE, &format!("/flow_runs/{id}"), None),
+                                    Ok((s, _)) if s.is_success() || s == StatusCode::NOT_FOUND
+                                )
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        })
+    }
+
+    // -- events -------------------------------------------------------------------------
+
+    /// Events of one resource with the given names, oldest first, occurred since `since`
+    /// (`POST /events/filter`, following `next_page`). Events reach the database
+    /// asynchronously: a fresh event may not be there yet.
+    pub fn read_events(
+        &self,
+        resource_id: &str,
+        names: &[&str],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<Value>> {
+        let mut page = self.request(
+            Method::POST,
+            "/events/filter",
+            Some(&json!({"filter": events_filter(resource_id, names, since), "limit": 50})),
+        )?;
+        let mut events = Vec::new();
+        loop {
+            events.extend(page["events"].as_array().cloned().unwrap_or_default());
+            match page["next_page"].as_str() {
+                Some(next) if !next.is_empty() => {
+                    page = self.request(Method::GET, next, None)?;
+                }
+                _ => return Ok(events),
+            }
+        }
+    }
+
+    /// How many such events the server has persisted (the first page's `total`).
+    pub fn count_events(
+        &self,
+        resource_id: &str,
+        names: &[&str],
+        since: DateTime<Utc>,
+    ) -> Result<u64> {
+        let page = self.request(
+            Method::POST,
+            "/events/filter",
+            Some(&json!({"filter": events_filter(resource_id, names, since), "limit": 1})),
+        )?;
+        page["total"].as_u64().context("events page without total")
+    }
+}
+
+fn events_filter(resource_id: &str, names: &[&str], since: DateTime<Utc>) -> Value {
+    json!({
+        "resource": {"id": [resource_id]},
+        "event": {"name": names},
+        "occurred": {
+            "since": (since - chrono::Duration::seconds(60)).to_rfc3339(),
+            "until": (Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+        },
+        "order": "ASC",
+    })
+}
+
+/// Prefect's default base job template for `process` pools, straight from the venv.
+pub fn process_base_job_template(venv: &Path, home: &Path) -> Result<Value> {
+    let out = Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import json; from prefect.workers.process import ProcessWorker; \
+             print(json.dumps(ProcessWorker.get_default_base_job_template()))",
+        ])
+        .env("PREFECT_HOME", home)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .context("run the venv's python")?;
+    if !out.status.success() {
+        bail!(
+            "ProcessWorker.get_default_base_job_template() failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Remove every inherited `PREFECT_*` variable: a developer's profile must not leak in.
+pub fn scrub_prefect_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PREFECT_") {
+            cmd.env_remove(&key);
+        }
+    }
+}
+
+pub fn path_with_venv_first(venv_bin: &Path) -> std::ffi::OsString {
+    let mut paths = vec![venv_bin.to_path_buf()];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).expect("PATH entries are joinable")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Percent-encode a path segment.
+fn encode(segment: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Parse an RFC 3339 time as Prefect writes it.
+pub fn parse_time(v: &Value) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(v.as_str()?)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
