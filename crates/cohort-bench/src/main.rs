@@ -105,6 +105,9 @@ fn run(args: Args) -> Result<()> {
         Some(url) => Database::Postgres(url.clone()),
         None => Database::Sqlite,
     };
+    if matches!(database, Database::Postgres(_)) {
+        plan.client_threads = 4;
+    }
     let server = PrefectServer::start(&args.venv, database)?;
     let template = server::process_base_job_template(&args.venv, server.scratch_dir())?;
     let ctx = Ctx {
@@ -141,10 +144,12 @@ fn run(args: Args) -> Result<()> {
         flags: args.flags.clone(),
         database: match &server.database {
             Database::Sqlite => "SQLite".to_owned(),
-            Database::Postgres(_) => format!(
-                "PostgreSQL ({})",
-                command_line("psql", &["--version"], None)
-            ),
+            Database::Postgres(_) => {
+                // `psql (PostgreSQL) 15.18 (Debian …)` → `PostgreSQL 15.18`
+                let v = command_line("psql", &["--version"], None);
+                let version = v.split_whitespace().nth(2).unwrap_or("?");
+                format!("PostgreSQL {version}")
+            }
         },
         prefect_version: server.version.clone(),
         python: command_line(

@@ -24,6 +24,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const START_TIMEOUT: Duration = Duration::from_secs(180);
+/// One HTTP request; a server wedged by a worker's load (SQLite) answers nothing at all.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request and its retries give up after this long, so a phase always ends.
+const RETRY_BUDGET: Duration = Duration::from_secs(90);
 
 /// See the module doc. Plain POSIX sh: dash's `kill` takes no `--`, so process groups are
 /// written `-PGID` (dash's builtin parses that correctly; procps' `/usr/bin/kill` does
@@ -139,7 +143,7 @@ impl PrefectServer {
 
         let api_url = format!("http://127.0.0.1:{port}/api");
         let http = Client::builder()
-            .timeout(Duration::from_secs(120))
+            .timeout(REQUEST_TIMEOUT)
             .pool_max_idle_per_host(16)
             .build()
             .map_err(|e| fatal(e.into()))?;
@@ -243,8 +247,9 @@ impl PrefectServer {
 
     // -- HTTP -------------------------------------------------------------------------------
 
-    /// One request, retrying connection errors and 429/502/503 (SQLite's "database is
-    /// locked") with backoff. Returns the final status and JSON body.
+    /// One request, retrying connection errors, timeouts and 429/502/503 (SQLite's
+    /// "database is locked") with backoff for up to [`RETRY_BUDGET`]. Returns the final
+    /// status and JSON body.
     pub fn try_request(
         &self,
         method: Method,
@@ -256,8 +261,11 @@ impl PrefectServer {
         } else {
             format!("{}{}", self.api_url, path)
         };
-        let mut delay = Duration::from_millis(100);
+        // Short, capped backoff: SQLite answers 503 while another writer holds the lock,
+        // which lasts milliseconds; a long backoff would only slow the driver down.
+        let mut delay = Duration::from_millis(25);
         let mut attempt = 0;
+        let started = Instant::now();
         loop {
             attempt += 1;
             let mut req = self.http.request(method.clone(), &url);
@@ -280,11 +288,14 @@ impl PrefectServer {
                 }
                 Err(e) => format!("{e}"),
             };
-            if attempt >= 12 {
-                bail!("{method} {url}: still failing after {attempt} attempts: {err}");
+            if started.elapsed() >= RETRY_BUDGET {
+                bail!(
+                    "{method} {url}: still failing after {attempt} attempts in {:.0?}: {err}",
+                    started.elapsed()
+                );
             }
             sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(4));
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -366,22 +377,30 @@ impl PrefectServer {
         Ok(run["id"].as_str().context("flow run id")?.to_owned())
     }
 
-    /// Create `n` runs on `threads` client threads; returns their ids.
+    /// Create `n` runs on `threads` client threads; returns their ids. Fails if they are
+    /// not all created within `within` (a server wedged by a worker's load).
     pub fn create_flow_runs(
         &self,
         deployment_id: &str,
         n: usize,
         threads: usize,
+        within: Duration,
     ) -> Result<Vec<String>> {
         let per = n.div_ceil(threads.max(1));
+        let deadline = Instant::now() + within;
         let results: Vec<Result<Vec<String>>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads.max(1))
                 .map(|t| {
                     let count = per.min(n.saturating_sub(t * per));
                     s.spawn(move || {
-                        (0..count)
-                            .map(|_| self.create_flow_run(deployment_id))
-                            .collect::<Result<Vec<_>>>()
+                        let mut ids = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            if Instant::now() > deadline {
+                                bail!("the server took over {within:?} to create {n} flow runs");
+                            }
+                            ids.push(self.create_flow_run(deployment_id)?);
+                        }
+                        Ok(ids)
                     })
                 })
                 .collect();

@@ -18,14 +18,14 @@ use anyhow::Result;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::{json, Value};
 
-use super::{one_rep, secs, sleep_until, wait_for, Ctx};
+use super::{one_rep, secs, server_exceptions, sleep_until, wait_for, Ctx};
 use crate::procfs::{self, sample_at, Sampler};
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::server::parse_time;
 use crate::stats::percentile;
 use crate::worker::{Worker, WorkerKind};
 
-const METRICS: [MetricDef; 11] = [
+const METRICS: [MetricDef; 12] = [
     MetricDef::new(
         "idle_pickup_p50_s",
         "pickup latency on an idle server, p50",
@@ -51,6 +51,7 @@ const METRICS: [MetricDef; 11] = [
         "s",
     ),
     MetricDef::new("submit_span_s", "first → last submitted", "s"),
+    MetricDef::new("create_s", "time the driver took to create the burst", "s"),
     MetricDef::new(
         "harmed_runs",
         "runs harmed (not submitted, or Crashed/Failed)",
@@ -79,8 +80,8 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
              `occurred` − the run's `expected_start_time`. Worker CPU per run: the worker \
              process's CPU from just before the burst to 2 s after its last \
              `submitted-flow-run`, over the burst's runs. Harmed: burst runs without a \
-             `submitted-flow-run`, or Crashed/Failed. Server errors: lines of the server log \
-             with `Traceback`, `ERROR` or `database is locked` written during the phase.",
+             `submitted-flow-run`, or Crashed/Failed. Server errors: exceptions in the server \
+             log during the phase (SQLite's `database is locked`, mostly).",
             plan.idle_pickups, plan.burst_runs, plan.client_threads
         ),
         "command": "true",
@@ -148,9 +149,14 @@ fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult)
     let sampler = Sampler::start(worker.pid(), Duration::from_millis(250));
     let before = procfs::usage(worker.pid());
     let created_from = Utc::now();
-    let ids = server.create_flow_runs(&fx.deployment_id, plan.burst_runs, plan.client_threads)?;
+    let ids = server.create_flow_runs(
+        &fx.deployment_id,
+        plan.burst_runs,
+        plan.client_threads,
+        Duration::from_secs(180),
+    )?;
     let created_in = secs(created_from, Utc::now());
-    r.detail("create_s", created_in);
+    r.set("create_s", Some(created_in));
     let want = n_idle + ids.len() as u64;
     let deadline = Duration::from_secs_f64(120.0 + plan.burst_runs as f64 * 0.5);
     let waited = wait_for(
@@ -215,14 +221,9 @@ fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult)
     r.set("harmed_runs", Some(harmed as f64));
     r.detail("burst_states", &states);
     r.detail("burst_latencies_s", &lat);
-    let log = server.log_since(log_offset);
-    let server_errors = log
-        .lines()
-        .filter(|l| {
-            l.contains("Traceback") || l.contains("ERROR") || l.contains("database is locked")
-        })
-        .count();
+    let (server_errors, sample) = server_exceptions(ctx, log_offset);
     r.set("server_errors", Some(server_errors as f64));
+    r.detail("server_exceptions", sample);
     let worker_errors = worker.error_lines();
     r.detail("worker_error_lines", worker_errors.len());
     r.detail(

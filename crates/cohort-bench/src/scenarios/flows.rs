@@ -9,7 +9,7 @@ use anyhow::Result;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::{json, Value};
 
-use super::{one_rep, secs, sleep_until, wait_for, Ctx, MIB};
+use super::{one_rep, secs, server_exceptions, sleep_until, wait_for, Ctx, MIB};
 use crate::procfs::{self, sample_at, Sampler};
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::server::parse_time;
@@ -18,7 +18,7 @@ use crate::worker::{Worker, WorkerKind};
 
 const FINAL: [&str; 4] = ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"];
 
-const METRICS: [MetricDef; 9] = [
+const METRICS: [MetricDef; 10] = [
     MetricDef::new("e2e_p50_s", "scheduled → Completed, p50", "s"),
     MetricDef::new("e2e_p95_s", "scheduled → Completed, p95", "s"),
     MetricDef::new("pickup_p50_s", "pickup latency p50", "s"),
@@ -35,6 +35,7 @@ const METRICS: [MetricDef; 9] = [
         "peak RSS, process tree (incl. the flows)",
         "MiB",
     ),
+    MetricDef::new("server_errors", "exceptions in the server log", "count"),
     MetricDef::new("server_cpu_s", "server CPU during the phase", "s"),
 ];
 
@@ -70,11 +71,17 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
 fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult) -> Result<()> {
     let plan = &ctx.plan;
     let server = ctx.server;
+    let log_offset = server.log_len();
     let mut worker = Worker::spawn(server, &ctx.programs, kind, &fx.pool, &fx.worker_name)?;
     worker.wait_started(Duration::from_secs(120))?;
     let sampler = Sampler::start(worker.pid(), Duration::from_millis(500));
     let before = procfs::usage(worker.pid());
-    let ids = server.create_flow_runs(&fx.deployment_id, plan.flow_runs, plan.client_threads)?;
+    let ids = server.create_flow_runs(
+        &fx.deployment_id,
+        plan.flow_runs,
+        plan.client_threads,
+        Duration::from_secs(180),
+    )?;
     let n = ids.len() as u64;
     let waited = wait_for(
         "every run to reach a final state",
@@ -149,6 +156,9 @@ fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult)
         peak(|u| u.tree_rss_kib).map(|k| k as f64 / MIB),
     );
     r.detail("states", &states);
+    let (server_errors, sample) = server_exceptions(ctx, log_offset);
+    r.set("server_errors", Some(server_errors as f64));
+    r.detail("server_exceptions", sample);
     r.detail("e2e_latencies_s", &e2e);
     r.detail(
         "peak_tree_procs",

@@ -43,7 +43,9 @@ pub struct Plan {
     pub scale_hold_s: f64,
     /// Give up on reaching `scale_runs` running processes after this long.
     pub scale_deadline_s: f64,
-    /// Client threads creating and deleting runs.
+    /// Client threads creating runs: 1 on SQLite, where concurrent writers only wait on
+    /// each other's lock (one thread creates ~30 runs/s on an idle server, four fewer);
+    /// 4 on PostgreSQL.
     pub client_threads: usize,
 }
 
@@ -60,8 +62,8 @@ impl Plan {
             scale_runs: 100,
             scale_reps: 1,
             scale_hold_s: 5.0,
-            scale_deadline_s: 150.0,
-            client_threads: 4,
+            scale_deadline_s: 60.0,
+            client_threads: 1,
         }
     }
 
@@ -77,8 +79,8 @@ impl Plan {
             scale_runs: 1000,
             scale_reps: 1,
             scale_hold_s: 20.0,
-            scale_deadline_s: 480.0,
-            client_threads: 4,
+            scale_deadline_s: 300.0,
+            client_threads: 1,
         }
     }
 }
@@ -134,7 +136,7 @@ impl Fixture {
             .iter()
             .filter_map(|r| r["id"].as_str().map(str::to_owned))
             .collect();
-        let failed = ctx.server.delete_flow_runs(&ids, ctx.plan.client_threads);
+        let failed = ctx.server.delete_flow_runs(&ids, 2);
         let _ = ctx.server.delete_deployment(&self.deployment_id);
         let _ = ctx.server.delete_pool(&self.pool);
         serde_json::json!({"runs_deleted": ids.len() - failed, "delete_failures": failed})
@@ -162,6 +164,8 @@ pub fn one_rep(
         },
         kind.label()
     );
+    let settled = settle_server(ctx);
+    result.detail("server_settle_s", settled);
     let started = Instant::now();
     match Fixture::create(ctx, scenario, kind, rep, job_variables) {
         Ok(fx) => {
@@ -180,6 +184,54 @@ pub fn one_rep(
     }
     result.detail("wall_s", started.elapsed().as_secs_f64());
     result
+}
+
+/// Exceptions the server logged since `offset`: how many, and the distinct ones with their
+/// counts. An exception is a line at column 0 naming an `…Error`/`…Exception` (the last
+/// line of a traceback; each link of a chained traceback counts).
+pub fn server_exceptions(ctx: &Ctx<'_>, offset: u64) -> (usize, Vec<(String, usize)>) {
+    let log = ctx.server.log_since(offset);
+    let mut distinct: Vec<(String, usize)> = Vec::new();
+    let mut total = 0;
+    for line in log.lines() {
+        let head = line.split([':', ' ', '(']).next().unwrap_or_default();
+        let is_exception = !line.starts_with(char::is_whitespace)
+            && !head.is_empty()
+            && head
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+            && (head.ends_with("Error")
+                || head.ends_with("Exception")
+                || head.ends_with("Timeout"));
+        if !is_exception {
+            continue;
+        }
+        total += 1;
+        let key: String = line.chars().take(160).collect();
+        match distinct.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => distinct.push((key, 1)),
+        }
+    }
+    distinct.sort_by_key(|d| std::cmp::Reverse(d.1));
+    distinct.truncate(5);
+    (total, distinct)
+}
+
+/// Wait (at most 60 s) until the server is calm — under a quarter of a CPU over a second —
+/// so that a worker never starts while the server still digests the previous phase (late
+/// runs, crashed runs, the event backlog). Returns how long that took.
+pub fn settle_server(ctx: &Ctx<'_>) -> f64 {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        let Some(a) = server_cpu(ctx) else { break };
+        sleep(Duration::from_secs(1));
+        let Some(b) = server_cpu(ctx) else { break };
+        if b - a < 0.25 {
+            break;
+        }
+    }
+    started.elapsed().as_secs_f64()
 }
 
 /// CPU seconds of the server's whole process tree so far.

@@ -7,6 +7,7 @@
 //! dominated by the `sleep` children) and its CPU. Afterwards every child's process group
 //! is killed with `killpg(2)` before the worker is stopped.
 
+use std::collections::HashMap;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -14,12 +15,12 @@ use anyhow::{bail, Result};
 use chrono::Utc;
 use serde_json::{json, Value};
 
-use super::{one_rep, secs, Ctx, MIB};
+use super::{one_rep, secs, server_exceptions, Ctx, MIB};
 use crate::procfs;
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::worker::{Worker, WorkerKind};
 
-const METRICS: [MetricDef; 10] = [
+const METRICS: [MetricDef; 11] = [
     MetricDef::new("running", "flow processes running at once", "runs"),
     MetricDef::new("worker_rss_mib", "RSS, worker process, all running", "MiB").cohort_below(50.0),
     MetricDef::new("worker_hwm_mib", "peak RSS (VmHWM), worker process", "MiB"),
@@ -33,6 +34,7 @@ const METRICS: [MetricDef; 10] = [
     MetricDef::new("cpu_per_run_s", "worker CPU per run launched", "s"),
     MetricDef::new("steady_cpu_pct", "worker CPU while supervising", "%"),
     MetricDef::new("worker_threads", "worker threads, all running", "count"),
+    MetricDef::new("server_errors", "exceptions in the server log", "count"),
     MetricDef::new("server_cpu_s", "server CPU during the phase", "s"),
 ];
 
@@ -87,9 +89,32 @@ fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult)
     let mut worker = Worker::spawn(server, &ctx.programs, kind, &fx.pool, &fx.worker_name)?;
     worker.wait_started(Duration::from_secs(120))?;
     let pid = worker.pid();
+    let log_offset = server.log_len();
     let before = procfs::usage(pid);
     let t0 = Utc::now();
     let result = launch_and_hold(ctx, fx, &mut worker, r, before, t0);
+    // Where the runs were when the measurement ended.
+    if let Ok(runs) = server.read_flow_runs(&fx.deployment_id) {
+        let mut states: HashMap<String, usize> = HashMap::new();
+        for run in &runs {
+            let key = format!(
+                "{}/{}",
+                run["state"]["type"].as_str().unwrap_or("NONE"),
+                run["state"]["name"].as_str().unwrap_or("")
+            );
+            *states.entry(key).or_default() += 1;
+        }
+        r.detail("states", states);
+    }
+    let (server_errors, sample) = server_exceptions(ctx, log_offset);
+    r.set("server_errors", Some(server_errors as f64));
+    r.detail("server_exceptions", sample);
+    let worker_errors = worker.error_lines();
+    r.detail("worker_error_lines", worker_errors.len());
+    r.detail(
+        "worker_error_sample",
+        worker_errors.iter().take(5).collect::<Vec<_>>(),
+    );
 
     // Clean up whatever happened: the children's groups first (the worker reaps them),
     // then the worker.
@@ -103,7 +128,6 @@ fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult)
     let stop = worker.stop(Duration::from_secs(10));
     r.detail("worker_stop", stop);
     r.detail("submitted_events", worker.count_submitted().ok());
-    let _ = server; // runs are deleted by the fixture
     result
 }
 
@@ -117,9 +141,12 @@ fn launch_and_hold(
 ) -> Result<()> {
     let plan = &ctx.plan;
     let pid = worker.pid();
-    let ids =
-        ctx.server
-            .create_flow_runs(&fx.deployment_id, plan.scale_runs, plan.client_threads)?;
+    let ids = ctx.server.create_flow_runs(
+        &fx.deployment_id,
+        plan.scale_runs,
+        plan.client_threads,
+        Duration::from_secs_f64(plan.scale_deadline_s),
+    )?;
     r.detail("create_s", secs(t0, Utc::now()));
     let deadline = Instant::now() + Duration::from_secs_f64(plan.scale_deadline_s);
     let mut timeline: Vec<(f64, usize)> = Vec::new();
