@@ -121,6 +121,34 @@ pub fn pss_kib(pid: i32) -> Option<u64> {
         .ok()
 }
 
+/// Resident memory by mapping (`/proc/<pid>/smaps`), in KiB, largest first: file-backed
+/// mappings by file name, the others as `[heap]`, `[stack]`, `[anon]`.
+pub fn rss_by_mapping(pid: i32) -> Vec<(String, u64)> {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let mut by_name: HashMap<String, u64> = HashMap::new();
+    let mut current = String::from("[anon]");
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // `start-end perms offset dev inode [path]`
+            let path: Vec<&str> = fields.skip(4).collect();
+            current = match path.join(" ") {
+                p if p.is_empty() => "[anon]".to_owned(),
+                p => p.rsplit('/').next().unwrap_or(&p).to_owned(),
+            };
+        } else if first == "Rss:" {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *by_name.entry(current.clone()).or_default() += kib;
+        }
+    }
+    let mut out: Vec<(String, u64)> = by_name.into_iter().filter(|(_, k)| *k > 0).collect();
+    out.sort_by_key(|(_, k)| std::cmp::Reverse(*k));
+    out
+}
+
 /// `/proc/<pid>/cmdline`, arguments joined by spaces.
 pub fn cmdline(pid: i32) -> String {
     fs::read(format!("/proc/{pid}/cmdline"))
@@ -308,5 +336,6 @@ mod tests {
         let t = tree(me);
         assert_eq!(t.first().map(|s| s.pid), Some(me));
         assert!(usage(me).unwrap().worker_rss_kib > 0);
+        assert!(!rss_by_mapping(me).is_empty());
     }
 }

@@ -76,13 +76,16 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
         "what": format!(
             "Deployment with job variable `command: true`. First {} single runs created a \
              few seconds apart (pickup on an idle server), then {} runs created at once \
-             (scheduled now, {} client threads). Pickup latency = `submitted-flow-run` \
+             (scheduled now, by {} client thread{}). Pickup latency = `submitted-flow-run` \
              `occurred` − the run's `expected_start_time`. Worker CPU per run: the worker \
              process's CPU from just before the burst to 2 s after its last \
              `submitted-flow-run`, over the burst's runs. Harmed: burst runs without a \
              `submitted-flow-run`, or Crashed/Failed. Server errors: exceptions in the server \
              log during the phase (SQLite's `database is locked`, mostly).",
-            plan.idle_pickups, plan.burst_runs, plan.client_threads
+            plan.idle_pickups,
+            plan.burst_runs,
+            plan.client_threads,
+            if plan.client_threads == 1 { "" } else { "s" }
         ),
         "command": "true",
         "idle_pickups": plan.idle_pickups,

@@ -59,7 +59,7 @@ impl Plan {
             idle_pickups: 3,
             burst_runs: 50,
             flow_runs: 6,
-            scale_runs: 100,
+            scale_runs: 50,
             scale_reps: 1,
             scale_hold_s: 5.0,
             scale_deadline_s: 60.0,

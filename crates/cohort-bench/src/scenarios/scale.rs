@@ -81,6 +81,25 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
         }
     }
     report.summarize();
+    for r in &report.reps {
+        if let Some(profile) = r
+            .details
+            .get("rss_by_mapping_kib")
+            .and_then(|v| serde_json::from_value::<Vec<(String, u64)>>(v.clone()).ok())
+        {
+            let parts: Vec<String> = profile
+                .iter()
+                .take(5)
+                .map(|(name, kib)| format!("`{name}` {:.1}", *kib as f64 / MIB))
+                .collect();
+            report.notes.push(format!(
+                "Where the {} worker's RSS goes with all runs running (MiB, repetition {}): {}.",
+                r.worker.label(),
+                r.rep + 1,
+                parts.join(", ")
+            ));
+        }
+    }
     report
 }
 
@@ -206,6 +225,12 @@ fn launch_and_hold(
         r.detail("tree_procs", c.tree_procs);
     }
     r.set("tree_pss_mib", Some(procfs::tree_pss_kib(pid) as f64 / MIB));
+    let mut by_mapping = procfs::rss_by_mapping(pid);
+    by_mapping.truncate(8);
+    r.detail("rss_by_mapping_kib", by_mapping);
+    for key in ["RssAnon", "RssFile"] {
+        r.detail(key, procfs::status_field(pid, key));
+    }
     r.set(
         "worker_threads",
         procfs::status_field(pid, "Threads").map(|n| n as f64),

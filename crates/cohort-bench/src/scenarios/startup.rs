@@ -80,6 +80,9 @@ pub fn run(ctx: &Ctx<'_>) -> (ScenarioReport, ScenarioReport) {
                 r.set("rss_anon_mib", field("RssAnon").map(|k| k / MIB));
                 r.set("rss_file_mib", field("RssFile").map(|k| k / MIB));
                 r.set("threads", field("Threads"));
+                let mut by_mapping = procfs::rss_by_mapping(worker.pid());
+                by_mapping.truncate(8);
+                r.detail("rss_by_mapping_kib", by_mapping);
                 let samples = sampler.finish();
                 worker.stop(Duration::from_secs(20));
 
@@ -128,5 +131,26 @@ pub fn run(ctx: &Ctx<'_>) -> (ScenarioReport, ScenarioReport) {
     }
     idle.summarize();
     startup.summarize();
+    for kind in [WorkerKind::Python, WorkerKind::Cohort] {
+        let profile = idle
+            .reps
+            .iter()
+            .find(|r| r.worker == kind)
+            .and_then(|r| r.details.get("rss_by_mapping_kib"))
+            .and_then(|v| serde_json::from_value::<Vec<(String, u64)>>(v.clone()).ok());
+        if let Some(profile) = profile {
+            let parts: Vec<String> = profile
+                .iter()
+                .take(6)
+                .map(|(name, kib)| format!("`{name}` {:.1}", *kib as f64 / MIB))
+                .collect();
+            idle.notes.push(format!(
+                "Where the {} worker's idle RSS goes (MiB, first repetition, \
+                 `/proc/<pid>/smaps`): {}.",
+                kind.label(),
+                parts.join(", ")
+            ));
+        }
+    }
     (idle, startup)
 }
