@@ -81,6 +81,7 @@ fn run(args: Args) -> Result<()> {
     };
     if let Some(r) = args.reps {
         plan.reps = r.max(1);
+        plan.flow_reps = r.max(1);
     }
     if let Some(r) = args.scale_reps {
         plan.scale_reps = r;

@@ -226,8 +226,9 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "**Mode: {}** ({} repetition{} per scenario, Python and Cohort alternating, each on \
-             fresh work pools) against one Prefect {} server on **{}**, in {:.1} minutes. \
+            "**Mode: {}** ({} repetition{} per scenario unless its section says otherwise, \
+             Python and Cohort alternating, each on fresh work pools) against one Prefect {} \
+             server on **{}**, in {:.1} minutes. \
              Values are medians over the repetitions; p50/p95 are taken within a repetition, \
              then the median over repetitions is shown. Ratio = Cohort / Python.\n",
             r.mode,
@@ -280,7 +281,12 @@ impl Report {
         for sc in &self.scenarios {
             let _ = writeln!(s, "## {}\n", sc.title);
             if let Some(what) = sc.params.get("what").and_then(Value::as_str) {
-                let _ = writeln!(s, "{what}\n");
+                let reps = sc.reps.iter().map(|r| r.rep).max().map_or(0, |m| m + 1);
+                let _ = writeln!(
+                    s,
+                    "{what} {reps} repetition{} per worker.\n",
+                    if reps == 1 { "" } else { "s" }
+                );
             }
             let _ = writeln!(
                 s,
@@ -335,6 +341,7 @@ fn fmt_value(v: Option<f64>, unit: &str) -> String {
         "%" => format!("{v:.1} %"),
         "MiB" if v >= 100.0 => format!("{v:.0} MiB"),
         "MiB" => format!("{v:.1} MiB"),
+        "KiB" => format!("{v:.0} KiB"),
         "s" if v >= 100.0 => format!("{v:.0} s"),
         "s" if v >= 1.0 => format!("{v:.2} s"),
         "s" if v >= 0.001 => format!("{:.1} ms", v * 1000.0),

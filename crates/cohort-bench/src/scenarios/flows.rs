@@ -54,7 +54,7 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
         "flow_runs": plan.flow_runs,
         "entrypoint": "flows.py:hello",
     });
-    for rep in 0..plan.reps {
+    for rep in 0..plan.flow_reps {
         for kind in WorkerKind::order(rep) {
             let mut r = one_rep(ctx, "flows", rep, kind, json!({}), |fx, r| {
                 body(ctx, fx, kind, r)

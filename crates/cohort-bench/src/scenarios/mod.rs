@@ -37,6 +37,9 @@ pub struct Plan {
     pub idle_pickups: usize,
     pub burst_runs: usize,
     pub flow_runs: usize,
+    /// Repetitions of scenario 4 (50 Python engines per worker and repetition are slow on
+    /// two cores).
+    pub flow_reps: usize,
     pub scale_runs: usize,
     pub scale_reps: usize,
     /// How long to hold all scale runs before reading RSS and steady CPU.
@@ -59,6 +62,7 @@ impl Plan {
             idle_pickups: 3,
             burst_runs: 50,
             flow_runs: 6,
+            flow_reps: 1,
             scale_runs: 50,
             scale_reps: 1,
             scale_hold_s: 5.0,
@@ -76,10 +80,11 @@ impl Plan {
             idle_pickups: 6,
             burst_runs: 200,
             flow_runs: 50,
+            flow_reps: 2,
             scale_runs: 1000,
             scale_reps: 1,
             scale_hold_s: 20.0,
-            scale_deadline_s: 300.0,
+            scale_deadline_s: 180.0,
             client_threads: 1,
         }
     }
@@ -157,10 +162,10 @@ pub fn one_rep(
     eprintln!(
         "[bench] {scenario}: repetition {} of {}, {} worker",
         rep + 1,
-        if scenario == "scale" {
-            ctx.plan.scale_reps
-        } else {
-            ctx.plan.reps
+        match scenario {
+            "scale" => ctx.plan.scale_reps,
+            "flows" => ctx.plan.flow_reps,
+            _ => ctx.plan.reps,
         },
         kind.label()
     );

@@ -20,17 +20,22 @@ use crate::procfs;
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::worker::{Worker, WorkerKind};
 
-const METRICS: [MetricDef; 11] = [
+const METRICS: [MetricDef; 12] = [
     MetricDef::new("running", "flow processes running at once", "runs"),
     MetricDef::new("worker_rss_mib", "RSS, worker process, all running", "MiB").cohort_below(50.0),
     MetricDef::new("worker_hwm_mib", "peak RSS (VmHWM), worker process", "MiB"),
+    MetricDef::new(
+        "rss_per_run_kib",
+        "worker RSS per running run (slope)",
+        "KiB",
+    ),
     MetricDef::new(
         "tree_rss_mib",
         "RSS, process tree (sum; mostly `sleep`)",
         "MiB",
     ),
     MetricDef::new("tree_pss_mib", "PSS, process tree", "MiB"),
-    MetricDef::new("time_to_all_s", "runs created → all running", "s"),
+    MetricDef::new("time_to_all_s", "worker started → all running", "s"),
     MetricDef::new("cpu_per_run_s", "worker CPU per run launched", "s"),
     MetricDef::new("steady_cpu_pct", "worker CPU while supervising", "%"),
     MetricDef::new("worker_threads", "worker threads, all running", "count"),
@@ -47,9 +52,11 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
     );
     report.params = json!({
         "what": format!(
-            "{} runs of a deployment with job variable `command: sleep 3600`, created at \
-             once; the worker may launch them all (no limit). Measured once all are running \
-             (or at the {:.0} s deadline) and held {:.0} s: the worker process's RSS alone — \
+            "{} runs of a deployment with job variable `command: sleep 3600`, created \
+             before the worker starts (scheduled now); the worker may launch them all (no \
+             limit; Prefect's server hands out at most 200 per poll). Measured once all are \
+             running (or at the {:.0} s deadline, from the worker's started event) and held \
+             {:.0} s: the worker process's RSS alone — \
              the tree's RSS is dominated by the {} `sleep` children and is shown only for \
              completeness — and its CPU (launch CPU per run; steady CPU over the hold).",
             plan.scale_runs, plan.scale_deadline_s, plan.scale_hold_s, plan.scale_runs
@@ -105,13 +112,24 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
 
 fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult) -> Result<()> {
     let server = ctx.server;
-    let mut worker = Worker::spawn(server, &ctx.programs, kind, &fx.pool, &fx.worker_name)?;
-    worker.wait_started(Duration::from_secs(120))?;
-    let pid = worker.pid();
+    let plan = &ctx.plan;
+    // The runs exist before the worker starts: on SQLite, creating them while a worker
+    // submits makes both wait on the database lock, and the creation rate would be
+    // measured instead of the worker.
+    let created_from = Utc::now();
+    let ids = server.create_flow_runs(
+        &fx.deployment_id,
+        plan.scale_runs,
+        plan.client_threads,
+        Duration::from_secs(300),
+    )?;
+    r.detail("create_s", secs(created_from, Utc::now()));
     let log_offset = server.log_len();
+    let mut worker = Worker::spawn(server, &ctx.programs, kind, &fx.pool, &fx.worker_name)?;
+    let started = worker.wait_started(Duration::from_secs(120))?;
+    let pid = worker.pid();
     let before = procfs::usage(pid);
-    let t0 = Utc::now();
-    let result = launch_and_hold(ctx, fx, &mut worker, r, before, t0);
+    let result = launch_and_hold(ctx, ids.len(), &mut worker, r, before, started);
     // Where the runs were when the measurement ended.
     if let Ok(runs) = server.read_flow_runs(&fx.deployment_id) {
         let mut states: HashMap<String, usize> = HashMap::new();
@@ -150,9 +168,11 @@ fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult)
     result
 }
 
+/// From the worker's start (`t0`, its started event): wait for `n` running children,
+/// hold, measure.
 fn launch_and_hold(
     ctx: &Ctx<'_>,
-    fx: &super::Fixture,
+    n: usize,
     worker: &mut Worker<'_>,
     r: &mut RepResult,
     before: Option<procfs::Usage>,
@@ -160,15 +180,9 @@ fn launch_and_hold(
 ) -> Result<()> {
     let plan = &ctx.plan;
     let pid = worker.pid();
-    let ids = ctx.server.create_flow_runs(
-        &fx.deployment_id,
-        plan.scale_runs,
-        plan.client_threads,
-        Duration::from_secs_f64(plan.scale_deadline_s),
-    )?;
-    r.detail("create_s", secs(t0, Utc::now()));
     let deadline = Instant::now() + Duration::from_secs_f64(plan.scale_deadline_s);
-    let mut timeline: Vec<(f64, usize)> = Vec::new();
+    // (seconds since start, running children, worker RSS in KiB)
+    let mut timeline: Vec<(f64, usize, u64)> = Vec::new();
     let mut max_running = 0;
     let mut at_all = None;
     let mut fell_over = None;
@@ -185,10 +199,11 @@ fn launch_and_hold(
         let running = procfs::count_descendants_running(pid, "sleep");
         max_running = max_running.max(running);
         let t = secs(t0, Utc::now());
-        if timeline.last().map(|(_, n)| *n) != Some(running) {
-            timeline.push((t, running));
+        if timeline.last().map(|(_, n, _)| *n) != Some(running) {
+            let rss = procfs::rss_kib(pid).map_or(0, |r| r.0);
+            timeline.push((t, running, rss));
         }
-        if running >= ids.len() {
+        if running >= n {
             at_all = Some(t);
             break;
         }
@@ -200,6 +215,7 @@ fn launch_and_hold(
     r.set("running", Some(max_running as f64));
     r.set("time_to_all_s", at_all);
     r.detail("running_timeline", &timeline);
+    r.set("rss_per_run_kib", rss_slope_kib(&timeline));
     if let Some(msg) = fell_over {
         bail!(msg);
     }
@@ -237,8 +253,7 @@ fn launch_and_hold(
     );
     if at_all.is_none() {
         bail!(
-            "only {max_running} of {} runs were running after {:.0} s",
-            ids.len(),
+            "only {max_running} of {n} runs were running after {:.0} s",
             plan.scale_deadline_s
         );
     }
@@ -247,4 +262,35 @@ fn launch_and_hold(
 
 fn kind_label(worker: &Worker<'_>) -> &'static str {
     worker.kind.label()
+}
+
+/// Least-squares slope of worker RSS over running children, in KiB per run: what each
+/// supervised run costs the worker. `None` with fewer than two distinct counts.
+fn rss_slope_kib(timeline: &[(f64, usize, u64)]) -> Option<f64> {
+    let points: Vec<(f64, f64)> = timeline
+        .iter()
+        .filter(|(_, _, rss)| *rss > 0)
+        .map(|(_, n, rss)| (*n as f64, *rss as f64))
+        .collect();
+    let k = points.len() as f64;
+    if k < 2.0 {
+        return None;
+    }
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / k;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / k;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slope_of_rss_over_runs() {
+        let t = [(0.0, 0, 1000), (1.0, 10, 1500), (2.0, 20, 2000)];
+        assert!((rss_slope_kib(&t).unwrap() - 50.0).abs() < 1e-9);
+        assert_eq!(rss_slope_kib(&t[..1]), None);
+    }
 }
