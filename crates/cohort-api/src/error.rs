@@ -55,6 +55,24 @@ impl ApiError {
         )
     }
 
+    /// A transport failure because the host name does not resolve: a wrong URL rather than a
+    /// server that is down. (reqwest reports it as a connect error; the resolver's message
+    /// is the only tell.)
+    pub fn is_unresolvable_host(&self) -> bool {
+        let ApiError::Transport { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&dyn std::error::Error> = Some(source);
+        while let Some(e) = cause {
+            let text = e.to_string();
+            if text.contains("dns error") || text.contains("failed to lookup address") {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     /// Whether the same request may succeed later: transport failures and busy-server statuses.
     pub fn is_transient(&self) -> bool {
         match self {

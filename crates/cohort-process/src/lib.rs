@@ -1,5 +1,6 @@
 //! Flow-run processes on this machine: start one in its own process group, talk to Prefect's
-//! engine over the attempt control channel, and stop it the way Prefect's runner does.
+//! engine over the attempt control channel, and stop it the way Prefect's runner does; the
+//! per-run shim that lets a flow outlive its worker.
 //! Shared by the worker and the runner.
 
 #![forbid(unsafe_code)]
@@ -7,6 +8,8 @@
 pub mod control;
 pub mod exit_codes;
 pub mod process;
+pub mod shim;
 
 pub use control::{Attempt, Conclusion, ControlListener, Intent, SignalStatus};
 pub use process::{find_python, FlowRunProcess, Launch, LaunchError};
+pub use shim::{ShimSpec, ShimStatus};

@@ -1,14 +1,17 @@
-//! Flow-run processes: start one in its own process group, stream its output, wait for it, and
-//! stop the whole group when asked.
+//! Flow-run processes: start one in its own process group (behind a [shim](crate::shim) that
+//! outlives the worker), wait for it, re-adopt it after a restart, and stop the whole group
+//! when asked.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
+
+use crate::shim::{self, ShimSpec};
 
 /// Everything needed to start a flow-run process.
 #[derive(Debug, Clone)]
@@ -20,7 +23,11 @@ pub struct Launch {
     /// Removed from the inherited environment.
     pub env_remove: Vec<String>,
     pub cwd: PathBuf,
+    /// The flow's output goes to the worker's own stdout and stderr (inherited, so it keeps
+    /// flowing if the worker dies); otherwise it is discarded.
     pub stream_output: bool,
+    /// Run it under a [shim](crate::shim) that outlives the worker; `None` starts it directly.
+    pub shim: Option<ShimSpec>,
 }
 
 /// The process could not be started at all.
@@ -33,19 +40,65 @@ pub struct LaunchError {
     pub source: std::io::Error,
 }
 
-/// A started flow-run process, leader of its own process group.
+/// How long a shim may take to report the flow's pid.
+const SHIM_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an adopted (not our child) shim is checked for having exited.
+const ADOPTED_POLL: Duration = Duration::from_millis(500);
+
+/// A started flow-run process in its own process group: either our child, or (behind a shim)
+/// our child's child, or a run re-adopted after a restart.
 #[derive(Debug)]
 pub struct FlowRunProcess {
-    child: Child,
+    /// The flow process: what Prefect knows as the run's `infrastructure_pid`.
     pid: u32,
-    output: Vec<tokio::task::JoinHandle<()>>,
+    /// The process group, led by the shim (or by the flow process itself without one).
+    pgid: u32,
+    status: Option<PathBuf>,
+    waiter: Waiter,
+}
+
+#[derive(Debug)]
+enum Waiter {
+    Child(Child),
+    /// A shim of an earlier worker: not our child, so polled; its start time guards against
+    /// a reused pid.
+    Adopted {
+        start_ticks: u64,
+    },
+    Done(i64),
 }
 
 impl FlowRunProcess {
     pub fn spawn(launch: &Launch) -> Result<Self, LaunchError> {
-        let mut cmd = Command::new(&launch.program);
-        cmd.args(&launch.args)
-            .current_dir(&launch.cwd)
+        let launch_error = |source| LaunchError {
+            program: launch.program.clone(),
+            cwd: launch.cwd.display().to_string(),
+            source,
+        };
+        let mut cmd = match &launch.shim {
+            Some(shim) => {
+                // A stale record of an earlier attempt must not be mistaken for this one.
+                match std::fs::remove_file(&shim.status) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(launch_error(e)),
+                }
+                let mut cmd = Command::new(&shim.exe);
+                cmd.arg(shim::SUBCOMMAND)
+                    .arg("--status")
+                    .arg(&shim.status)
+                    .arg("--")
+                    .arg(&launch.program)
+                    .args(&launch.args);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(&launch.program);
+                cmd.args(&launch.args);
+                cmd
+            }
+        };
+        cmd.current_dir(&launch.cwd)
             .envs(&launch.env)
             .stdin(Stdio::null())
             // Its own group, so a stop reaches the flow's children too and a Ctrl-C at the
@@ -57,79 +110,163 @@ impl FlowRunProcess {
             cmd.env_remove(key);
         }
         if launch.stream_output {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
         } else {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
-        let mut child = cmd.spawn().map_err(|source| LaunchError {
-            program: launch.program.clone(),
-            cwd: launch.cwd.display().to_string(),
-            source,
-        })?;
-        let pid = child.id().expect("a just-spawned child has a pid");
-        let mut output = Vec::new();
-        if let Some(mut out) = child.stdout.take() {
-            output.push(tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut out, &mut tokio::io::stdout()).await;
-            }));
-        }
-        if let Some(mut err) = child.stderr.take() {
-            output.push(tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut err, &mut tokio::io::stderr()).await;
-            }));
-        }
-        Ok(Self { child, pid, output })
+        let child = cmd.spawn().map_err(launch_error)?;
+        let leader = child.id().expect("a just-spawned child has a pid");
+        Ok(Self {
+            pid: leader,
+            pgid: leader,
+            status: launch.shim.as_ref().map(|s| s.status.clone()),
+            waiter: Waiter::Child(child),
+        })
     }
 
+    /// Behind a shim: waits until the shim has started the flow process and learns its pid.
+    /// Without a shim, there is nothing to wait for.
+    pub async fn started(&mut self, launch: &Launch) -> Result<(), LaunchError> {
+        let Some(path) = self.status.clone() else {
+            return Ok(());
+        };
+        let launch_error = |message: String| LaunchError {
+            program: launch.program.clone(),
+            cwd: launch.cwd.display().to_string(),
+            source: std::io::Error::other(message),
+        };
+        let deadline = tokio::time::Instant::now() + SHIM_START_TIMEOUT;
+        let mut delay = Duration::from_millis(1);
+        loop {
+            if let Some(record) = shim::read_status(&path) {
+                if let Some(error) = record.error {
+                    let _ = self.wait().await;
+                    let _ = std::fs::remove_file(&path);
+                    return Err(launch_error(error));
+                }
+                if let Some(pid) = record.flow_pid {
+                    self.pid = pid;
+                    return Ok(());
+                }
+            }
+            let exited = match &mut self.waiter {
+                Waiter::Child(child) => child.try_wait().ok().flatten().map(shim::exit_code),
+                _ => None,
+            };
+            if let Some(code) = exited {
+                // Raced its own status write? One last look.
+                if let Some(pid) = shim::read_status(&path).and_then(|r| r.flow_pid) {
+                    self.pid = pid;
+                    self.waiter = Waiter::Done(code);
+                    return Ok(());
+                }
+                return Err(launch_error(format!(
+                    "the run supervisor exited ({code}) before starting it"
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.signal_group(Signal::SIGKILL);
+                return Err(launch_error(format!(
+                    "the run supervisor did not start it within {SHIM_START_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Takes over a run started by an earlier worker through a shim, from its status file.
+    /// `None` when there is nothing to adopt (no record of a started flow). A shim that has
+    /// exited meanwhile yields a process whose [`wait`](Self::wait) returns at once.
+    pub fn adopt(status: &Path) -> Option<Self> {
+        let record = shim::read_status(status)?;
+        let pid = record.flow_pid?;
+        let waiter = match (record.exit_code, shim::start_ticks(record.shim_pid)) {
+            (Some(code), _) => Waiter::Done(code),
+            (None, Some(start_ticks)) => Waiter::Adopted { start_ticks },
+            // Gone without a recorded outcome: SIGKILLed with its group.
+            (None, None) => Waiter::Adopted { start_ticks: 0 },
+        };
+        Some(Self {
+            pid,
+            pgid: record.shim_pid,
+            status: Some(status.to_path_buf()),
+            waiter,
+        })
+    }
+
+    /// The flow process.
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
+    /// The process group (the shim's pid behind a shim).
+    pub fn pgid(&self) -> u32 {
+        self.pgid
+    }
+
     /// Waits for the process to exit: its exit code, or the negated signal number that killed it
-    /// (Python's `returncode` convention, which Prefect reports as the status code).
+    /// (Python's `returncode` convention, which Prefect reports as the status code). Behind a
+    /// shim, the code the shim recorded; an error when nobody could record it.
     pub async fn wait(&mut self) -> std::io::Result<i64> {
-        let status = self.child.wait().await?;
-        for task in self.output.drain(..) {
-            // Output of grandchildren that outlive the leader must not hold the run open.
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        let own = match &mut self.waiter {
+            Waiter::Done(code) => Some(*code),
+            Waiter::Child(child) => Some(shim::exit_code(child.wait().await?)),
+            Waiter::Adopted { start_ticks } => {
+                let start_ticks = *start_ticks;
+                while start_ticks != 0 && shim::start_ticks(self.pgid) == Some(start_ticks) {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                None
+            }
+        };
+        let recorded = self
+            .status
+            .as_deref()
+            .and_then(shim::read_status)
+            .and_then(|r| r.exit_code);
+        let code = match (recorded, own) {
+            (Some(code), _) => code,
+            // A shim killed with its group (SIGKILL): the flow went with it.
+            (None, Some(code)) => code,
+            (None, None) => {
+                return Err(std::io::Error::other(
+                    "its supervisor ended without recording an exit code",
+                ))
+            }
+        };
+        self.waiter = Waiter::Done(code);
+        if let Some(path) = &self.status {
+            let _ = std::fs::remove_file(path);
         }
-        Ok(exit_code(status))
+        Ok(code)
     }
 
     /// Sends `signal` to the whole process group. A group that is already gone is not an error.
     pub fn signal_group(&self, signal: Signal) {
-        match killpg(Pid::from_raw(self.pid as i32), signal) {
+        match killpg(Pid::from_raw(self.pgid as i32), signal) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
             Err(e) => {
-                tracing::warn!(pid = self.pid, %signal, error = %e, "could not signal flow-run process group")
+                tracing::warn!(pgid = self.pgid, %signal, error = %e, "could not signal flow-run process group")
             }
         }
     }
 
     /// SIGTERM to the group, then SIGKILL once `grace` has passed; returns as soon as the
-    /// leader has exited.
+    /// process has exited.
     pub async fn terminate(&mut self, grace: Duration) -> std::io::Result<i64> {
         self.signal_group(Signal::SIGTERM);
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => {
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(code) => {
                 // Children that ignored SIGTERM go with the leader.
                 self.signal_group(Signal::SIGKILL);
-                Ok(exit_code(status?))
+                code
             }
             Err(_) => {
                 self.signal_group(Signal::SIGKILL);
                 self.wait().await
             }
         }
-    }
-}
-
-fn exit_code(status: std::process::ExitStatus) -> i64 {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code as i64,
-        (None, Some(signal)) => -(signal as i64),
-        (None, None) => -1,
     }
 }
 
@@ -165,6 +302,7 @@ mod tests {
             env_remove: vec![],
             cwd: std::env::temp_dir(),
             stream_output: false,
+            shim: None,
         }
     }
 

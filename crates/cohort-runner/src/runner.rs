@@ -246,6 +246,8 @@ impl Runner {
             runner_resource: related::runner_resource(&self.options.name, &self.prefect_version),
             termination_grace: self.options.termination_grace,
             cancel_on_shutdown: Some("Runner is shutting down."),
+            // A runner cancels its runs when it stops, and does not re-adopt: no shims.
+            shims: None,
         });
         let cancellable = Cancellable::default();
         let cancel_watch = tokio::spawn(cancel::watch(
@@ -421,6 +423,7 @@ impl RunCtx {
             env_remove: vec![],
             cwd: self.options.cwd.clone(),
             stream_output: true,
+            shim: None,
         };
         match self
             .executor

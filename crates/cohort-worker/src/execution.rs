@@ -3,6 +3,7 @@
 //! cancellation (`prefect/runner/_flow_run_executor.py: FlowRunExecutor`,
 //! `prefect/runner/_cancellation_manager.py: CancellationManager`).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use cohort_events::related::{self, Named};
 use cohort_events::{names, Event, EventSink, Resource};
 use cohort_process::control::{ControlListener, Intent, SignalStatus};
 use cohort_process::exit_codes::{crashed_message, exit_info};
-use cohort_process::{FlowRunProcess, Launch};
+use cohort_process::{Attempt, FlowRunProcess, Launch, ShimSpec};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -38,6 +39,39 @@ pub struct Executor {
     /// the engine reported an outcome); a message for a runner, which cancels its runs with
     /// it, as Prefect's `Runner.stop` does (`cancel_all(state_msg="Runner is shutting down.")`).
     pub cancel_on_shutdown: Option<&'static str>,
+    /// Run each flow under a shim that outlives this process; `None` starts flows directly.
+    pub shims: Option<Shims>,
+}
+
+/// Where flow runs' shims come from and record their status.
+#[derive(Debug, Clone)]
+pub struct Shims {
+    /// The `cohort` executable (it runs the shim as a hidden command).
+    pub exe: PathBuf,
+    /// One status file per run: `<dir>/<flow run id>.json`.
+    pub dir: PathBuf,
+}
+
+impl Shims {
+    /// This executable, recording under `dir` (created if missing).
+    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            exe: std::env::current_exe()?,
+            dir,
+        })
+    }
+
+    pub fn status_path(&self, flow_run: Uuid) -> PathBuf {
+        self.dir.join(format!("{flow_run}.json"))
+    }
+
+    fn spec(&self, flow_run: Uuid) -> ShimSpec {
+        ShimSpec {
+            exe: self.exe.clone(),
+            status: self.status_path(flow_run),
+        }
+    }
 }
 
 /// Whether a claimed run may be launched.
@@ -128,7 +162,14 @@ impl Executor {
                 "false".into(),
             );
         }
-        let mut process = match FlowRunProcess::spawn(&launch) {
+        if let Some(shims) = &self.shims {
+            launch.shim = Some(shims.spec(run.id));
+        }
+        let started = match FlowRunProcess::spawn(&launch) {
+            Ok(mut p) => p.started(&launch).await.map(|()| p),
+            Err(e) => Err(e),
+        };
+        let process = match started {
             Ok(p) => p,
             Err(e) => {
                 // `FlowRunExecutor.submit` words it so.
@@ -151,7 +192,35 @@ impl Executor {
             run.name
         ));
         log.flush(&self.client).await;
+        self.supervise(
+            run,
+            deployment,
+            flow,
+            process,
+            attempt.as_ref(),
+            log,
+            cancel,
+            terminate,
+        )
+        .await
+    }
 
+    /// Supervises a started process until it exits, is cancelled (`cancel`), or must stop
+    /// because its supervisor is shutting down (`terminate`); `attempt` is its control channel,
+    /// if it has one (a run re-adopted after a restart has none).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn supervise(
+        &self,
+        run: &FlowRun,
+        deployment: Option<&Deployment>,
+        flow: Option<&Flow>,
+        mut process: FlowRunProcess,
+        attempt: Option<&Attempt>,
+        log: &mut RunLog,
+        cancel: &CancellationToken,
+        terminate: &CancellationToken,
+    ) -> Result<Executed, NotExecuted> {
+        let pid = process.pid().to_string();
         enum Ending {
             Exited(std::io::Result<i64>),
             Cancel,
@@ -162,9 +231,8 @@ impl Executor {
             _ = cancel.cancelled() => Ending::Cancel,
             _ = terminate.cancelled() => Ending::Terminate,
         };
-        let concluded = |attempt: &Option<cohort_process::control::Attempt>| {
-            attempt.as_ref().is_some_and(|a| a.conclusion().is_some())
-        };
+        let concluded =
+            |attempt: Option<&Attempt>| attempt.is_some_and(|a| a.conclusion().is_some());
         // A cancel request, or a runner's shutdown, which cancels what still runs.
         let cancel_message = match &ending {
             Ending::Cancel => Some("Flow run was cancelled successfully."),
@@ -173,16 +241,9 @@ impl Executor {
         };
         if let Some(message) = cancel_message {
             let code = self
-                .stop_cancelled(
-                    run,
-                    &mut process,
-                    attempt.as_ref(),
-                    deployment,
-                    flow,
-                    message,
-                )
+                .stop_cancelled(run, &mut process, attempt, deployment, flow, message)
                 .await;
-            let status_code = if concluded(&attempt) { 0 } else { code };
+            let status_code = if concluded(attempt) { 0 } else { code };
             return Ok(Executed { pid, status_code });
         }
         let code = match ending {
@@ -198,7 +259,7 @@ impl Executor {
                     .terminate(self.termination_grace)
                     .await
                     .map_err(|e| NotExecuted::Lost(e.to_string()))?;
-                if !concluded(&attempt) {
+                if !concluded(attempt) {
                     let message = crashed_message(code);
                     log.error(format!(
                         "{message} The flow run was stopped because its supervisor shut down."
@@ -209,7 +270,7 @@ impl Executor {
                 code
             }
         };
-        if concluded(&attempt) {
+        if concluded(attempt) {
             return Ok(Executed {
                 pid,
                 status_code: 0,
@@ -236,7 +297,7 @@ impl Executor {
         &self,
         run: &FlowRun,
         process: &mut FlowRunProcess,
-        attempt: Option<&cohort_process::control::Attempt>,
+        attempt: Option<&Attempt>,
         deployment: Option<&Deployment>,
         flow: Option<&Flow>,
         message: &str,

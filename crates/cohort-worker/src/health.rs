@@ -1,5 +1,10 @@
-//! The `--with-healthcheck` web server: `GET /health` answers like Prefect's worker
-//! (`prefect/workers/server.py`): OK while the last poll is recent, 503 otherwise.
+//! The `--with-healthcheck` web server. `GET /health` answers like Prefect's worker
+//! (`prefect/workers/server.py`): OK while the last successful poll is recent, 503 otherwise.
+//! Cohort adds liveness and readiness apart, for orchestrators that restart on one and route
+//! on the other: `GET /livez` is OK while the poll loop turns, server reachable or not (a
+//! restart would not bring the server back), and the claim journal is writable (after a
+//! write error it must be reopened: a restart does that); `GET /readyz` is OK while the last
+//! poll succeeded within three poll intervals and claims can be journaled.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +16,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+use crate::journal::Journal;
 
 /// When the poller last completed a poll, shared between the poller and the health endpoint.
 #[derive(Debug, Clone)]
@@ -45,30 +52,89 @@ impl LastPolled {
     }
 }
 
+/// What the health endpoints look at.
+#[derive(Debug, Clone)]
+pub struct Probes {
+    /// The last successful poll.
+    pub last_polled: LastPolled,
+    /// The last poll attempt, successful or not.
+    pub loop_turned: LastPolled,
+    /// Prefect's `/health` window (30 poll intervals).
+    pub window: Duration,
+    /// The poll interval.
+    pub interval: Duration,
+    /// The claim journal, whose last write must have succeeded.
+    pub journal: Journal,
+}
+
+fn answer(ok: bool, failing: serde_json::Value) -> (StatusCode, Json<serde_json::Value>) {
+    if ok {
+        (StatusCode::OK, Json(json!({"message": "OK"})))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(failing))
+    }
+}
+
 /// Binds now (so a taken port fails start-up with a clear error) and serves until `shutdown`.
 pub async fn serve(
     addr: SocketAddr,
-    last_polled: LastPolled,
-    window: Duration,
+    probes: Probes,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = Router::new().route(
-        "/health",
-        get(move || {
-            let last_polled = last_polled.clone();
-            async move {
-                if last_polled.age() <= window {
-                    (StatusCode::OK, Json(json!({"message": "OK"})))
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Json(json!({"message": "Worker may be unresponsive at this time"})),
+    let (health, live, ready) = (probes.clone(), probes.clone(), probes);
+    let app = Router::new()
+        .route(
+            "/health",
+            get(move || {
+                let ok = health.last_polled.age() <= health.window;
+                async move {
+                    answer(
+                        ok,
+                        json!({"message": "Worker may be unresponsive at this time"}),
                     )
                 }
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/livez",
+            get(move || {
+                // A poll that hangs longer than the client's timeouts and retries would be a
+                // stuck loop; an unreachable server is not. A journal that failed a write is
+                // not usable again until it is reopened (redb's rule after an I/O error), so
+                // a restart is what helps.
+                let turning =
+                    live.loop_turned.age() <= live.interval * 3 + Duration::from_secs(300);
+                let journal = live.journal.is_healthy();
+                async move {
+                    answer(
+                        turning && journal,
+                        json!({
+                            "message": "not live",
+                            "poll_loop_turning": turning,
+                            "journal_writable": journal,
+                        }),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let polled = ready.last_polled.age() <= ready.interval * 3;
+                let journal = ready.journal.is_healthy();
+                async move {
+                    answer(
+                        polled && journal,
+                        json!({
+                            "message": "not ready",
+                            "server_reachable": polled,
+                            "journal_writable": journal,
+                        }),
+                    )
+                }
+            }),
+        );
     Ok(tokio::spawn(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
         if let Err(e) = server.await {

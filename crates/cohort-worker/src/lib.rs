@@ -8,8 +8,12 @@ mod channel;
 pub mod execution;
 pub mod health;
 pub mod job;
+pub mod journal;
+mod recover;
 mod submit;
 mod wake;
 mod worker;
 
-pub use worker::{StartError, Worker, WorkerOptions, PROCESS};
+pub use execution::Shims;
+pub use journal::{Journal, JournalError};
+pub use worker::{StartError, Worker, WorkerOptions, WorkerState, PROCESS};

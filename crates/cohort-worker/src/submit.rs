@@ -15,12 +15,14 @@ use cohort_template::BlockReference;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::execution::{claim, propose_crashed, Executor, Gate, NotExecuted, RunLog};
+use crate::execution::{claim, propose_crashed, Executed, Executor, Gate, NotExecuted, RunLog};
 use crate::job::ProcessJob;
+use crate::journal::{Claim, Journal};
 
 /// What every run of one worker shares.
 pub(crate) struct RunContext {
     pub executor: Executor,
+    pub journal: Journal,
     pub worker_name: String,
     pub worker_type: String,
     pub resource: cohort_events::Resource,
@@ -39,19 +41,56 @@ pub(crate) enum Outcome {
     FailedToSubmit(String),
     /// The process ran and ended with this status code.
     Exited(i64),
+    /// The claim could not be journaled, so the run was left for another worker or poll.
+    NotJournaled(String),
 }
 
+/// Submits `run`, or resumes the submission of `resume`, a claim journaled by an earlier
+/// worker whose run was never launched; the journal entry and the shim's status file go
+/// when the story is told.
 pub(crate) async fn submit(
     ctx: Arc<RunContext>,
     run: FlowRun,
+    resume: Option<Claim>,
+    cancel: CancellationToken,
+    terminate: CancellationToken,
+) -> Outcome {
+    let id = run.id;
+    let outcome = submit_journaled(&ctx, run, resume, cancel, terminate).await;
+    if !matches!(outcome, Outcome::NotJournaled(_)) {
+        forget(&ctx, id).await;
+    }
+    outcome
+}
+
+/// Drops a told run from the journal, then its shim's status file.
+pub(crate) async fn forget(ctx: &RunContext, id: uuid::Uuid) {
+    if let Err(e) = ctx.journal.remove(id).await {
+        tracing::warn!(error = %e, "could not remove the flow run from the claim journal");
+    }
+    if let Some(shims) = &ctx.executor.shims {
+        let _ = std::fs::remove_file(shims.status_path(id));
+    }
+}
+
+async fn submit_journaled(
+    ctx: &RunContext,
+    run: FlowRun,
+    resume: Option<Claim>,
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
     let client = &ctx.executor.client;
     let mut log = RunLog::new(run.id, "prefect.flow_runs.worker");
     log.info(format!(
-        "Worker '{}' submitting flow run '{}'",
-        ctx.worker_name, run.id
+        "Worker '{}' {} flow run '{}'",
+        ctx.worker_name,
+        if resume.is_some() {
+            "resuming the submission of"
+        } else {
+            "submitting"
+        },
+        run.id
     ));
 
     // 1. The deployment must still exist (`BaseWorker._submit_run`).
@@ -73,10 +112,23 @@ pub(crate) async fn submit(
         },
     };
 
-    // 2. Claim: propose Pending; anything but an accepted Pending means another worker has it.
-    if let Err(why) = claim(client, &run).await {
-        return Outcome::Skipped(why);
-    }
+    // 2. Claim: journal it, then propose Pending; anything but an accepted Pending means
+    // another worker has it. A claim that cannot be journaled is not made: a crash would
+    // leave the run Pending with nobody to finish it.
+    let (resumed_submitted, resumed_temp_dir) = match resume {
+        Some(claim) => (claim.submitted, claim.temp_dir),
+        None => {
+            if let Err(e) = ctx.journal.record_claim(run.id).await {
+                let message = format!("not claiming flow run '{}': {e}", run.id);
+                tracing::error!(error = ?e, "{message}");
+                return Outcome::NotJournaled(message);
+            }
+            if let Err(why) = claim(client, &run).await {
+                return Outcome::Skipped(why);
+            }
+            (None, None)
+        }
+    };
 
     // 3. Everything the configuration and events need; a work pool copy frozen for this run.
     let pool = ctx.pool.read().expect("pool lock poisoned").clone();
@@ -84,49 +136,58 @@ pub(crate) async fn submit(
         Ok(f) => f,
         Err(e) => {
             let message = format!("Failed to submit flow run to infrastructure: {e}");
-            return crash_before_start(&ctx, &mut log, &run, message).await;
+            return crash_before_start(ctx, &mut log, &run, message).await;
         }
     };
     let job = match configure(client, &pool, deployment.as_ref(), &run).await {
         Ok(job) => job,
         Err(message) => {
             let message = format!("Failed to submit flow run to infrastructure: {message}");
-            return crash_before_start(&ctx, &mut log, &run, message).await;
+            return crash_before_start(ctx, &mut log, &run, message).await;
         }
     };
 
-    // 4. submitted-flow-run, before labels and Submitting, as Prefect emits it.
-    let objects = FlowRunObjects {
-        deployment: deployment.as_ref().map(|d| Named {
-            id: d.id,
-            name: d.name.clone(),
-        }),
-        flow: Some(Named {
-            id: flow.id,
-            name: flow.name.clone(),
-        }),
-        flow_run: Named {
-            id: run.id,
-            name: run.name.clone(),
-        },
-        tags: deployment
-            .iter()
-            .flat_map(|d| d.tags.iter())
-            .chain(flow.tags.iter())
-            .chain(run.tags.iter())
-            .cloned()
-            .collect(),
-        work_pool: Some(Named {
-            id: pool.id,
-            name: pool.name.clone(),
-        }),
+    // The working directory: a temporary one is journaled, so a worker that re-adopts the
+    // run after a crash can remove it.
+    if let Some(stale) = resumed_temp_dir {
+        let _ = std::fs::remove_dir_all(stale);
+    }
+    let workdir = match WorkDir::new(job.working_dir.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            let message =
+                format!("Flow run could not start: cannot create a working directory: {e}");
+            return crash_before_start(ctx, &mut log, &run, message).await;
+        }
     };
-    let related = related::worker_flow_run_related(&objects);
-    let submitted = Event::new(
-        names::WORKER_SUBMITTED_FLOW_RUN,
-        ctx.resource.clone(),
-        related.clone(),
-    );
+    let temp_dir = match &workdir {
+        WorkDir::Temporary(t) => Some(t.path().to_path_buf()),
+        WorkDir::Given(_) => None,
+    };
+
+    // 4. submitted-flow-run, before labels and Submitting, as Prefect emits it; journaled
+    // first, so a resumed submission sends the same event (the server keeps one per id).
+    let submitted = match resumed_submitted {
+        Some(event) => {
+            if let Err(e) = ctx.journal.record_submitted(run.id, &event, temp_dir).await {
+                tracing::error!(error = %e, "could not journal the working directory");
+            }
+            event
+        }
+        None => {
+            let objects = flow_run_objects(&run, deployment.as_ref(), &flow, &pool);
+            let related = related::worker_flow_run_related(&objects);
+            let event = Event::new(
+                names::WORKER_SUBMITTED_FLOW_RUN,
+                ctx.resource.clone(),
+                related,
+            );
+            if let Err(e) = ctx.journal.record_submitted(run.id, &event, temp_dir).await {
+                tracing::error!(error = %e, "could not journal the submitted-flow-run event");
+            }
+            event
+        }
+    };
     ctx.executor.sink.emit(submitted.clone());
 
     // 5. Labels (a failure does not stop the run; Prefect ignores it too), then Submitting.
@@ -147,17 +208,9 @@ pub(crate) async fn submit(
     }
 
     // 6. Launch and supervise.
-    let workdir = match WorkDir::new(job.working_dir.clone()) {
-        Ok(w) => w,
-        Err(e) => {
-            let message =
-                format!("Flow run could not start: cannot create a working directory: {e}");
-            return crash_before_start(&ctx, &mut log, &run, message).await;
-        }
-    };
-    let launch = match launch_spec(&ctx, &run, &flow, deployment.as_ref(), &job, workdir.path()) {
+    let launch = match launch_spec(ctx, &run, &flow, deployment.as_ref(), &job, workdir.path()) {
         Ok(l) => l,
-        Err(message) => return crash_before_start(&ctx, &mut log, &run, message).await,
+        Err(message) => return crash_before_start(ctx, &mut log, &run, message).await,
     };
     let executed = ctx
         .executor
@@ -180,16 +233,60 @@ pub(crate) async fn submit(
         }
     };
 
-    // 7. executed-flow-run, linked to submitted under the 5-minute rule.
-    let related = related::with_infrastructure(related, &executed.pid, executed.status_code);
+    // 7. executed-flow-run, linked to submitted.
+    emit_executed(ctx, &submitted, &executed);
+    Outcome::Exited(executed.status_code)
+}
+
+/// `executed-flow-run`: the submitted event's related resources plus the infrastructure's
+/// identifier and status code, following `submitted` under Prefect's 5-minute rule.
+pub(crate) fn emit_executed(ctx: &RunContext, submitted: &Event, executed: &Executed) {
+    let related = related::with_infrastructure(
+        submitted.related.clone(),
+        &executed.pid,
+        executed.status_code,
+    );
     let event = Event::new(
         names::WORKER_EXECUTED_FLOW_RUN,
         ctx.resource.clone(),
         related,
     )
-    .follow(&submitted);
+    .follow(submitted);
     ctx.executor.sink.emit(event);
-    Outcome::Exited(executed.status_code)
+}
+
+/// The objects a flow run's worker events relate to.
+pub(crate) fn flow_run_objects(
+    run: &FlowRun,
+    deployment: Option<&Deployment>,
+    flow: &Flow,
+    pool: &WorkPool,
+) -> FlowRunObjects {
+    FlowRunObjects {
+        deployment: deployment.map(|d| Named {
+            id: d.id,
+            name: d.name.clone(),
+        }),
+        flow: Some(Named {
+            id: flow.id,
+            name: flow.name.clone(),
+        }),
+        flow_run: Named {
+            id: run.id,
+            name: run.name.clone(),
+        },
+        tags: deployment
+            .iter()
+            .flat_map(|d| d.tags.iter())
+            .chain(flow.tags.iter())
+            .chain(run.tags.iter())
+            .cloned()
+            .collect(),
+        work_pool: Some(Named {
+            id: pool.id,
+            name: pool.name.clone(),
+        }),
+    }
 }
 
 /// Renders the pool's base job template for this run (`BaseJobConfiguration.resolve_for_flow_run`).
@@ -310,6 +407,7 @@ fn launch_spec(
         env_remove,
         cwd: cwd.to_path_buf(),
         stream_output: job.stream_output,
+        shim: None,
     })
 }
 

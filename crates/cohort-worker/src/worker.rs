@@ -22,8 +22,10 @@ use uuid::Uuid;
 
 use crate::cancel::{self, Cancellable};
 use crate::channel::{self, ChannelConfig};
-use crate::execution::Executor;
+use crate::execution::{Executor, Shims};
 use crate::health::{self, LastPolled};
+use crate::journal::Journal;
+use crate::recover::{self, Recovery};
 use crate::submit::{self, Outcome, RunContext};
 use crate::wake;
 
@@ -78,6 +80,12 @@ pub enum StartError {
         #[source]
         source: ApiError,
     },
+    #[error("{url} is not a Prefect API (check PREFECT_API_URL; it usually ends in /api)")]
+    NotAnApi {
+        url: String,
+        #[source]
+        source: ApiError,
+    },
     #[error("work pool {pool:?} has type {pool_type:?}, but this worker was started with --type {worker_type:?}")]
     PoolTypeMismatch {
         pool: String,
@@ -115,6 +123,39 @@ impl StartError {
     }
 }
 
+/// The server's version, once it answers. A server that is down, restarting or busy is waited
+/// for with jittered exponential backoff (1 s doubling to 30 s), as long as it takes; a wrong
+/// URL (a host that does not resolve, a path that is not a Prefect API) or wrong credentials
+/// fail at once. (Prefect's worker also keeps trying: "Unable to reach the Prefect API while
+/// starting up; the worker will keep attempting to connect", `prefect/workers/base.py`.)
+async fn wait_for_server(client: &PrefectClient) -> Result<String, StartError> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match client.server_version().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() && !e.is_unresolvable_host() => {
+                let wait = jittered(delay, 0.2);
+                tracing::warn!(
+                    error = %e,
+                    "Unable to reach the Prefect API at {} while starting up; retrying in {:.1} s",
+                    client.api_url(),
+                    wait.as_secs_f64()
+                );
+                tokio::time::sleep(wait).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            // No version endpoint there: not a Prefect API.
+            Err(e) if e.is_not_found() => {
+                return Err(StartError::NotAnApi {
+                    url: client.api_url().to_string(),
+                    source: e,
+                })
+            }
+            Err(e) => return Err(StartError::from_api(client, e)),
+        }
+    }
+}
+
 /// A started worker, ready to [`Worker::run`].
 pub struct Worker {
     client: PrefectClient,
@@ -133,10 +174,7 @@ impl Worker {
         if let Some(t) = options.worker_type.as_deref().filter(|t| *t != PROCESS) {
             return Err(StartError::UnsupportedType(t.to_owned()));
         }
-        let prefect_version = client
-            .server_version()
-            .await
-            .map_err(|e| StartError::from_api(&client, e))?;
+        let prefect_version = wait_for_server(&client).await?;
         let pool = match client
             .read_work_pool(&options.pool)
             .await
@@ -225,6 +263,7 @@ impl Worker {
     pub async fn run(
         self,
         sink: Arc<dyn EventSink>,
+        state: WorkerState,
         shutdown: CancellationToken,
         force: CancellationToken,
     ) -> Result<(), StartError> {
@@ -248,7 +287,9 @@ impl Worker {
                 runner_resource: related::runner_resource("standalone", &self.prefect_version),
                 termination_grace: self.options.termination_grace,
                 cancel_on_shutdown: None,
+                shims: state.shims,
             },
+            journal: state.journal,
             worker_name: self.options.name.clone(),
             worker_type: self.worker_type.clone(),
             resource: resource.clone(),
@@ -269,12 +310,18 @@ impl Worker {
             background.clone(),
         ));
         let last_polled = LastPolled::new();
+        let loop_turned = LastPolled::new();
         let health = match self.options.healthcheck {
             Some(addr) => Some(
                 health::serve(
                     addr,
-                    last_polled.clone(),
-                    self.options.query_interval * 30,
+                    health::Probes {
+                        last_polled: last_polled.clone(),
+                        loop_turned: loop_turned.clone(),
+                        window: self.options.query_interval * 30,
+                        interval: self.options.query_interval,
+                        journal: ctx.journal.clone(),
+                    },
                     background.clone(),
                 )
                 .await
@@ -331,7 +378,9 @@ impl Worker {
             in_flight: HashSet::new(),
             terminate: CancellationToken::new(),
             last_polled,
+            loop_turned,
         };
+        poller.recover().await;
         poller.serve(&shutdown).await;
         poller.drain(&force).await;
 
@@ -349,6 +398,13 @@ impl Worker {
     }
 }
 
+/// What a worker keeps on disk so that a restart loses nothing: the claim journal, and the
+/// shims' status files of its flow runs.
+pub struct WorkerState {
+    pub journal: Journal,
+    pub shims: Option<Shims>,
+}
+
 /// The poll loop's state; owned by one task.
 struct Poller<'w> {
     /// Instants at which a newly scheduled run is due (event-driven pickup).
@@ -364,6 +420,8 @@ struct Poller<'w> {
     /// Cancelled to stop every flow-run process at the drain deadline.
     terminate: CancellationToken,
     last_polled: LastPolled,
+    /// Every poll attempt (liveness).
+    loop_turned: LastPolled,
 }
 
 impl Poller<'_> {
@@ -395,6 +453,7 @@ impl Poller<'_> {
 
     async fn handle_poll(&mut self, shutdown: &CancellationToken) {
         let opts = &self.worker.options;
+        self.loop_turned.touch();
         // Prefect truncates the prefetch window to whole seconds.
         let before = chrono::Utc::now() + chrono::Duration::seconds(opts.prefetch.as_secs() as i64);
         let result = tokio::select! {
@@ -428,20 +487,85 @@ impl Poller<'_> {
                     }
                 },
             };
-            let id = run.id;
-            let span = tracing::info_span!("flow_run", id = %id);
             let ctx = self.ctx.clone();
-            let terminate = self.terminate.child_token();
-            let cancel = self.cancellable.register(id);
-            let handle = self.runs.spawn(
-                async move {
-                    let _slot = permit;
-                    submit::submit(ctx, run, cancel, terminate).await
+            self.spawn_run(run.id, permit, move |cancel, terminate| {
+                submit::submit(ctx, run, None, cancel, terminate)
+            });
+        }
+    }
+
+    /// Supervises one run on its own task, cancellable, holding its slot (if any).
+    fn spawn_run<F, Fut>(
+        &mut self,
+        id: Uuid,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        run: F,
+    ) where
+        F: FnOnce(CancellationToken, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = Outcome> + Send + 'static,
+    {
+        let span = tracing::info_span!("flow_run", id = %id);
+        let fut = run(self.cancellable.register(id), self.terminate.child_token());
+        let handle = self.runs.spawn(
+            async move {
+                let _slot = permit;
+                fut.await
+            }
+            .instrument(span),
+        );
+        self.task_runs.insert(handle.id(), id);
+        self.in_flight.insert(id);
+    }
+
+    /// Takes up what an earlier worker of this name left in the journal (see [`recover`]):
+    /// re-adopted and resumed runs hold slots like any other, even beyond `--limit`, since
+    /// they are running already.
+    async fn recover(&mut self) {
+        let claims = match self.ctx.journal.claims() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the claim journal; runs of an earlier worker will not be recovered");
+                return;
+            }
+        };
+        if claims.is_empty() {
+            return;
+        }
+        tracing::info!(
+            claims = claims.len(),
+            "recovering the flow runs of an earlier worker from the claim journal"
+        );
+        for claim in claims {
+            let id = claim.flow_run_id;
+            let permit = self
+                .slots
+                .as_ref()
+                .and_then(|sem| sem.clone().try_acquire_owned().ok());
+            let ctx = self.ctx.clone();
+            match recover::reconcile(&ctx, claim).await {
+                Recovery::Adopt(claim, process) => {
+                    tracing::info!(flow_run = %id, pid = process.pid(), "re-adopting flow run");
+                    self.spawn_run(id, permit, move |cancel, terminate| {
+                        recover::adopted(ctx, claim, process, cancel, terminate)
+                    });
                 }
-                .instrument(span),
-            );
-            self.task_runs.insert(handle.id(), id);
-            self.in_flight.insert(id);
+                Recovery::Resume(claim, run) => {
+                    tracing::info!(flow_run = %id, "resuming the submission of a claimed flow run that was never launched");
+                    self.spawn_run(id, permit, move |cancel, terminate| {
+                        submit::submit(ctx, run, Some(claim), cancel, terminate)
+                    });
+                }
+                Recovery::Forget(claim, why) => {
+                    tracing::info!(flow_run = %id, "forgetting a journaled claim: {why}");
+                    if let Some(dir) = &claim.temp_dir {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                    submit::forget(&ctx, id).await;
+                }
+                Recovery::Keep(why) => {
+                    tracing::warn!(flow_run = %id, "cannot reconcile a journaled claim now ({why}); it is kept for the next start");
+                }
+            }
         }
     }
 

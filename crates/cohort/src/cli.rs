@@ -25,6 +25,21 @@ pub enum Command {
     },
     /// Serve several deployments in one runner, like Prefect's `serve(*deployments)`.
     Serve(ServeManyArgs),
+    /// The per-run supervisor a worker starts each flow process under (internal).
+    #[command(name = "__shim", hide = true)]
+    Shim(ShimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShimArgs {
+    /// Where to record the flow process's pid and exit code.
+    #[arg(long)]
+    pub status: PathBuf,
+    /// The flow process's program.
+    pub program: String,
+    /// Its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -21,6 +21,9 @@ fn main() {
             command: cli::FlowCommand::Serve(args),
         } => serve::flow_serve(args),
         cli::Command::Serve(args) => serve::serve_many(args),
+        cli::Command::Shim(args) => {
+            cohort_process::shim::run(&args.status, &args.program, &args.args)
+        }
     };
     std::process::exit(code);
 }

@@ -1,13 +1,14 @@
 //! `cohort worker start`: turn flags and `PREFECT_*` settings into a running worker.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use cohort_api::{ClientConfig, PrefectClient, Settings};
 use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, Tuning};
-use cohort_worker::{StartError, Worker, WorkerOptions};
+use cohort_worker::{Journal, Shims, StartError, Worker, WorkerOptions, WorkerState};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::StartArgs;
@@ -67,6 +68,9 @@ pub(crate) fn init_logging(settings: &Settings) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        // A log line that cannot be written (stderr on a full disk) is lost, and that is all:
+        // the default reports it with `eprintln!`, which panics when stderr fails too.
+        .log_internal_errors(false)
         .init();
 }
 
@@ -83,17 +87,28 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
         EventsAuth::Token(options.auth_token.clone())
     };
 
-    // Events are journaled before anything they report happens: no outbox, no claims.
-    let outbox = open_outbox(
-        &settings,
-        &format!("worker-{}", cohort_events::slug::slugify(&options.name)),
-    )?;
-    let worker = Worker::start(client.clone(), options.clone())
-        .await
-        .map_err(|e| match e {
-            StartError::InvalidName(_) => Failure::Usage(e.into()),
-            other => Failure::Runtime(other.into()),
-        })?;
+    // Events are journaled before anything they report happens, claims before they are
+    // made: no outbox or journal, no claims.
+    let identity = format!("worker-{}", cohort_events::slug::slugify(&options.name));
+    let outbox = open_outbox(&settings, &identity)?;
+    let state = open_worker_state(&settings, &identity)?;
+    let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
+    // A file-size limit reached (RLIMIT_FSIZE) must fail the write, not kill the worker:
+    // catch SIGXFSZ (25 on Linux) for the life of the process. Flow processes start with
+    // the default again (a caught signal is reset by exec).
+    let _file_size_limit =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
+    // Start-up waits for a server that is down; a signal meanwhile ends it cleanly.
+    let worker = tokio::select! {
+        started = Worker::start(client.clone(), options.clone()) => started,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    .map_err(|e| match e {
+        StartError::InvalidName(_) => Failure::Usage(e.into()),
+        other => Failure::Runtime(other.into()),
+    })?;
 
     let auth = options.events_auth.clone();
     let (emitter, emitter_task) = Emitter::spawn_durable(
@@ -107,11 +122,9 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("cannot load the event outbox")))?;
 
-    let shutdown = CancellationToken::new();
-    let force = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
-
-    let result = worker.run(Arc::new(emitter.clone()), shutdown, force).await;
+    let result = worker
+        .run(Arc::new(emitter.clone()), state, shutdown, force)
+        .await;
     // Events are the product: give the last ones (executed, stopped) time to be confirmed.
     if let Err(e) = emitter.flush(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "some events may not have reached the server");
@@ -121,17 +134,46 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     result.map_err(|e| Failure::Runtime(e.into()))
 }
 
+/// `$PREFECT_HOME/cohort`, where Cohort keeps what must survive a restart.
+fn state_home(settings: &Settings) -> Result<PathBuf, Failure> {
+    let home = settings
+        .get("PREFECT_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".prefect")))
+        .ok_or_else(|| Failure::Usage(anyhow::anyhow!("neither PREFECT_HOME nor HOME is set")))?;
+    Ok(home.join("cohort"))
+}
+
+/// The claim journal (`$PREFECT_HOME/cohort/journal/<name>.redb`) and the shims' status
+/// files (`$PREFECT_HOME/cohort/runs/<name>/`) of one worker: a worker restarted under the
+/// same name recovers the runs of the one before.
+fn open_worker_state(settings: &Settings, name: &str) -> Result<WorkerState, Failure> {
+    let home = state_home(settings)?;
+    let path = home.join("journal").join(format!("{name}.redb"));
+    let journal = Journal::open(&path).map_err(|e| {
+        Failure::Runtime(
+            anyhow::Error::new(e)
+                .context("cannot open the claim journal (is PREFECT_HOME writable?)"),
+        )
+    })?;
+    let dir = home.join("runs").join(name);
+    let shims = Shims::new(dir.clone()).map_err(|e| {
+        Failure::Runtime(anyhow::Error::new(e).context(format!(
+            "cannot prepare the run status directory {} (is PREFECT_HOME writable?)",
+            dir.display()
+        )))
+    })?;
+    Ok(WorkerState {
+        journal,
+        shims: Some(shims),
+    })
+}
+
 /// The durable event outbox of one worker or runner, under `$PREFECT_HOME/cohort/outbox/`
 /// (one file each, so several workers on one machine never share one). Events left there by
 /// an earlier run of the same name are sent first.
 pub(crate) fn open_outbox(settings: &Settings, name: &str) -> Result<Outbox, Failure> {
-    let home = settings
-        .get("PREFECT_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".prefect")))
-        .ok_or_else(|| Failure::Usage(anyhow::anyhow!("neither PREFECT_HOME nor HOME is set")))?;
-    let path = home
-        .join("cohort")
+    let path = state_home(settings)?
         .join("outbox")
         .join(format!("{name}.redb"));
     Outbox::open(&path).map_err(|e| {

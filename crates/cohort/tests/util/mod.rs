@@ -14,12 +14,17 @@
 //! A test binary that needs a differently configured server (e.g. one requiring an auth
 //! string) calls [`configure_server`] before its first [`server()`], with the same
 //! [`ServerOptions`] in every test of the binary.
+//!
+//! A test binary whose tests never overlap (the fault trials) may stop its server and start
+//! it again on the same port and database ([`PrefectServer::stop`], [`PrefectServer::start`]).
 
 // End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
 #![allow(dead_code, clippy::disallowed_methods, clippy::disallowed_types)]
 
 /// Fault-injecting HTTP/websocket proxy to put between a worker and the server.
 pub mod fault_proxy;
+/// Figures and checks shared by the fault trials (`tests/fault_trials.rs`).
+pub mod trials;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -165,7 +170,7 @@ fn path_with_venv_first(venv_bin: &Path) -> std::ffi::OsString {
 /// The Prefect server shared by all tests of this binary, started on first use (with the
 /// [`ServerOptions`] given to [`configure_server`], default ones otherwise).
 pub fn server() -> &'static PrefectServer {
-    match SERVER.get_or_init(PrefectServer::start) {
+    match SERVER.get_or_init(PrefectServer::launch) {
         Ok(s) => s,
         Err(e) => panic!("the shared Prefect server is not available: {e}"),
     }
@@ -247,12 +252,21 @@ fn write_watchdog_file(pgids: &BTreeSet<u32>) {
 /// TERM itself), waits up to 10 s for the server, removes the temporary directory and
 /// SIGKILLs whatever is left. Plain POSIX sh: dash's `kill` takes no `--`, so process
 /// groups are written `-PGID`.
+///
+/// The server runs in a loop so [`PrefectServer::stop`] / [`PrefectServer::start`] can
+/// restart it on the same port and database: while `server.held` exists an exited server
+/// waits to be started again; without it, an exit is final (and `server.exit` tells the
+/// harness).
 const WATCHDOG_SH: &str = r#"
 dir=$1; shift
-( "$@" </dev/null >"$dir/server.log" 2>&1 &
-  echo $! >"$dir/server.pid"
-  wait $!
-  echo $? >"$dir/server.exit" ) &
+( while :; do
+    "$@" </dev/null >>"$dir/server.log" 2>&1 &
+    echo $! >"$dir/server.pid"
+    wait $!
+    echo $? >"$dir/server.exit"
+    [ -e "$dir/server.held" ] || break
+    while [ -e "$dir/server.held" ]; do sleep 0.1; done
+  done ) &
 trap '' TERM INT HUP
 read _ldummy || :
 for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -TERM "-$g" 2>/dev/null; done
@@ -274,13 +288,15 @@ pub struct PrefectServer {
     http: Client,
     version: String,
     process_template: OnceLock<Value>,
+    /// Set while the server is stopped on purpose ([`Self::stop`]).
+    stopped: Mutex<bool>,
     /// Write end of the watchdog's stdin; never written, closed when the process exits.
     _watchdog_stdin: Mutex<ChildStdin>,
     _watchdog: Mutex<Child>,
 }
 
 impl PrefectServer {
-    fn start() -> Result<PrefectServer, String> {
+    fn launch() -> Result<PrefectServer, String> {
         let venv = venv();
         // Freezes the options: a later configure_server with others panics.
         let options = SERVER_OPTIONS.get_or_init(ServerOptions::default);
@@ -404,6 +420,7 @@ impl PrefectServer {
             http,
             version: String::new(),
             process_template: OnceLock::new(),
+            stopped: Mutex::new(false),
             _watchdog_stdin: Mutex::new(stdin),
             _watchdog: Mutex::new(watchdog),
         };
@@ -443,6 +460,90 @@ impl PrefectServer {
     /// The server's log so far (`prefect server start` stdout and stderr).
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    // -- stopping and starting again ------------------------------------------------------
+
+    /// Stop the server gracefully, as an operator would: SIGTERM to `prefect server start`
+    /// (uvicorn closes its sockets and runs the app's shutdown, which stops the services —
+    /// the event persister flushes what it holds), then wait for the process to exit
+    /// (SIGKILL after `grace`). The port stays unbound until [`Self::start`], which starts it
+    /// again on the same port with the same `PREFECT_HOME` and database. Returns how long
+    /// the stop took.
+    ///
+    /// Only for test binaries whose tests never run while the server is down (serialize
+    /// them): every other call of the harness fails during the outage.
+    pub fn stop(&self, grace: Duration) -> Duration {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            !*stopped,
+            "PrefectServer::stop: the server is already stopped"
+        );
+        let started = Instant::now();
+        fs::write(self.dir.join("server.held"), b"").expect("write server.held");
+        let pid = fs::read_to_string(self.dir.join("server.pid"))
+            .expect("read server.pid")
+            .trim()
+            .to_owned();
+        let exited = || self.dir.join("server.exit").exists();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + grace;
+        while !exited() && Instant::now() < deadline {
+            sleep(Duration::from_millis(50));
+        }
+        if !exited() {
+            eprintln!("[harness] Prefect server (pid {pid}) still running {grace:?} after SIGTERM: SIGKILL");
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            poll(
+                "the Prefect server to exit after SIGKILL",
+                Duration::from_secs(30),
+                Duration::from_millis(50),
+                || exited().then_some(()),
+            );
+        }
+        *stopped = true;
+        let took = started.elapsed();
+        eprintln!("[harness] Prefect server stopped in {took:.1?}");
+        took
+    }
+
+    /// Start the server again after [`Self::stop`] (same port, `PREFECT_HOME` and database)
+    /// and wait until `GET /health` answers; returns how long that took. Panics, showing
+    /// the server log, if it exits or is not healthy within 180 s.
+    pub fn start(&self) -> Duration {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(*stopped, "PrefectServer::start: the server is not stopped");
+        let started = Instant::now();
+        // The watchdog's loop starts the server as soon as `server.held` is gone; the old
+        // exit status must go first so it is not mistaken for the new process's.
+        let _ = fs::remove_file(self.dir.join("server.exit"));
+        fs::remove_file(self.dir.join("server.held")).expect("remove server.held");
+        loop {
+            if let Ok(resp) = self.http.get(format!("{}/health", self.api_url)).send() {
+                if resp.status().is_success() {
+                    break;
+                }
+            }
+            if self.dir.join("server.exit").exists() {
+                panic!("`prefect server start` exited on restart:\n{}", self.log());
+            }
+            if started.elapsed() > SERVER_START_TIMEOUT {
+                panic!(
+                    "`prefect server start` not healthy {SERVER_START_TIMEOUT:?} after a restart:\n{}",
+                    self.log()
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
+        *stopped = false;
+        let took = started.elapsed();
+        eprintln!("[harness] Prefect server up again after {took:.1?}");
+        took
+    }
+
+    /// True between [`Self::stop`] and [`Self::start`].
+    pub fn is_stopped(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A `prefect …` CLI command against this server, with a fresh `PREFECT_HOME`
@@ -926,9 +1027,17 @@ pub struct WorkerBuilder {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     api_url: Option<String>,
+    home: Option<PathBuf>,
 }
 
 impl WorkerBuilder {
+    /// Use this `PREFECT_HOME` (default: a fresh temporary one): a worker restarted with
+    /// the same name and home recovers the runs of the one before.
+    pub fn home(mut self, home: &Path) -> Self {
+        self.home = Some(home.to_path_buf());
+        self
+    }
+
     /// Override `PREFECT_API_URL` (default: the shared server's; when overridden the
     /// shared server is not started for this worker). Workers get no
     /// `PREFECT_API_AUTH_STRING` from the harness, even when the shared server requires
@@ -976,7 +1085,7 @@ impl WorkerBuilder {
         scrub_prefect_env(&mut cmd);
         cmd.args(&self.args)
             .env("PREFECT_API_URL", &api_url)
-            .env("PREFECT_HOME", home.path())
+            .env("PREFECT_HOME", self.home.as_deref().unwrap_or(home.path()))
             .env("PATH", path_with_venv_first(&venv_bin))
             // Poll every 3 s rather than 10 s: scenarios that submit a second run to a
             // running worker finish sooner.
@@ -1031,6 +1140,7 @@ impl Worker {
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             envs: Vec::new(),
             api_url: None,
+            home: None,
         }
     }
 
@@ -1063,6 +1173,13 @@ impl Worker {
 
     pub fn sigint(&self) {
         self.signal("INT");
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: no shutdown at all. The worker alone,
+    /// not its process group (its flow runs live in groups of their own anyway).
+    pub fn sigkill(&mut self) {
+        self.signal("KILL");
+        let _ = self.wait_timeout(Duration::from_secs(10));
     }
 
     fn signal(&self, sig: &str) {

@@ -1,0 +1,302 @@
+//! The claim journal: which flow runs this worker has claimed and not yet reported, kept in a
+//! [redb](https://docs.rs/redb) file under `$PREFECT_HOME` so a restarted worker can finish
+//! what a killed one started.
+//!
+//! A claim is recorded (durably) before Pending is proposed, and the `submitted-flow-run`
+//! event before it is emitted; the entry goes once the run's `executed-flow-run` event is in
+//! the outbox. Whether the flow process was started is not journaled: its shim's status file
+//! ([`cohort_process::shim`]) says so, written by the process that knows.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use cohort_events::Event;
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Flow run id (as `u128`) → [`Claim`] as JSON.
+const CLAIMS: TableDefinition<u128, &[u8]> = TableDefinition::new("claims");
+
+/// One claimed flow run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    pub flow_run_id: Uuid,
+    pub claimed_at: DateTime<Utc>,
+    /// The `submitted-flow-run` event, once decided: a resumed submission sends this very
+    /// event again (the server keeps one per id), and `executed-flow-run` follows it and
+    /// carries its related resources.
+    pub submitted: Option<Event>,
+    /// The temporary working directory made for the run, removed when the run is told.
+    #[serde(default)]
+    pub temp_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot create the directory of the claim journal {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the claim journal {path} is in use by another process (a worker with the same name and PREFECT_HOME?)")]
+    AlreadyOpen { path: PathBuf },
+    #[error("cannot open the claim journal {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("cannot write the claim journal {path} (disk full or read-only?)")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("a claim journal task failed: {0}")]
+    Task(String),
+}
+
+/// The journal of one worker; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    /// Whether the last write succeeded (readiness).
+    healthy: AtomicBool,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl Journal {
+    /// Opens (or creates, with its directory) the journal at `path`, failing now rather than
+    /// at the first claim when it cannot be written.
+    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, JournalError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| JournalError::CreateDir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let db = Database::create(&path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                JournalError::AlreadyOpen { path: path.clone() }
+            }
+            source => JournalError::Open {
+                path: path.clone(),
+                source: Box::new(source),
+            },
+        })?;
+        let journal = Self {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                healthy: AtomicBool::new(true),
+            }),
+        };
+        journal.write(Durability::Immediate, |_| Ok(()))?;
+        Ok(journal)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether the last write succeeded: claims can be journaled.
+    pub fn is_healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Every claim not yet reported, oldest first.
+    pub fn claims(&self) -> Result<Vec<Claim>, JournalError> {
+        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `JournalError`
+        let read = (|| -> Result<Vec<Claim>, redb::Error> {
+            let txn = self.inner.db.begin_read()?;
+            let table = txn.open_table(CLAIMS)?;
+            let mut claims = Vec::new();
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                match serde_json::from_slice::<Claim>(value.value()) {
+                    Ok(claim) => claims.push(claim),
+                    Err(e) => tracing::warn!(
+                        flow_run = %Uuid::from_u128(key.value()),
+                        error = %e,
+                        "unreadable claim journal entry; ignoring it"
+                    ),
+                }
+            }
+            Ok(claims)
+        })();
+        let mut claims = read.map_err(|e| self.store_error(e))?;
+        claims.sort_by_key(|c| c.claimed_at);
+        Ok(claims)
+    }
+
+    /// Records a claim about to be made; durable when this returns.
+    pub async fn record_claim(&self, flow_run_id: Uuid) -> Result<(), JournalError> {
+        let claim = Claim {
+            flow_run_id,
+            claimed_at: Utc::now(),
+            submitted: None,
+            temp_dir: None,
+        };
+        self.put(claim).await
+    }
+
+    /// Records the `submitted-flow-run` event of a claimed run before it is emitted, and its
+    /// temporary working directory.
+    pub async fn record_submitted(
+        &self,
+        flow_run_id: Uuid,
+        submitted: &Event,
+        temp_dir: Option<PathBuf>,
+    ) -> Result<(), JournalError> {
+        let claimed_at = self
+            .get(flow_run_id)?
+            .map_or_else(Utc::now, |c| c.claimed_at);
+        self.put(Claim {
+            flow_run_id,
+            claimed_at,
+            submitted: Some(submitted.clone()),
+            temp_dir,
+        })
+        .await
+    }
+
+    /// Forgets a run whose story is told (or that was never ours). Not fsynced: a removal lost
+    /// to a crash costs a check of the run's state at the next start, nothing more.
+    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
+    pub async fn remove(&self, flow_run_id: Uuid) -> Result<(), JournalError> {
+        let journal = self.clone();
+        blocking(move || {
+            journal.write(Durability::Eventual, |table| {
+                table.remove(flow_run_id.as_u128())?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    fn get(&self, flow_run_id: Uuid) -> Result<Option<Claim>, JournalError> {
+        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `JournalError`
+        let read = (|| -> Result<Option<Vec<u8>>, redb::Error> {
+            let txn = self.inner.db.begin_read()?;
+            let table = txn.open_table(CLAIMS)?;
+            Ok(table
+                .get(flow_run_id.as_u128())?
+                .map(|v| v.value().to_vec()))
+        })();
+        let bytes = read.map_err(|e| self.store_error(e))?;
+        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
+    async fn put(&self, claim: Claim) -> Result<(), JournalError> {
+        let journal = self.clone();
+        let bytes = serde_json::to_vec(&claim).expect("a claim serializes");
+        blocking(move || {
+            journal.write(Durability::Immediate, |table| {
+                table.insert(claim.flow_run_id.as_u128(), bytes.as_slice())?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    fn write(
+        &self,
+        durability: Durability,
+        change: impl FnOnce(&mut redb::Table<u128, &[u8]>) -> Result<(), redb::Error>,
+    ) -> Result<(), JournalError> {
+        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `JournalError`
+        let written = (|| -> Result<(), redb::Error> {
+            let mut txn = self.inner.db.begin_write()?;
+            txn.set_durability(durability);
+            {
+                let mut table = txn.open_table(CLAIMS)?;
+                change(&mut table)?;
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        self.inner.healthy.store(written.is_ok(), Ordering::Relaxed);
+        written.map_err(|e| self.store_error(e))
+    }
+
+    fn store_error(&self, source: redb::Error) -> JournalError {
+        JournalError::Store {
+            path: self.inner.path.clone(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Runs a journal write off the async threads (each is an fsync).
+async fn blocking<F>(f: F) -> Result<(), JournalError>
+where
+    F: FnOnce() -> Result<(), JournalError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| JournalError::Task(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_events::Resource;
+
+    #[tokio::test]
+    async fn claims_survive_reopening_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j").join("worker-a.redb");
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let submitted = Event::new(
+            "prefect.worker.submitted-flow-run",
+            Resource::new("prefect.worker.process.a"),
+            vec![],
+        );
+        {
+            let journal = Journal::open(&path).unwrap();
+            journal.record_claim(a).await.unwrap();
+            journal.record_claim(b).await.unwrap();
+            journal
+                .record_submitted(a, &submitted, Some("/tmp/x".into()))
+                .await
+                .unwrap();
+            journal.remove(b).await.unwrap();
+        }
+        let journal = Journal::open(&path).unwrap();
+        let claims = journal.claims().unwrap();
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0].flow_run_id, a);
+        assert_eq!(claims[0].submitted.as_ref(), Some(&submitted));
+        assert_eq!(claims[0].temp_dir, Some(PathBuf::from("/tmp/x")));
+        journal.remove(a).await.unwrap();
+        assert!(journal.claims().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_opener_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker-a.redb");
+        let _first = Journal::open(&path).unwrap();
+        let err = Journal::open(&path).unwrap_err();
+        assert!(matches!(err, JournalError::AlreadyOpen { .. }), "{err}");
+    }
+}

@@ -1,0 +1,154 @@
+//! Restart recovery: the claims an earlier worker of the same name (and `PREFECT_HOME`) left in
+//! the journal are reconciled with the server and with the machine before new runs are
+//! claimed. A run whose flow process was started is re-adopted and supervised to its end, or,
+//! if it ended meanwhile, reported with the exit code its shim recorded; a claimed run never
+//! launched is launched if it is still Pending and ours, and forgotten otherwise. Either way
+//! each run gets exactly one `submitted-flow-run` and one `executed-flow-run`.
+
+use std::sync::Arc;
+
+use cohort_api::models::{FlowRun, StateType};
+use cohort_events::related;
+use cohort_events::{names, Event};
+use cohort_process::FlowRunProcess;
+use tokio_util::sync::CancellationToken;
+
+use crate::execution::{Executed, NotExecuted, RunLog};
+use crate::journal::Claim;
+use crate::submit::{emit_executed, flow_run_objects, forget, Outcome, RunContext};
+
+/// What to do with one journaled claim.
+pub(crate) enum Recovery {
+    /// Its flow process was started: supervise it (or report how it ended).
+    Adopt(Claim, FlowRunProcess),
+    /// Never launched, and still Pending: finish the submission.
+    Resume(Claim, FlowRun),
+    /// Nothing left to do for it.
+    Forget(Claim, String),
+    /// The server could not be asked; keep the claim for the next start.
+    Keep(String),
+}
+
+/// Decides what to do with `claim`.
+pub(crate) async fn reconcile(ctx: &RunContext, claim: Claim) -> Recovery {
+    if let Some(shims) = &ctx.executor.shims {
+        if let Some(process) = FlowRunProcess::adopt(&shims.status_path(claim.flow_run_id)) {
+            return Recovery::Adopt(claim, process);
+        }
+    }
+    match ctx.executor.client.read_flow_run(claim.flow_run_id).await {
+        Ok(run) => match run.state.as_ref().map(|s| s.state_type) {
+            // Claimed by us (Pending, or Submitting, which Prefect also types Pending) and
+            // never started: nobody else will take it, so finish what was begun.
+            Some(StateType::Pending) => Recovery::Resume(claim, run),
+            state => {
+                let why = format!(
+                    "it was never launched and its state is now {}",
+                    state.map_or_else(|| "unknown".to_owned(), |s| format!("{s:?}"))
+                );
+                Recovery::Forget(claim, why)
+            }
+        },
+        Err(e) if e.is_not_found() => Recovery::Forget(claim, "it no longer exists".into()),
+        Err(e) => Recovery::Keep(e.to_string()),
+    }
+}
+
+/// Supervises a re-adopted run to its end and reports it, then forgets it.
+pub(crate) async fn adopted(
+    ctx: Arc<RunContext>,
+    claim: Claim,
+    process: FlowRunProcess,
+    cancel: CancellationToken,
+    terminate: CancellationToken,
+) -> Outcome {
+    let id = claim.flow_run_id;
+    let outcome = supervise_adopted(&ctx, &claim, process, cancel, terminate).await;
+    if let Some(dir) = &claim.temp_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    forget(&ctx, id).await;
+    outcome
+}
+
+async fn supervise_adopted(
+    ctx: &RunContext,
+    claim: &Claim,
+    mut process: FlowRunProcess,
+    cancel: CancellationToken,
+    terminate: CancellationToken,
+) -> Outcome {
+    let client = &ctx.executor.client;
+    let id = claim.flow_run_id;
+    let mut log = RunLog::new(id, "prefect.flow_runs.worker");
+    log.info(format!(
+        "Worker '{}' re-adopted flow run '{id}' (process {}) after a restart",
+        ctx.worker_name,
+        process.pid()
+    ));
+    let (executed, run) = match client.read_flow_run(id).await {
+        Ok(run) => {
+            let deployment = match run.deployment_id {
+                Some(d) => client.read_deployment(d).await.ok().flatten(),
+                None => None,
+            };
+            let flow = client.read_flow(run.flow_id).await.ok();
+            let executed = ctx
+                .executor
+                .supervise(
+                    &run,
+                    deployment.as_ref(),
+                    flow.as_ref(),
+                    process,
+                    None,
+                    &mut log,
+                    &cancel,
+                    &terminate,
+                )
+                .await;
+            (executed, Some((run, deployment, flow)))
+        }
+        // The run cannot be read (deleted, or the server is unreachable for longer than the
+        // client's retries): it cannot be cancelled or marked, but it can still be waited for.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the re-adopted flow run; waiting for its process");
+            let pid = process.pid().to_string();
+            let executed = match process.wait().await {
+                Ok(status_code) => Ok(Executed { pid, status_code }),
+                Err(e) => Err(NotExecuted::Lost(e.to_string())),
+            };
+            (executed, None)
+        }
+    };
+    log.flush(client).await;
+    let executed = match executed {
+        Ok(e) => e,
+        Err(NotExecuted::CouldNotStart(m) | NotExecuted::Lost(m)) => {
+            tracing::error!("Lost connection to flow run '{id}' infrastructure: {m}. The flow run's final state will be determined by the execution environment.");
+            return Outcome::FailedToSubmit(m);
+        }
+    };
+    match (&claim.submitted, run) {
+        (Some(submitted), _) => emit_executed(ctx, submitted, &executed),
+        // The submitted event was never journaled (the journal failed then): relate the
+        // executed event to what the server knows, without `follows`.
+        (None, Some((run, deployment, Some(flow)))) => {
+            let pool = ctx.pool.read().expect("pool lock poisoned").clone();
+            let objects = flow_run_objects(&run, deployment.as_ref(), &flow, &pool);
+            let related = related::with_infrastructure(
+                related::worker_flow_run_related(&objects),
+                &executed.pid,
+                executed.status_code,
+            );
+            ctx.executor.sink.emit(Event::new(
+                names::WORKER_EXECUTED_FLOW_RUN,
+                ctx.resource.clone(),
+                related,
+            ));
+        }
+        (None, _) => {
+            tracing::warn!("no executed-flow-run event for flow run '{id}': neither the journal nor the server describes it");
+        }
+    }
+    Outcome::Exited(executed.status_code)
+}
