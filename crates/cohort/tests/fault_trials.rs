@@ -126,11 +126,12 @@ fn soak_trials_with_random_fault_timing() {
             match trial {
                 1 => {
                     let outage = Outage {
-                        runs: usize::try_from(rng.range(1, 4)).expect("small"),
+                        runs: usize::try_from(rng.range(1, if full { 4 } else { 2 }))
+                            .expect("small"),
                         before: rng.duration(Duration::ZERO, Duration::from_secs(8)),
                         down: rng.duration(
                             Duration::from_secs(3),
-                            Duration::from_secs(if full { 30 } else { 15 }),
+                            Duration::from_secs(if full { 30 } else { 10 }),
                         ),
                     };
                     server_outage(&label, &outage);
@@ -139,7 +140,7 @@ fn soak_trials_with_random_fault_timing() {
                     let noop_runs = usize::try_from(if full {
                         rng.range(20, 100)
                     } else {
-                        rng.range(10, 40)
+                        rng.range(10, 30)
                     })
                     .expect("small");
                     let bursts = (0..rng.range(1, 4))
