@@ -36,6 +36,11 @@ use std::time::Duration;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::time::Instant;
 
+/// redb's page cache. Its default (1 GiB) keeps every page a commit writes until the cap, and
+/// the outbox only appends at the end of one table and reads it back once at start-up: 256 KiB
+/// holds the pages each commit touches and saves ~1 MiB of a worker's idle RSS.
+const CACHE_BYTES: usize = 256 * 1024;
+
 /// Sequence number → (enqueued at in unix milliseconds, wire JSON).
 const EVENTS: TableDefinition<u64, (i64, &str)> = TableDefinition::new("events");
 
@@ -178,15 +183,18 @@ impl Outbox {
                 source,
             })?;
         }
-        let db = Database::create(&path).map_err(|source| match source {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                OutboxError::AlreadyOpen { path: path.clone() }
-            }
-            source => OutboxError::Open {
-                path: path.clone(),
-                source: Box::new(source),
-            },
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    OutboxError::AlreadyOpen { path: path.clone() }
+                }
+                source => OutboxError::Open {
+                    path: path.clone(),
+                    source: Box::new(source),
+                },
+            })?;
         let store = |source: redb::Error| OutboxError::Store {
             path: path.clone(),
             source: Box::new(source),
