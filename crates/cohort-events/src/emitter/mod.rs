@@ -101,7 +101,17 @@ pub struct Tuning {
     pub healthy_after: Duration,
     /// After [`Emitter::close`], how long the task keeps trying to confirm what is pending.
     pub close_grace: Duration,
+    /// After a reconnect, events confirmed within this long before the connection was lost
+    /// are sent again (up to
+    /// [`RESEND_CONFIRMED_MAX`]): a confirmation means the server *received* an event, not
+    /// that it stored it — Prefect's server queues events in memory and writes them in
+    /// batches, so a server that stopped may have lost what it confirmed last. The server
+    /// stores an event id once, so a copy of a stored event costs nothing. Zero disables it.
+    pub resend_confirmed_within: Duration,
 }
+
+/// At most this many recently confirmed events are kept for re-sending.
+pub const RESEND_CONFIRMED_MAX: usize = 10_000;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -115,6 +125,8 @@ impl Default for Tuning {
             backoff_cap: Duration::from_secs(30),
             healthy_after: Duration::from_secs(10),
             close_grace: Duration::from_secs(2),
+            // Prefect's persister writes every 5 s by default; a backlog takes longer.
+            resend_confirmed_within: Duration::from_secs(30),
         }
     }
 }

@@ -97,6 +97,12 @@ pub(super) struct EmitterTask {
     shared: Arc<Shared>,
     state: State,
     pending: VecDeque<Pending>,
+    /// Events confirmed lately, oldest first, with when: re-sent after a reconnect
+    /// ([`Tuning::resend_confirmed_within`]).
+    recent: VecDeque<(Instant, Pending)>,
+    /// When the last connection was lost: "recently" is counted back from then, since a
+    /// server that went down with it may have been down long.
+    lost_at: Option<Instant>,
     next_seq: u64,
     waiters: Vec<Waiter>,
     backoff: Backoff,
@@ -131,6 +137,8 @@ impl EmitterTask {
                 retry_at: Instant::now(),
             },
             pending: VecDeque::new(),
+            recent: VecDeque::new(),
+            lost_at: None,
             next_seq: 0,
             waiters: Vec::new(),
             backoff,
@@ -292,7 +300,8 @@ impl EmitterTask {
         };
         let url = self.url_text();
         if self.ever_connected {
-            tracing::info!(%url, resending = self.pending.len(), "reconnected to the events websocket");
+            let recent = self.requeue_recent();
+            tracing::info!(%url, resending = self.pending.len(), recently_confirmed = recent, "reconnected to the events websocket");
         } else {
             tracing::info!(%url, "connected to the events websocket");
         }
@@ -362,11 +371,16 @@ impl EmitterTask {
         };
         // Everything written before the ping has reached the server.
         let mut confirmed = 0;
+        let now = Instant::now();
         while connection.sent > 0 && self.pending.front().is_some_and(|p| p.seq <= ping.through) {
-            self.pending.pop_front();
+            let done = self.pending.pop_front().expect("checked non-empty");
+            if !self.tuning.resend_confirmed_within.is_zero() {
+                self.recent.push_back((now, done));
+            }
             connection.sent -= 1;
             confirmed += 1;
         }
+        self.prune_recent(now);
         tracing::debug!(
             confirmed,
             unconfirmed = self.pending.len(),
@@ -428,6 +442,32 @@ impl EmitterTask {
         }
     }
 
+    fn prune_recent(&mut self, now: Instant) {
+        let window = self.tuning.resend_confirmed_within;
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > window)
+            || self.recent.len() > super::RESEND_CONFIRMED_MAX
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Puts the recently confirmed events back in front of `pending` (their sequence numbers
+    /// are lower than any pending one, and the outbox no longer holds them, so a new pong
+    /// simply drops them again). Returns how many.
+    fn requeue_recent(&mut self) -> usize {
+        let lost_at = self.lost_at.take().unwrap_or_else(Instant::now);
+        self.prune_recent(lost_at);
+        let n = self.recent.len();
+        for (_, event) in self.recent.drain(..).rev() {
+            self.pending.push_front(event);
+        }
+        self.shared.unconfirmed.fetch_add(n, Ordering::Relaxed);
+        n
+    }
+
     /// Drops the socket and schedules a reconnect. A connection that was healthy for a while
     /// reconnects at once (load balancers drop idle sockets); otherwise back off.
     fn connection_lost(&mut self, reason: String) {
@@ -442,6 +482,7 @@ impl EmitterTask {
         };
         tracing::warn!(url = %self.url_text(), %reason, unconfirmed = self.pending.len(), retry_in = ?delay, "events websocket connection lost; will reconnect and re-send unconfirmed events");
         self.shared.connected.store(false, Ordering::Relaxed);
+        self.lost_at = Some(Instant::now());
         self.state = State::Disconnected {
             retry_at: Instant::now() + delay,
         };

@@ -21,6 +21,8 @@ fn tuning() -> Tuning {
         backoff_cap: Duration::from_millis(200),
         healthy_after: Duration::from_secs(10),
         close_grace: Duration::from_secs(2),
+        // Off, so each test sees exactly what it sends; on in its own test.
+        resend_confirmed_within: Duration::ZERO,
     }
 }
 
@@ -161,6 +163,45 @@ async fn fake_events_server_drops_connection_and_every_unconfirmed_event_is_rese
         last.auth_frame.as_deref(),
         Some(r#"{"type":"auth","token":null}"#)
     );
+    assert_eq!(emitter.unconfirmed(), 0);
+}
+
+/// A confirmation says the server received an event, not that it stored it (Prefect's
+/// server queues events in memory): after a reconnect, events confirmed lately go again,
+/// before the unconfirmed ones, in emit order.
+#[tokio::test]
+async fn recently_confirmed_events_are_resent_after_a_reconnect() {
+    let server = FakeEventsServer::start(|n| match n {
+        0 => Script {
+            auth: AuthAnswer::Success,
+            after_auth: AfterAuth::DropAfter(3),
+        },
+        _ => Script::serve(),
+    })
+    .await;
+    let tuning = Tuning {
+        resend_confirmed_within: Duration::from_secs(30),
+        ..tuning()
+    };
+    let (emitter, _task) =
+        Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), tuning);
+    let events: Vec<Event> = (0..3).map(numbered).collect();
+    emitter.emit(events[0].clone());
+    emitter.emit(events[1].clone());
+    emitter
+        .flush(Duration::from_secs(5))
+        .await
+        .expect("the first two are confirmed");
+    emitter.emit(events[2].clone());
+    emitter
+        .flush(Duration::from_secs(5))
+        .await
+        .expect("flush after reconnect");
+
+    let connections = server.connections();
+    assert!(connections.len() >= 2, "reconnected: {connections:?}");
+    assert_eq!(connections[0].event_ids(), ids(&events));
+    assert_eq!(connections.last().unwrap().event_ids(), ids(&events));
     assert_eq!(emitter.unconfirmed(), 0);
 }
 
