@@ -43,6 +43,10 @@ struct Args {
     /// and stop).
     #[arg(long)]
     scale_reps: Option<usize>,
+    /// Flow runs of scenario 5 (default: 50 quick, 1,000 full), e.g. 300 for a quicker look
+    /// at the per-run cost.
+    #[arg(long)]
+    scale_runs: Option<usize>,
     /// Scenarios to run, comma-separated: idle (1 and 2), burst, flows, scale.
     #[arg(long, value_delimiter = ',', default_value = "idle,burst,flows,scale")]
     scenarios: Vec<String>,
@@ -85,6 +89,11 @@ fn run(args: Args) -> Result<()> {
     }
     if let Some(r) = args.scale_reps {
         plan.scale_reps = r;
+    }
+    if let Some(n) = args.scale_runs {
+        plan.scale_runs = n.max(1);
+        // On SQLite, 1,000 runs take ~300 s to all be running.
+        plan.scale_deadline_s = plan.scale_deadline_s.max(0.35 * n as f64);
     }
     for s in &args.scenarios {
         if !["idle", "burst", "flows", "scale"].contains(&s.as_str()) {
