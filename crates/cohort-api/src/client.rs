@@ -56,7 +56,12 @@ pub struct PrefectClient {
     /// fails fast while a restarting server is ridden out (`prefect/client/base.py:
     /// PrefectHttpxAsyncClient.send`, `_has_connected`).
     has_connected: Arc<AtomicBool>,
+    /// Requests on the wire at once, at most [`MAX_IN_FLIGHT`].
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Concurrent requests per client: plenty for a server whose database serializes writes.
+const MAX_IN_FLIGHT: usize = 32;
 
 impl std::fmt::Debug for PrefectClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,6 +110,7 @@ impl PrefectClient {
             http,
             config: Arc::new(config),
             has_connected: Arc::new(AtomicBool::new(false)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         })
     }
 
@@ -142,7 +148,10 @@ impl PrefectClient {
         segments: &[&str],
         body: Option<&Value>,
     ) -> Result<Response, ApiError> {
-        self.send_query(method, segments, &[], body).await
+        // Boxed: a request in flight (reqwest's future, the retry loop) is a few KiB, and
+        // every caller that awaits one — each supervised run's task — would carry that much
+        // for its whole life.
+        Box::pin(self.send_query(method, segments, &[], body)).await
     }
 
     async fn send_query(
@@ -164,8 +173,14 @@ impl PrefectClient {
                 req = req.json(body);
             }
             let retries_left = backoff.attempts() < self.config.max_retries;
-            match req.send().await {
+            // At most `MAX_IN_FLIGHT` requests at once (not counting retry waits): a burst of
+            // launches would otherwise open a connection per run, each with its buffers, on a
+            // server that serializes its writes anyway.
+            let permit = self.in_flight.acquire().await.expect("never closed");
+            let sent = req.send().await;
+            match sent {
                 Err(source) => {
+                    drop(permit);
                     let may_retry =
                         self.has_connected.load(Ordering::Relaxed) || source.is_timeout();
                     let err = ApiError::Transport {
@@ -189,6 +204,7 @@ impl PrefectClient {
                         url: url.to_string(),
                         source,
                     })?;
+                    drop(permit);
                     if status.is_success() {
                         return Ok(Response { status, body });
                     }

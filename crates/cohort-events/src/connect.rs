@@ -200,6 +200,13 @@ pub(crate) async fn open(handshake: &Handshake, timeout: Duration) -> Result<Soc
     }
 }
 
+/// Websocket settings for Cohort's sockets: 16 KiB read buffers instead of tungstenite's
+/// 128 KiB (a worker holds four sockets for its whole life, and their frames — events,
+/// heartbeats — are small; a larger frame still arrives, in more reads).
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024)
+}
+
 async fn open_unbounded(handshake: &Handshake) -> Result<Socket, ConnectError> {
     let url = &handshake.url;
     if url.scheme() == "wss" {
@@ -209,9 +216,10 @@ async fn open_unbounded(handshake: &Handshake) -> Result<Socket, ConnectError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
     let request = upgrade_request(handshake)?;
-    let (mut socket, _response) = tokio_tungstenite::connect_async(request)
-        .await
-        .map_err(|source| upgrade_error(url, source))?;
+    let (mut socket, _response) =
+        tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), false)
+            .await
+            .map_err(|source| upgrade_error(url, source))?;
     let ws_error = |source| ConnectError::Websocket {
         url: url.clone(),
         source,

@@ -22,6 +22,7 @@ pub mod sink;
 pub mod slug;
 pub mod subscriber;
 
+pub use connect::ws_config;
 pub use emitter::{
     ConnectError, Emitter, EmitterConfig, EventsAuth, FlushError, Outbox, OutboxError,
     OutboxOptions, Tuning,

@@ -21,6 +21,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::submit::SharedPool;
+
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,7 +56,7 @@ enum ChannelError {
 pub async fn run(
     client: PrefectClient,
     config: ChannelConfig,
-    pool: Arc<RwLock<WorkPool>>,
+    pool: SharedPool,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -116,7 +118,7 @@ pub async fn run(
 }
 
 /// REST fallback: heartbeat and re-read the pool.
-async fn rest_sync(client: &PrefectClient, config: &ChannelConfig, pool: &RwLock<WorkPool>) {
+async fn rest_sync(client: &PrefectClient, config: &ChannelConfig, pool: &RwLock<Arc<WorkPool>>) {
     let secs = config.heartbeat_interval.as_secs().max(1);
     if let Err(e) = client
         .worker_heartbeat(&config.pool_name, &config.worker_name, secs)
@@ -125,15 +127,15 @@ async fn rest_sync(client: &PrefectClient, config: &ChannelConfig, pool: &RwLock
         tracing::warn!(error = %e, "worker heartbeat failed");
     }
     match client.read_work_pool(&config.pool_name).await {
-        Ok(Some(wp)) => *pool.write().expect("pool lock poisoned") = wp,
+        Ok(Some(wp)) => *pool.write().expect("pool lock poisoned") = Arc::new(wp),
         Ok(None) => tracing::warn!(pool = %config.pool_name, "work pool not found"),
         Err(e) => tracing::warn!(error = %e, "could not read the work pool"),
     }
 }
 
-fn apply_snapshot(pool: &RwLock<WorkPool>, work_pool: &Value) {
+fn apply_snapshot(pool: &RwLock<Arc<WorkPool>>, work_pool: &Value) {
     match serde_json::from_value::<WorkPool>(work_pool.clone()) {
-        Ok(wp) => *pool.write().expect("pool lock poisoned") = wp,
+        Ok(wp) => *pool.write().expect("pool lock poisoned") = Arc::new(wp),
         Err(e) => tracing::debug!(error = %e, "ignoring unreadable work pool snapshot"),
     }
 }
@@ -189,7 +191,13 @@ async fn connect(
     {
         headers.insert("Authorization", auth);
     }
-    let (mut socket, _) = match tokio_tungstenite::connect_async(request).await {
+    let (mut socket, _) = match tokio_tungstenite::connect_async_with_config(
+        request,
+        Some(cohort_events::ws_config()),
+        false,
+    )
+    .await
+    {
         Ok(ok) => ok,
         Err(WsError::Http(resp)) => {
             let status = resp.status().as_u16();
@@ -272,7 +280,7 @@ async fn healthy(
     config: &ChannelConfig,
     consumer_id: &Value,
     interval: Duration,
-    pool: &RwLock<WorkPool>,
+    pool: &RwLock<Arc<WorkPool>>,
     shutdown: &CancellationToken,
 ) -> Result<(), ChannelError> {
     // The first heartbeat goes one interval after ready, as Prefect's does.

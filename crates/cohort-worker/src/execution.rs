@@ -192,6 +192,8 @@ impl Executor {
             run.name
         ));
         log.flush(&self.client).await;
+        // Held across the whole supervision otherwise.
+        drop(launch);
         self.supervise(
             run,
             deployment,

@@ -17,6 +17,9 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// redb's page cache for the journal.
+const CACHE_BYTES: usize = 256 * 1024;
+
 /// Flow run id (as `u128`) → [`Claim`] as JSON.
 const CLAIMS: TableDefinition<u128, &[u8]> = TableDefinition::new("claims");
 
@@ -93,15 +96,20 @@ impl Journal {
                 source,
             })?;
         }
-        let db = Database::create(&path).map_err(|source| match source {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                JournalError::AlreadyOpen { path: path.clone() }
-            }
-            source => JournalError::Open {
-                path: path.clone(),
-                source: Box::new(source),
-            },
-        })?;
+        // A small page cache: the journal holds a few claims at a time (redb's default cache
+        // would cost the idle worker half a MiB).
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    JournalError::AlreadyOpen { path: path.clone() }
+                }
+                source => JournalError::Open {
+                    path: path.clone(),
+                    source: Box::new(source),
+                },
+            })?;
         let journal = Self {
             inner: Arc::new(Inner {
                 db,

@@ -19,6 +19,10 @@ use crate::execution::{claim, propose_crashed, Executed, Executor, Gate, NotExec
 use crate::job::ProcessJob;
 use crate::journal::{Claim, Journal};
 
+/// The work pool as last read from the server, replaced whole on every update; each run takes
+/// a snapshot (an `Arc`, not a copy: a pool with its job template is a dozen KiB).
+pub(crate) type SharedPool = Arc<RwLock<Arc<WorkPool>>>;
+
 /// What every run of one worker shares.
 pub(crate) struct RunContext {
     pub executor: Executor,
@@ -26,7 +30,7 @@ pub(crate) struct RunContext {
     pub worker_name: String,
     pub worker_type: String,
     pub resource: cohort_events::Resource,
-    pub pool: Arc<RwLock<WorkPool>>,
+    pub pool: SharedPool,
     /// `PREFECT_*` settings set explicitly for the worker, passed on to the flow.
     pub settings_env: Vec<(String, String)>,
 }
@@ -212,6 +216,9 @@ async fn submit_journaled(
         Ok(l) => l,
         Err(message) => return crash_before_start(ctx, &mut log, &run, message).await,
     };
+    // What only the launch needed goes before the long wait: a task per running flow.
+    drop(job);
+    drop(pool);
     let executed = ctx
         .executor
         .execute(

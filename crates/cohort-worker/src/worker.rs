@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cohort_api::models::WorkPool;
 use cohort_api::retry::jittered;
 use cohort_api::{ApiError, PrefectClient};
 use cohort_events::related::{self, Named};
@@ -26,7 +25,7 @@ use crate::execution::{Executor, Shims};
 use crate::health::{self, LastPolled};
 use crate::journal::Journal;
 use crate::recover::{self, Recovery};
-use crate::submit::{self, Outcome, RunContext};
+use crate::submit::{self, Outcome, RunContext, SharedPool};
 use crate::wake;
 
 /// The only infrastructure this worker runs.
@@ -160,7 +159,7 @@ async fn wait_for_server(client: &PrefectClient) -> Result<String, StartError> {
 pub struct Worker {
     client: PrefectClient,
     options: WorkerOptions,
-    pool: Arc<RwLock<WorkPool>>,
+    pool: SharedPool,
     worker_type: String,
     prefect_version: String,
 }
@@ -235,7 +234,7 @@ impl Worker {
         Ok(Self {
             client,
             options,
-            pool: Arc::new(RwLock::new(pool)),
+            pool: Arc::new(RwLock::new(Arc::new(pool))),
             worker_type: PROCESS.to_owned(),
             prefect_version,
         })
