@@ -81,6 +81,18 @@ impl<'s> Worker<'s> {
         pool: &str,
         name: &str,
     ) -> Result<Worker<'s>> {
+        Self::spawn_with_env(server, programs, kind, pool, name, &[])
+    }
+
+    /// [`Worker::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        server: &'s PrefectServer,
+        programs: &Programs,
+        kind: WorkerKind,
+        pool: &str,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Worker<'s>> {
         let venv_bin = programs.venv.join("bin");
         let home = tempfile::Builder::new()
             .prefix("worker-home-")
@@ -103,6 +115,9 @@ impl<'s> Worker<'s> {
         .stdout(File::create(&stdout_path)?)
         .stderr(File::create(&stderr_path)?)
         .process_group(0);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let spawned_at = Utc::now();
         let child = cmd
             .spawn()

@@ -55,6 +55,9 @@ pub struct WorkerOptions {
     pub healthcheck: Option<SocketAddr>,
     /// `PREFECT_*` settings to pass on to flow-run processes.
     pub settings_env: Vec<(String, String)>,
+    /// Wake the poller on the pool's `Scheduled` events (off: poll only, as Prefect does;
+    /// `COHORT_EVENT_WAKE=0`, for comparison).
+    pub event_wake: bool,
     /// Token and header for the websocket handshakes.
     pub auth_token: Option<String>,
     /// How the events websockets authenticate.
@@ -354,18 +357,20 @@ impl Worker {
         tracing::info!("Worker '{}' started!", self.options.name);
 
         let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(64);
-        let pickup = tokio::spawn(wake::watch(
-            self.client.clone(),
-            SubscriberConfig {
-                api_url: self.client.api_url().clone(),
-                auth: self.options.events_auth.clone(),
-                user_agent: cohort_api::user_agent(),
-                filter: wake::filter(self.pool_named().id),
-            },
-            self.options.prefetch,
-            wake_tx,
-            background.clone(),
-        ));
+        let pickup = self.options.event_wake.then(|| {
+            tokio::spawn(wake::watch(
+                self.client.clone(),
+                SubscriberConfig {
+                    api_url: self.client.api_url().clone(),
+                    auth: self.options.events_auth.clone(),
+                    user_agent: cohort_api::user_agent(),
+                    filter: wake::filter(self.pool_named().id),
+                },
+                self.options.prefetch,
+                wake_tx,
+                background.clone(),
+            ))
+        });
         let mut poller = Poller {
             wake: wake_rx,
             worker: &self,
@@ -386,7 +391,9 @@ impl Worker {
         background.cancel();
         let _ = heartbeat.await;
         let _ = cancel_watch.await;
-        let _ = pickup.await;
+        if let Some(pickup) = pickup {
+            let _ = pickup.await;
+        }
         if let Some(h) = health {
             let _ = h.await;
         }

@@ -287,5 +287,9 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
             .map(str::to_owned),
         authorization: None,
         events_auth: EventsAuth::Token(None),
+        event_wake: !matches!(
+            std::env::var("COHORT_EVENT_WAKE").as_deref(),
+            Ok("0" | "false" | "off")
+        ),
     })
 }

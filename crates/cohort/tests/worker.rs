@@ -1007,7 +1007,8 @@ fn shutdown_drains_then_stops_running_flows() {
 
 /// A run created while the worker idles between polls is picked up from the server's event
 /// stream (`prefect.flow-run.Scheduled` of the pool) rather than at the next poll: with a
-/// 120 s poll interval (the next poll ≥ 84 s away), it still completes within a minute.
+/// 120 s poll interval (the next poll ≥ 84 s away), it still completes within a minute —
+/// and, with event wake-up off, is still Scheduled 15 s after it was created.
 #[test]
 fn scheduled_runs_wake_the_poller() {
     let s = server();
@@ -1035,6 +1036,29 @@ fn scheduled_runs_wake_the_poller() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    stop_gracefully(&mut worker);
+
+    // The control: with event wake-up off (`COHORT_EVENT_WAKE=0`), the same run waits for
+    // the next poll.
+    let pool = unique("e2e-nowake");
+    s.create_work_pool(&pool, "process");
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello"));
+    let name = worker_name("No Wake");
+    let mut worker = Worker::builder(WorkerKind::Cohort, &worker_args(&pool, &name))
+        .env("PREFECT_WORKER_QUERY_SECONDS", "120")
+        .env("COHORT_EVENT_WAKE", "0")
+        .spawn();
+    s.wait_for_events(worker_events_filter(&name), 1, EVENTS_TIMEOUT);
+    std::thread::sleep(Duration::from_secs(2));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    std::thread::sleep(Duration::from_secs(15));
+    let state = s.read_flow_run(&run.id)["state"].clone();
+    assert_eq!(
+        state["type"],
+        "SCHEDULED",
+        "picked up without the event stream?\n{}",
+        worker.output()
+    );
     stop_gracefully(&mut worker);
 }
 

@@ -25,7 +25,7 @@ use crate::server::parse_time;
 use crate::stats::percentile;
 use crate::worker::{Worker, WorkerKind};
 
-const METRICS: [MetricDef; 12] = [
+const METRICS: [MetricDef; 13] = [
     MetricDef::new(
         "idle_pickup_p50_s",
         "pickup latency on an idle server, p50",
@@ -35,6 +35,11 @@ const METRICS: [MetricDef; 12] = [
     MetricDef::new(
         "idle_pickup_max_s",
         "pickup latency on an idle server, max",
+        "s",
+    ),
+    MetricDef::new(
+        "idle_pickup_polling_p50_s",
+        "… p50 by polling alone (Cohort with `COHORT_EVENT_WAKE=0`: before event wake-up)",
         "s",
     ),
     MetricDef::new("cpu_per_run_s", "worker CPU per run", "s").ratio_at_most(0.1),
@@ -108,22 +113,11 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
     report
 }
 
-fn with_server_cpu(mut r: RepResult) -> RepResult {
-    let cpu = r.details.get("server_cpu_s").and_then(Value::as_f64);
-    r.set("server_cpu_s", cpu);
-    r
-}
-
-fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult) -> Result<()> {
-    let plan = &ctx.plan;
+/// Creates the single runs a few seconds apart and returns their pickup latencies.
+fn idle_pickups(ctx: &Ctx<'_>, fx: &super::Fixture, worker: &mut Worker<'_>) -> Result<Vec<f64>> {
     let server = ctx.server;
-    let log_offset = server.log_len();
-    let mut worker = Worker::spawn(server, &ctx.programs, kind, &fx.pool, &fx.worker_name)?;
-    worker.wait_started(Duration::from_secs(120))?;
-
-    // -- single runs on an idle server ------------------------------------------------------
     let mut idle_ids = Vec::new();
-    for i in 0..plan.idle_pickups {
+    for i in 0..ctx.plan.idle_pickups {
         sleep(Duration::from_secs_f64(IDLE_GAPS_S[i % IDLE_GAPS_S.len()]));
         idle_ids.push(server.create_flow_run(&fx.deployment_id)?);
     }
@@ -139,12 +133,53 @@ fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult)
     )?;
     let runs = expected_starts(ctx, &fx.deployment_id)?;
     let submitted: HashMap<String, DateTime<Utc>> = worker.submitted_runs()?.into_iter().collect();
-    let idle_lat: Vec<f64> = idle_ids
+    Ok(idle_ids
         .iter()
         .filter_map(|id| Some(secs(runs.get(id)?.0, *submitted.get(id)?)))
-        .collect();
+        .collect())
+}
+
+fn with_server_cpu(mut r: RepResult) -> RepResult {
+    let cpu = r.details.get("server_cpu_s").and_then(Value::as_f64);
+    r.set("server_cpu_s", cpu);
+    r
+}
+
+fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult) -> Result<()> {
+    let plan = &ctx.plan;
+    let server = ctx.server;
+    let log_offset = server.log_len();
+
+    // -- before event wake-up: Cohort polling alone, as Prefect's worker does ----------------
+    if kind == WorkerKind::Cohort {
+        let name = format!("{} polling", fx.worker_name);
+        let mut polling = Worker::spawn_with_env(
+            server,
+            &ctx.programs,
+            kind,
+            &fx.pool,
+            &name,
+            &[("COHORT_EVENT_WAKE", "0")],
+        )?;
+        polling.wait_started(Duration::from_secs(120))?;
+        let lat = idle_pickups(ctx, fx, &mut polling)?;
+        polling.stop(Duration::from_secs(20));
+        r.set("idle_pickup_polling_p50_s", percentile(&lat, 50.0));
+        r.detail("idle_pickup_polling_latencies_s", &lat);
+    }
+
+    let mut worker = Worker::spawn(server, &ctx.programs, kind, &fx.pool, &fx.worker_name)?;
+    worker.wait_started(Duration::from_secs(120))?;
+
+    // -- single runs on an idle server ------------------------------------------------------
+    let idle_lat = idle_pickups(ctx, fx, &mut worker)?;
+    let n_idle = idle_lat.len() as u64;
     r.set("idle_pickup_p50_s", percentile(&idle_lat, 50.0));
     r.set("idle_pickup_max_s", percentile(&idle_lat, 100.0));
+    if kind == WorkerKind::Python {
+        // Prefect's worker only polls: its "before" is its only way.
+        r.set("idle_pickup_polling_p50_s", percentile(&idle_lat, 50.0));
+    }
     r.detail("idle_pickup_latencies_s", &idle_lat);
 
     // -- the burst --------------------------------------------------------------------------
