@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::{slugify, summarize_events, PrefectServer};
 
-/// Event names the worker emits (`/work/shared/spec/worker-runner-events.md`).
+/// Event names the worker emits (the worker and runner event spec).
 pub const STARTED: &str = "prefect.worker.started";
 pub const STOPPED: &str = "prefect.worker.stopped";
 pub const SUBMITTED: &str = "prefect.worker.submitted-flow-run";
