@@ -731,21 +731,9 @@ fn worker_killed(label: &str, kill_after: Duration) -> Figures {
     second.sigterm();
     second.wait_timeout(Duration::from_secs(60));
 
-    let mut expected: Vec<(&str, Option<&str>)> = vec![(STARTED, None), (STOPPED, None)];
-    for id in &runs {
-        expected.push((SUBMITTED, Some(id)));
-        expected.push((EXECUTED, Some(id)));
-    }
     let mut figures = Figures::new(label);
     figures.runs = runs.len();
-    // Two `started` (one per worker process) and one `stopped` (the killed one sent none):
-    // count the starts apart, the tally expects one per pair.
-    let mut events = collect_events(s, &name, &expected, EVENTS_TIMEOUT, EVENTS_SETTLE);
-    let starts = events.of(STARTED, None).len();
-    if starts == 2 {
-        events.duplicate_pairs -= 1;
-        events.duplicated.retain(|d| !d.starts_with(STARTED));
-    }
+    let (events, starts) = events_across_a_restart(s, &name, &runs);
     figures.events = events;
     figures.states = state_counts(s, &runs);
     let twice: Vec<&String> = runs.iter().filter(|id| times_running(id) > 1).collect();
@@ -853,18 +841,7 @@ fn killed_before_launch(label: &str, kill_after: Duration) -> Figures {
     second.wait_timeout(Duration::from_secs(60));
 
     let runs = vec![run.clone()];
-    let expected = [
-        (STARTED, None),
-        (STOPPED, None),
-        (SUBMITTED, Some(run.as_str())),
-        (EXECUTED, Some(run.as_str())),
-    ];
-    let mut events = collect_events(s, &name, &expected, EVENTS_TIMEOUT, EVENTS_SETTLE);
-    let starts = events.of(STARTED, None).len();
-    if starts == 2 {
-        events.duplicate_pairs -= 1;
-        events.duplicated.retain(|d| !d.starts_with(STARTED));
-    }
+    let (events, _) = events_across_a_restart(s, &name, &runs);
     let mut figures = Figures::new(label);
     figures.runs = 1;
     figures.events = events;
@@ -1051,6 +1028,24 @@ fn up_server() -> &'static PrefectServer {
         s.start();
     }
     s
+}
+
+/// The events of a worker name that was killed and started again: two `started` (one per
+/// worker process) and one `stopped` (the killed one sent none) are expected, so the second
+/// start is not counted as a duplicate. Returns the tally and the number of starts.
+fn events_across_a_restart(
+    s: &PrefectServer,
+    name: &str,
+    runs: &[String],
+) -> (util::trials::EventTally, usize) {
+    let expected = expected_events(runs);
+    let mut events = collect_events(s, name, &expected, EVENTS_TIMEOUT, EVENTS_SETTLE);
+    let starts = events.of(STARTED, None).len();
+    if starts == 2 {
+        events.duplicate_pairs -= 1;
+        events.duplicated.retain(|d| !d.starts_with(STARTED));
+    }
+    (events, starts)
 }
 
 /// The worker's own events and one `submitted` and one `executed` per run.
