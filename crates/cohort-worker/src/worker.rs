@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cohort_api::retry::jittered;
+use cohort_api::retry::{jittered, Backoff};
 use cohort_api::{ApiError, PrefectClient};
 use cohort_events::related::{self, Named};
 use cohort_events::subscriber::SubscriberConfig;
@@ -131,12 +131,12 @@ impl StartError {
 /// fail at once. (Prefect's worker also keeps trying: "Unable to reach the Prefect API while
 /// starting up; the worker will keep attempting to connect", `prefect/workers/base.py`.)
 async fn wait_for_server(client: &PrefectClient) -> Result<String, StartError> {
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         match client.server_version().await {
             Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && !e.is_unresolvable_host() => {
-                let wait = jittered(delay, 0.2);
+                let wait = backoff.next_delay();
                 tracing::warn!(
                     error = %e,
                     "Unable to reach the Prefect API at {} while starting up; retrying in {:.1} s",
@@ -144,7 +144,6 @@ async fn wait_for_server(client: &PrefectClient) -> Result<String, StartError> {
                     wait.as_secs_f64()
                 );
                 tokio::time::sleep(wait).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
             // No version endpoint there: not a Prefect API.
             Err(e) if e.is_not_found() => {
