@@ -37,6 +37,18 @@ pub struct Claim {
     pub temp_dir: Option<PathBuf>,
 }
 
+impl Claim {
+    /// A claim of `flow_run_id` made now.
+    pub fn new(flow_run_id: Uuid) -> Self {
+        Self {
+            flow_run_id,
+            claimed_at: Utc::now(),
+            submitted: None,
+            temp_dir: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("cannot create the directory of the claim journal {path}")]
@@ -155,33 +167,18 @@ impl Journal {
         Ok(claims)
     }
 
-    /// Records a claim about to be made; durable when this returns.
-    pub async fn record_claim(&self, flow_run_id: Uuid) -> Result<(), JournalError> {
-        let claim = Claim {
-            flow_run_id,
-            claimed_at: Utc::now(),
-            submitted: None,
-            temp_dir: None,
-        };
-        self.put(claim).await
-    }
-
-    /// Records the `submitted-flow-run` event of a claimed run before it is emitted, and its
-    /// temporary working directory.
-    pub async fn record_submitted(
-        &self,
-        flow_run_id: Uuid,
-        submitted: &Event,
-        temp_dir: Option<PathBuf>,
-    ) -> Result<(), JournalError> {
-        let claimed_at = self
-            .get(flow_run_id)?
-            .map_or_else(Utc::now, |c| c.claimed_at);
-        self.put(Claim {
-            flow_run_id,
-            claimed_at,
-            submitted: Some(submitted.clone()),
-            temp_dir,
+    /// Records `claim` (a claim about to be made, or what a claimed run has decided since);
+    /// durable when this returns.
+    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
+    pub async fn record(&self, claim: &Claim) -> Result<(), JournalError> {
+        let journal = self.clone();
+        let key = claim.flow_run_id.as_u128();
+        let bytes = serde_json::to_vec(claim).expect("a claim serializes");
+        blocking(move || {
+            journal.write(Durability::Immediate, |table| {
+                table.insert(key, bytes.as_slice())?;
+                Ok(())
+            })
         })
         .await
     }
@@ -194,32 +191,6 @@ impl Journal {
         blocking(move || {
             journal.write(Durability::Eventual, |table| {
                 table.remove(flow_run_id.as_u128())?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    fn get(&self, flow_run_id: Uuid) -> Result<Option<Claim>, JournalError> {
-        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `JournalError`
-        let read = (|| -> Result<Option<Vec<u8>>, redb::Error> {
-            let txn = self.inner.db.begin_read()?;
-            let table = txn.open_table(CLAIMS)?;
-            Ok(table
-                .get(flow_run_id.as_u128())?
-                .map(|v| v.value().to_vec()))
-        })();
-        let bytes = read.map_err(|e| self.store_error(e))?;
-        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
-    }
-
-    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
-    async fn put(&self, claim: Claim) -> Result<(), JournalError> {
-        let journal = self.clone();
-        let bytes = serde_json::to_vec(&claim).expect("a claim serializes");
-        blocking(move || {
-            journal.write(Durability::Immediate, |table| {
-                table.insert(claim.flow_run_id.as_u128(), bytes.as_slice())?;
                 Ok(())
             })
         })
@@ -281,12 +252,12 @@ mod tests {
         );
         {
             let journal = Journal::open(&path).unwrap();
-            journal.record_claim(a).await.unwrap();
-            journal.record_claim(b).await.unwrap();
-            journal
-                .record_submitted(a, &submitted, Some("/tmp/x".into()))
-                .await
-                .unwrap();
+            let mut claim = Claim::new(a);
+            journal.record(&claim).await.unwrap();
+            journal.record(&Claim::new(b)).await.unwrap();
+            claim.submitted = Some(submitted.clone());
+            claim.temp_dir = Some("/tmp/x".into());
+            journal.record(&claim).await.unwrap();
             journal.remove(b).await.unwrap();
         }
         let journal = Journal::open(&path).unwrap();

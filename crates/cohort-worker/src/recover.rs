@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use cohort_api::models::{FlowRun, StateType};
 use cohort_events::related;
-use cohort_events::{names, Event};
 use cohort_process::FlowRunProcess;
 use tokio_util::sync::CancellationToken;
 
@@ -129,22 +128,20 @@ async fn supervise_adopted(
         }
     };
     match (&claim.submitted, run) {
-        (Some(submitted), _) => emit_executed(ctx, submitted, &executed),
+        (Some(submitted), _) => {
+            emit_executed(ctx, submitted.related.clone(), Some(submitted), &executed)
+        }
         // The submitted event was never journaled (the journal failed then): relate the
         // executed event to what the server knows, without `follows`.
         (None, Some((run, deployment, Some(flow)))) => {
             let pool = ctx.pool.read().expect("pool lock poisoned").clone();
             let objects = flow_run_objects(&run, deployment.as_ref(), &flow, &pool);
-            let related = related::with_infrastructure(
+            emit_executed(
+                ctx,
                 related::worker_flow_run_related(&objects),
-                &executed.pid,
-                executed.status_code,
+                None,
+                &executed,
             );
-            ctx.executor.sink.emit(Event::new(
-                names::WORKER_EXECUTED_FLOW_RUN,
-                ctx.resource.clone(),
-                related,
-            ));
         }
         (None, _) => {
             tracing::warn!("no executed-flow-run event for flow run '{id}': neither the journal nor the server describes it");

@@ -119,10 +119,11 @@ async fn submit_journaled(
     // 2. Claim: journal it, then propose Pending; anything but an accepted Pending means
     // another worker has it. A claim that cannot be journaled is not made: a crash would
     // leave the run Pending with nobody to finish it.
-    let (resumed_submitted, resumed_temp_dir) = match resume {
-        Some(claim) => (claim.submitted, claim.temp_dir),
+    let mut journaled = match resume {
+        Some(claim) => claim,
         None => {
-            if let Err(e) = ctx.journal.record_claim(run.id).await {
+            let claimed = Claim::new(run.id);
+            if let Err(e) = ctx.journal.record(&claimed).await {
                 let message = format!("not claiming flow run '{}': {e}", run.id);
                 tracing::error!(error = ?e, "{message}");
                 return Outcome::NotJournaled(message);
@@ -130,7 +131,7 @@ async fn submit_journaled(
             if let Err(why) = claim(client, &run).await {
                 return Outcome::Skipped(why);
             }
-            (None, None)
+            claimed
         }
     };
 
@@ -153,7 +154,7 @@ async fn submit_journaled(
 
     // The working directory: a temporary one is journaled, so a worker that re-adopts the
     // run after a crash can remove it.
-    if let Some(stale) = resumed_temp_dir {
+    if let Some(stale) = journaled.temp_dir.take() {
         let _ = std::fs::remove_dir_all(stale);
     }
     let workdir = match WorkDir::new(job.working_dir.clone()) {
@@ -164,34 +165,28 @@ async fn submit_journaled(
             return crash_before_start(ctx, &mut log, &run, message).await;
         }
     };
-    let temp_dir = match &workdir {
+    journaled.temp_dir = match &workdir {
         WorkDir::Temporary(t) => Some(t.path().to_path_buf()),
         WorkDir::Given(_) => None,
     };
 
     // 4. submitted-flow-run, before labels and Submitting, as Prefect emits it; journaled
     // first, so a resumed submission sends the same event (the server keeps one per id).
-    let submitted = match resumed_submitted {
-        Some(event) => {
-            if let Err(e) = ctx.journal.record_submitted(run.id, &event, temp_dir).await {
-                tracing::error!(error = %e, "could not journal the working directory");
-            }
-            event
-        }
-        None => {
+    let submitted = journaled
+        .submitted
+        .get_or_insert_with(|| {
             let objects = flow_run_objects(&run, deployment.as_ref(), &flow, &pool);
-            let related = related::worker_flow_run_related(&objects);
-            let event = Event::new(
+            Event::new(
                 names::WORKER_SUBMITTED_FLOW_RUN,
                 ctx.resource.clone(),
-                related,
-            );
-            if let Err(e) = ctx.journal.record_submitted(run.id, &event, temp_dir).await {
-                tracing::error!(error = %e, "could not journal the submitted-flow-run event");
-            }
-            event
-        }
-    };
+                related::worker_flow_run_related(&objects),
+            )
+        })
+        .clone();
+    if let Err(e) = ctx.journal.record(&journaled).await {
+        tracing::error!(error = %e, "could not journal the submitted-flow-run event");
+    }
+    drop(journaled);
     ctx.executor.sink.emit(submitted.clone());
 
     // 5. Labels (a failure does not stop the run; Prefect ignores it too), then Submitting.
@@ -241,24 +236,28 @@ async fn submit_journaled(
     };
 
     // 7. executed-flow-run, linked to submitted.
-    emit_executed(ctx, &submitted, &executed);
+    emit_executed(ctx, submitted.related.clone(), Some(&submitted), &executed);
     Outcome::Exited(executed.status_code)
 }
 
-/// `executed-flow-run`: the submitted event's related resources plus the infrastructure's
-/// identifier and status code, following `submitted` under Prefect's 5-minute rule.
-pub(crate) fn emit_executed(ctx: &RunContext, submitted: &Event, executed: &Executed) {
-    let related = related::with_infrastructure(
-        submitted.related.clone(),
-        &executed.pid,
-        executed.status_code,
-    );
-    let event = Event::new(
+/// `executed-flow-run`: the run's related resources (those of its `submitted` event) plus the
+/// infrastructure's identifier and status code, following `submitted`, when known, under
+/// Prefect's 5-minute rule.
+pub(crate) fn emit_executed(
+    ctx: &RunContext,
+    related: Vec<cohort_events::RelatedResource>,
+    submitted: Option<&Event>,
+    executed: &Executed,
+) {
+    let related = related::with_infrastructure(related, &executed.pid, executed.status_code);
+    let mut event = Event::new(
         names::WORKER_EXECUTED_FLOW_RUN,
         ctx.resource.clone(),
         related,
-    )
-    .follow(submitted);
+    );
+    if let Some(submitted) = submitted {
+        event = event.follow(submitted);
+    }
     ctx.executor.sink.emit(event);
 }
 
