@@ -38,7 +38,15 @@ where
         Ok(rt) => rt,
         Err(e) => return report(Failure::Runtime(e.into())),
     };
-    match runtime.block_on(main(settings)) {
+    let run = async {
+        // A file-size limit reached (RLIMIT_FSIZE) must fail the write (outbox, journal), not
+        // kill the process: catch SIGXFSZ (25 on Linux) for its whole life. Flow processes
+        // start with the default again (a caught signal is reset by exec).
+        let _file_size_limit =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
+        main(settings).await
+    };
+    match runtime.block_on(run) {
         Ok(()) => 0,
         Err(failure) => report(failure),
     }
@@ -95,11 +103,6 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
-    // A file-size limit reached (RLIMIT_FSIZE) must fail the write, not kill the worker:
-    // catch SIGXFSZ (25 on Linux) for the life of the process. Flow processes start with
-    // the default again (a caught signal is reset by exec).
-    let _file_size_limit =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
     // Start-up waits for a server that is down; a signal meanwhile ends it cleanly.
     let worker = tokio::select! {
         started = Worker::start(client.clone(), options.clone()) => started,
