@@ -61,13 +61,18 @@ pub(crate) async fn adopted(
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
-    let id = claim.flow_run_id;
     let outcome = supervise_adopted(&ctx, &claim, process, cancel, terminate).await;
+    forget_claim(&ctx, &claim).await;
+    outcome
+}
+
+/// Forgets a claim of an earlier worker: its journal entry, its shim's status file, and the
+/// temporary working directory nobody else will remove.
+pub(crate) async fn forget_claim(ctx: &RunContext, claim: &Claim) {
     if let Some(dir) = &claim.temp_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
-    forget(&ctx, id).await;
-    outcome
+    forget(ctx, claim.flow_run_id).await;
 }
 
 async fn supervise_adopted(

@@ -562,10 +562,7 @@ impl Poller<'_> {
                 }
                 Recovery::Forget(claim, why) => {
                     tracing::info!(flow_run = %id, "forgetting a journaled claim: {why}");
-                    if let Some(dir) = &claim.temp_dir {
-                        let _ = std::fs::remove_dir_all(dir);
-                    }
-                    submit::forget(&ctx, id).await;
+                    recover::forget_claim(&ctx, &claim).await;
                 }
                 Recovery::Keep(why) => {
                     tracing::warn!(flow_run = %id, "cannot reconcile a journaled claim now ({why}); it is kept for the next start");
