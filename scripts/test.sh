@@ -62,5 +62,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 # which needs all of them in one process. They mostly wait (on Python start-up, polls,
 # event persistence), so run more of them at once than the default of one per CPU.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-6}"
+# Tests must leave nothing in the tree: what is untracked (and not ignored) after the run
+# but was not before fails the run, whatever the tests said.
+untracked() { git -C "$repo_root" ls-files --others --exclude-standard | LC_ALL=C sort; }
+untracked_before="$(untracked)"
 log "cargo test --workspace"
-cargo test --workspace --no-fail-fast "$@" </dev/null
+tests_status=0
+cargo test --workspace --no-fail-fast "$@" </dev/null || tests_status=$?
+left="$(LC_ALL=C comm -13 <(printf '%s\n' "$untracked_before") <(printf '%s\n' "$(untracked)") | sed '/^$/d')"
+if [[ -n $left ]]; then
+    printf 'test.sh: error: the tests left files in the tree:\n%s\n' "$left" >&2
+    exit 1
+fi
+exit "$tests_status"

@@ -180,6 +180,8 @@ fn worker_cancels_a_running_flow() {
 struct Served {
     child: Child,
     output: tempfile::NamedTempFile,
+    /// The runner's `PREFECT_HOME` (its outbox), removed with it.
+    _home: tempfile::TempDir,
 }
 
 impl Served {
@@ -200,13 +202,13 @@ impl Served {
             venv_bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let home = tempfile::tempdir().unwrap().keep();
+        let home = tempfile::tempdir().unwrap();
         use std::os::unix::process::CommandExt as _;
         let child = Command::new(env!("CARGO_BIN_EXE_cohort"))
             .args(args)
             .current_dir(cwd)
             .env("PREFECT_API_URL", s.api_url())
-            .env("PREFECT_HOME", &home)
+            .env("PREFECT_HOME", home.path())
             .env("PATH", path)
             .env("PREFECT_RUNNER_POLL_FREQUENCY", "2")
             .env("PYTHONDONTWRITEBYTECODE", "1")
@@ -217,7 +219,11 @@ impl Served {
             .process_group(0)
             .spawn()
             .expect("start cohort");
-        Served { child, output }
+        Served {
+            child,
+            output,
+            _home: home,
+        }
     }
 
     fn output(&self) -> String {
@@ -381,19 +387,16 @@ fn flow_serve_runs_and_cancels_like_prefect() {
 fn flow_serve_rejects_bad_input_before_registering() {
     let s = server();
     let repo = examples_flows_dir().join("../..").canonicalize().unwrap();
-    let broken = tempfile::Builder::new()
-        .suffix(".py")
-        .tempfile_in(&repo)
-        .unwrap();
+    // The flow file that raises on import lives in a directory of its own, removed with it:
+    // never in the repository tree.
+    let scratch = tempfile::tempdir().unwrap();
+    let broken = scratch.path().join("broken_flow.py");
     std::fs::write(
-        broken.path(),
+        &broken,
         "from prefect import flow\nraise RuntimeError('boom on import')\n\n@flow\ndef broken():\n    pass\n",
     )
     .unwrap();
-    let broken_entry = format!(
-        "{}:broken",
-        broken.path().file_name().unwrap().to_string_lossy()
-    );
+    let broken_entry = format!("{}:broken", broken.display());
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["flow", "serve", "examples/flows/missing.py:hello"],
