@@ -5,6 +5,7 @@ Deployments point at them with the entrypoint ``flows.py:<function>`` and a
 ``set_working_directory`` pull step to this directory.
 """
 
+import atexit
 import json
 import os
 import time
@@ -47,6 +48,16 @@ def crash() -> None:
 @flow(name="sleepy")
 def sleepy(seconds: float = 30) -> float:
     """Sleep `seconds` seconds (used for cancellation and shutdown scenarios)."""
+    time.sleep(seconds)
+    return seconds
+
+
+@flow(name="lingering")
+def lingering(seconds: float = 1, linger: float = 10) -> float:
+    """Finish after `seconds`, then keep the process alive `linger` seconds more on its way
+    out (an atexit handler): a run already Completed whose process is still exiting, the
+    race a stop or a cancellation must not turn into Cancelled."""
+    atexit.register(time.sleep, linger)
     time.sleep(seconds)
     return seconds
 

@@ -115,19 +115,77 @@ pub async fn watch(
     task.abort();
 }
 
-/// Makes the run durably Cancelled after its process is gone, forcing it over whatever the
-/// engine wrote on its way out (a SIGTERM without an acknowledged intent makes the engine
-/// write Crashed); true when it is Cancelled — then, and only then, the cancelled-flow-run
-/// event is due (`CancellationManager.finalize_cancelled_state`).
-pub async fn finalize_cancelled(client: &PrefectClient, id: Uuid, message: &str) -> bool {
-    let current = client
-        .read_flow_run(id)
-        .await
-        .ok()
-        .and_then(|run| run.state.map(|s| s.state_type));
-    if current == Some(StateType::Cancelled) {
-        return true;
+/// Why a supervisor stops a flow process that is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A cancel request reached us: the run went Cancelling (or was forced Cancelled).
+    CancelRequest,
+    /// A runner shutting down cancels what still runs (`Runner.stop` → `cancel_all`).
+    RunnerShutdown,
+}
+
+/// How a run we stopped is finished, once its process is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// It already has a final state that is not ours to change: keep it, emit nothing.
+    Keep(StateType),
+    /// It is Cancelled already, and we stopped it because of that request: emit the event.
+    Cancelled,
+    /// Force Cancelled over what the engine wrote (or did not write) on its way out, then
+    /// emit the event if that write is durable.
+    ForceCancelled,
+}
+
+/// A final state the engine (or a user) wrote for its own reasons. Cancelled is not among
+/// them: a cancel request may force a run straight to Cancelled while its process runs.
+fn finished_on_its_own(state: StateType) -> bool {
+    matches!(
+        state,
+        StateType::Completed | StateType::Failed | StateType::Crashed
+    )
+}
+
+/// Decides how to finish a run stopped for `reason`, from its state read just before we
+/// signalled the process (`before`) and once the process was gone (`after`; the engine can
+/// no longer write then). Prefect forces Cancelled over whatever the engine wrote
+/// (`CancellationManager.finalize_cancelled_state`), which loses a Completed or Failed run
+/// whose process was still exiting when the cancel or the shutdown came; Cohort forces
+/// Cancelled only where Prefect's reason to force holds: the process was stopped by us and
+/// the engine wrote Crashed (a SIGTERM without an acknowledged intent) or nothing.
+pub fn finish(reason: StopReason, before: Option<StateType>, after: Option<StateType>) -> Finish {
+    if let Some(state) = before.filter(|s| finished_on_its_own(*s)) {
+        return Finish::Keep(state);
     }
+    // Cancelled before a runner's shutdown reached it: someone else's cancellation, not ours
+    // to report.
+    if reason == StopReason::RunnerShutdown && before == Some(StateType::Cancelled) {
+        return Finish::Keep(StateType::Cancelled);
+    }
+    match after {
+        // Only the engine writes these, and only for an outcome it reached before our signal.
+        Some(state @ (StateType::Completed | StateType::Failed)) => Finish::Keep(state),
+        Some(StateType::Cancelled) => Finish::Cancelled,
+        // Crashed after a non-final `before`: written by the engine as our SIGTERM reached it.
+        // Unknown (the server did not answer): `before` was not final, so ours to finish.
+        Some(_) | None => Finish::ForceCancelled,
+    }
+}
+
+/// The run's current state type; `None` when the server cannot tell us.
+pub async fn current_state(client: &PrefectClient, id: Uuid) -> Option<StateType> {
+    match client.read_flow_run(id).await {
+        Ok(run) => run.state.map(|s| s.state_type),
+        Err(e) => {
+            tracing::warn!(flow_run = %id, error = %e, "could not read the flow run's state");
+            None
+        }
+    }
+}
+
+/// Makes the run durably Cancelled after its process is gone (forced, as Prefect does:
+/// [`finish`] decided it is ours to finish); true when it is Cancelled — then, and only
+/// then, the cancelled-flow-run event is due (`CancellationManager.finalize_cancelled_state`).
+pub async fn finalize_cancelled(client: &PrefectClient, id: Uuid, message: &str) -> bool {
     let state = StateCreate::new(StateType::Cancelled, "Cancelled").with_message(message);
     if let Err(e) = client.set_flow_run_state(id, &state, true).await {
         tracing::error!(flow_run = %id, error = %e, "could not mark the run Cancelled");
@@ -143,4 +201,57 @@ pub async fn finalize_cancelled(client: &PrefectClient, id: Uuid, message: &str)
         return false;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use StateType::*;
+    use StopReason::*;
+
+    #[test]
+    fn a_state_the_engine_reached_is_kept() {
+        for reason in [CancelRequest, RunnerShutdown] {
+            // Finished before we signalled: the race of issue "Completed turned Cancelled".
+            for state in [Completed, Failed, Crashed] {
+                for after in [Some(state), Some(Cancelled), None] {
+                    assert_eq!(finish(reason, Some(state), after), Finish::Keep(state));
+                }
+            }
+            // Finished between our read and our signal.
+            for state in [Completed, Failed] {
+                assert_eq!(
+                    finish(reason, Some(Running), Some(state)),
+                    Finish::Keep(state)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn what_our_stop_caused_becomes_cancelled() {
+        for reason in [CancelRequest, RunnerShutdown] {
+            for before in [Some(Running), Some(Cancelling), Some(Pending), None] {
+                // The engine wrote Crashed on SIGTERM, or nothing.
+                for after in [Some(Crashed), Some(Running), Some(Cancelling), None] {
+                    assert_eq!(finish(reason, before, after), Finish::ForceCancelled);
+                }
+                assert_eq!(finish(reason, before, Some(Cancelled)), Finish::Cancelled);
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_forced_cancelled_is_reported_only_when_we_acted_on_the_request() {
+        assert_eq!(
+            finish(CancelRequest, Some(Cancelled), Some(Cancelled)),
+            Finish::Cancelled
+        );
+        for after in [Some(Cancelled), Some(Crashed), None] {
+            assert_eq!(
+                finish(RunnerShutdown, Some(Cancelled), after),
+                Finish::Keep(Cancelled)
+            );
+        }
+    }
 }

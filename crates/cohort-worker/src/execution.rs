@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::cancel::finalize_cancelled;
+use crate::cancel::{current_state, finalize_cancelled, finish, Finish, StopReason};
 
 /// How long the engine gets to acknowledge a cancel intent (Prefect: 1 s).
 const INTENT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -236,14 +236,27 @@ impl Executor {
         let concluded =
             |attempt: Option<&Attempt>| attempt.is_some_and(|a| a.conclusion().is_some());
         // A cancel request, or a runner's shutdown, which cancels what still runs.
-        let cancel_message = match &ending {
-            Ending::Cancel => Some("Flow run was cancelled successfully."),
-            Ending::Terminate => self.cancel_on_shutdown,
+        let stop = match &ending {
+            Ending::Cancel => Some((
+                StopReason::CancelRequest,
+                "Flow run was cancelled successfully.",
+            )),
+            Ending::Terminate => self
+                .cancel_on_shutdown
+                .map(|message| (StopReason::RunnerShutdown, message)),
             Ending::Exited(_) => None,
         };
-        if let Some(message) = cancel_message {
+        if let Some((reason, message)) = stop {
             let code = self
-                .stop_cancelled(run, &mut process, attempt, deployment, flow, message)
+                .stop_cancelled(
+                    run,
+                    &mut process,
+                    attempt,
+                    deployment,
+                    flow,
+                    reason,
+                    message,
+                )
                 .await;
             let status_code = if concluded(attempt) { 0 } else { code };
             return Ok(Executed { pid, status_code });
@@ -254,14 +267,21 @@ impl Executor {
                 tracing::error!(error = %e, "Lost connection to flow run '{}' infrastructure. The flow run's final state will be determined by the execution environment.", run.name);
                 return Err(NotExecuted::Lost(e.to_string()));
             }
-            // Cancel was handled above; what is left is a worker's shutdown.
+            // Cancel was handled above; what is left is a worker's shutdown (drain deadline
+            // or a second signal).
             Ending::Cancel | Ending::Terminate => {
                 tracing::warn!(pid = %pid, "stopping flow run: shutting down");
+                // A run that reached its final state before we stopped it (its process
+                // still exiting) keeps it, and its log says nothing of a crash.
+                let finished = concluded(attempt)
+                    || current_state(&self.client, run.id)
+                        .await
+                        .is_some_and(StateType::is_final);
                 let code = process
                     .terminate(self.termination_grace)
                     .await
                     .map_err(|e| NotExecuted::Lost(e.to_string()))?;
-                if !concluded(attempt) {
+                if !finished {
                     let message = crashed_message(code);
                     log.error(format!(
                         "{message} The flow run was stopped because its supervisor shut down."
@@ -293,8 +313,11 @@ impl Executor {
     }
 
     /// The cancel sequence: intent over the control channel, SIGTERM to the process group,
-    /// SIGKILL after the grace period; then Cancelled made durable and, only then, the
-    /// `prefect.runner.cancelled-flow-run` event. Returns the process's exit code.
+    /// SIGKILL after the grace period; then, as [`finish`] decides, Cancelled made durable and,
+    /// only then, the `prefect.runner.cancelled-flow-run` event. A run that reached a final
+    /// state of its own before we stopped it keeps it, with no event. Returns the process's
+    /// exit code.
+    #[allow(clippy::too_many_arguments)]
     async fn stop_cancelled(
         &self,
         run: &FlowRun,
@@ -302,16 +325,25 @@ impl Executor {
         attempt: Option<&Attempt>,
         deployment: Option<&Deployment>,
         flow: Option<&Flow>,
+        reason: StopReason,
         message: &str,
     ) -> i64 {
-        tracing::info!("cancelling flow run");
+        tracing::info!(?reason, "cancelling flow run");
+        let before = current_state(&self.client, run.id).await;
+        if let Some(state) = before.filter(|s| *s != StateType::Cancelled && s.is_final()) {
+            tracing::info!(
+                ?state,
+                "the flow run had already finished; its state is kept and its process let exit"
+            );
+            return self.let_exit(process).await;
+        }
         if let Some(attempt) = attempt {
             match attempt.signal(Intent::Cancel, INTENT_ACK_TIMEOUT).await {
                 SignalStatus::AlreadyConcluded => {
                     // The engine already reported a final state: nothing to cancel, no event
-                    // (`CancellationManager.cancel`). Let the process finish on its own.
+                    // (`CancellationManager.cancel`).
                     tracing::info!("the flow run concluded before the cancellation reached it");
-                    return process.wait().await.unwrap_or(-1);
+                    return self.let_exit(process).await;
                 }
                 status => tracing::debug!(?status, "cancel intent sent"),
             }
@@ -325,36 +357,68 @@ impl Executor {
                 -1
             }
         };
-        if finalize_cancelled(&self.client, run.id, message).await {
-            let deployment_named = deployment.map(|d| Named {
-                id: d.id,
-                name: d.name.clone(),
-            });
-            let flow_named = flow.map(|f| Named {
-                id: f.id,
-                name: f.name.clone(),
-            });
-            let tags: Vec<&String> = deployment
-                .iter()
-                .flat_map(|d| d.tags.iter())
-                .chain(run.tags.iter())
-                .collect();
-            let related = related::runner_cancelled_related(
-                deployment_named.as_ref(),
-                flow_named.as_ref(),
-                &Named {
-                    id: run.id,
-                    name: run.name.clone(),
-                },
-                tags,
-            );
-            self.sink.emit(Event::new(
-                names::RUNNER_CANCELLED_FLOW_RUN,
-                self.runner_resource.clone(),
-                related,
-            ));
+        let after = current_state(&self.client, run.id).await;
+        let cancelled = match finish(reason, before, after) {
+            Finish::Keep(state) => {
+                tracing::info!(
+                    ?state,
+                    "the flow run finished on its own; its state is kept"
+                );
+                false
+            }
+            Finish::Cancelled => true,
+            Finish::ForceCancelled => finalize_cancelled(&self.client, run.id, message).await,
+        };
+        if cancelled {
+            self.emit_cancelled(run, deployment, flow);
         }
         code
+    }
+
+    /// A process whose run already reached its final state is ending on its own: it gets the
+    /// grace period to do so, then is stopped (its state is final: the server refuses the
+    /// Crashed a stopped engine might propose).
+    async fn let_exit(&self, process: &mut FlowRunProcess) -> i64 {
+        if let Ok(Ok(code)) = tokio::time::timeout(self.termination_grace, process.wait()).await {
+            return code;
+        }
+        match process.terminate(self.termination_grace).await {
+            Ok(code) => code,
+            Err(e) => {
+                tracing::error!(error = %e, "could not stop the flow-run process");
+                -1
+            }
+        }
+    }
+
+    fn emit_cancelled(&self, run: &FlowRun, deployment: Option<&Deployment>, flow: Option<&Flow>) {
+        let deployment_named = deployment.map(|d| Named {
+            id: d.id,
+            name: d.name.clone(),
+        });
+        let flow_named = flow.map(|f| Named {
+            id: f.id,
+            name: f.name.clone(),
+        });
+        let tags: Vec<&String> = deployment
+            .iter()
+            .flat_map(|d| d.tags.iter())
+            .chain(run.tags.iter())
+            .collect();
+        let related = related::runner_cancelled_related(
+            deployment_named.as_ref(),
+            flow_named.as_ref(),
+            &Named {
+                id: run.id,
+                name: run.name.clone(),
+            },
+            tags,
+        );
+        self.sink.emit(Event::new(
+            names::RUNNER_CANCELLED_FLOW_RUN,
+            self.runner_resource.clone(),
+            related,
+        ));
     }
 }
 

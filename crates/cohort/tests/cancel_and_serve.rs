@@ -74,6 +74,20 @@ fn group_alive(pgid: i32) -> Vec<i32> {
     alive
 }
 
+/// The process group of a live process (a worker's flow runs under a shim that leads the
+/// group, so the run's `infrastructure_pid` is not the group's id).
+fn pgid_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
+    let rest: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    rest[2].parse().expect("pgrp")
+}
+
 fn wait_group_gone(pgid: i32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !group_alive(pgid).is_empty() {
@@ -124,6 +138,7 @@ fn worker_cancels_a_running_flow() {
     let name = unique("Cancel Worker");
     let mut worker = Worker::cohort(&["--pool", &pool, "--name", &name, "--type", "process"]);
     let pid = wait_running(s, &run.id, &|| worker.output());
+    let pgid = pgid_of(pid);
     let asked = request_cancel(s, &run.id);
     let state = s.wait_for_final_state(&run.id, Duration::from_secs(60));
     let took = asked.elapsed();
@@ -132,7 +147,7 @@ fn worker_cancels_a_running_flow() {
         took < Duration::from_secs(20),
         "Cancelled only after {took:?}"
     );
-    wait_group_gone(pid);
+    wait_group_gone(pgid);
 
     let events = cancelled_events_of(s, &run.id);
     assert_eq!(events.len(), 1, "{}", util::summarize_events(&events));
@@ -344,7 +359,7 @@ fn flow_serve_runs_and_cancels_like_prefect() {
         json!({"seconds": 600}),
     );
     let out = || served.output();
-    let pid = wait_running(s, &long.id, &out);
+    let pgid = pgid_of(wait_running(s, &long.id, &out));
     let asked = request_cancel(s, &long.id);
     let state = s.wait_for_final_state(&long.id, Duration::from_secs(60));
     assert_eq!(state["type"], "CANCELLED", "{state}\n{}", served.output());
@@ -353,7 +368,7 @@ fn flow_serve_runs_and_cancels_like_prefect() {
         "slow cancel: {:?}",
         asked.elapsed()
     );
-    wait_group_gone(pid);
+    wait_group_gone(pgid);
     let events = cancelled_events_of(s, &long.id);
     assert_eq!(events.len(), 1, "{}", util::summarize_events(&events));
     let e = &events[0];
@@ -525,7 +540,7 @@ fn serve_many_with_webserver_cancels_on_shutdown() {
         json!({"seconds": 600}),
     );
     let out = || served.output();
-    let pid = wait_running(s, &long.id, &out);
+    let pgid = pgid_of(wait_running(s, &long.id, &out));
     let count: Value = reqwest::blocking::get(format!("{base}/run_count"))
         .unwrap()
         .json()
@@ -535,7 +550,7 @@ fn serve_many_with_webserver_cancels_on_shutdown() {
     served.sigterm();
     let status = served.wait(Duration::from_secs(60));
     assert!(status.success(), "exit {status}:\n{}", served.output());
-    wait_group_gone(pid);
+    wait_group_gone(pgid);
     let state = s.read_flow_run(&long.id)["state"].clone();
     assert_eq!(state["type"], "CANCELLED", "{state}");
     assert_eq!(state["message"], "Runner is shutting down.");
@@ -543,5 +558,202 @@ fn serve_many_with_webserver_cancels_on_shutdown() {
     assert_eq!(
         events[0]["resource"]["prefect.resource.id"],
         format!("prefect.runner.{}", util::slugify(&runner))
+    );
+}
+
+/// Waits until the run is Completed (read every 100 ms: the race below is a few seconds wide).
+fn wait_completed(s: &PrefectServer, run_id: &str, output: &dyn Fn() -> String) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let state = s.read_flow_run(run_id)["state"].clone();
+        match state["type"].as_str() {
+            Some("COMPLETED") => return,
+            Some("FAILED" | "CRASHED" | "CANCELLED") => {
+                panic!("run {run_id} ended {state}\n{}", output())
+            }
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {run_id} never completed: {state}\n{}",
+            output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The runner is stopped while a Completed run's process is still exiting (an `atexit`
+/// sleep): the run stays Completed and gets no cancelled-flow-run event, while a run that
+/// really was running is cancelled with "Runner is shutting down." and reported (the
+/// control: its event is read back first, so the absence of the other's means something).
+#[test]
+fn runner_shutdown_keeps_a_run_that_completed_while_its_process_exits() {
+    let s = server();
+    let repo = examples_flows_dir().join("../..").canonicalize().unwrap();
+    let runner = unique("Linger Runner");
+    let lingering_name = unique("lingering");
+    let sleepy_name = unique("linger-sleepy");
+    let lingering_entry = format!("examples/flows/flows.py:lingering@{lingering_name}");
+    let sleepy_entry = format!("examples/flows/flows.py:sleepy@{sleepy_name}");
+    let mut served = Served::start(
+        s,
+        &repo,
+        &["serve", &lingering_entry, &sleepy_entry, "--name", &runner],
+    );
+    let deadline = Instant::now() + START_TIMEOUT;
+    let (lingering, sleepy) = loop {
+        if let (Some(l), Some(z)) = (
+            deployment_by_name(s, "lingering", &lingering_name),
+            deployment_by_name(s, "sleepy", &sleepy_name),
+        ) {
+            break (l, z);
+        }
+        assert!(
+            served.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "never registered:\n{}",
+            served.output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let long = s.create_flow_run(
+        sleepy["id"].as_str().unwrap(),
+        &[],
+        json!({}),
+        json!({"seconds": 600}),
+    );
+    let out = || served.output();
+    let long_pgid = pgid_of(wait_running(s, &long.id, &out));
+    let quick = s.create_flow_run(
+        lingering["id"].as_str().unwrap(),
+        &[],
+        json!({}),
+        json!({"seconds": 1, "linger": 8}),
+    );
+    wait_completed(s, &quick.id, &out);
+    let quick_pid: i32 = s.read_flow_run(&quick.id)["infrastructure_pid"]
+        .as_str()
+        .expect("infrastructure_pid")
+        .parse()
+        .unwrap();
+    let quick_pgid = pgid_of(quick_pid);
+    assert!(
+        !group_alive(quick_pgid).is_empty(),
+        "the lingering process had already exited: the race was not set up\n{}",
+        served.output()
+    );
+
+    served.sigterm();
+    let status = served.wait(Duration::from_secs(90));
+    assert!(status.success(), "exit {status}:\n{}", served.output());
+    wait_group_gone(long_pgid);
+    wait_group_gone(quick_pgid);
+
+    let long_state = s.read_flow_run(&long.id)["state"].clone();
+    assert_eq!(long_state["type"], "CANCELLED", "{long_state}");
+    assert_eq!(cancelled_events_of(s, &long.id).len(), 1);
+    let quick_state = s.read_flow_run(&quick.id)["state"].clone();
+    assert_eq!(
+        quick_state["type"],
+        "COMPLETED",
+        "{quick_state}\n{}",
+        served.output()
+    );
+    let wrongly = s.read_events(json!({
+        "event": {"name": ["prefect.runner.cancelled-flow-run"]},
+        "related": {"id": [format!("prefect.flow-run.{}", quick.id)]},
+    }));
+    assert!(wrongly.is_empty(), "{}", util::summarize_events(&wrongly));
+}
+
+/// The worker's drain deadline passes while a Completed run's process is still exiting:
+/// the run stays Completed, its log says nothing of a crash, `executed-flow-run` is emitted
+/// and no cancelled-flow-run; a run that really was running is stopped and ends Crashed.
+#[test]
+fn worker_drain_deadline_keeps_a_run_that_completed_while_its_process_exits() {
+    let s = server();
+    let pool = unique("linger-worker");
+    s.create_work_pool(&pool, "process");
+    let lingering = s.deploy(
+        &DeploySpec::new(&pool, "lingering").parameters(json!({"seconds": 1, "linger": 20})),
+    );
+    let sleepy = s.deploy(&DeploySpec::new(&pool, "sleepy").parameters(json!({"seconds": 600})));
+    let name = unique("Linger Worker");
+    let mut worker = Worker::cohort(&[
+        "--pool",
+        &pool,
+        "--name",
+        &name,
+        "--type",
+        "process",
+        "--drain-timeout",
+        "1",
+        "--termination-grace",
+        "5",
+    ]);
+    let long = s.create_flow_run(&sleepy.id, &[], json!({}), json!({}));
+    let long_pgid = pgid_of(wait_running(s, &long.id, &|| worker.output()));
+    let quick = s.create_flow_run(&lingering.id, &[], json!({}), json!({}));
+    wait_completed(s, &quick.id, &|| worker.output());
+    let quick_pid: i32 = s.read_flow_run(&quick.id)["infrastructure_pid"]
+        .as_str()
+        .expect("infrastructure_pid")
+        .parse()
+        .unwrap();
+    let quick_pgid = pgid_of(quick_pid);
+    assert!(
+        !group_alive(quick_pgid).is_empty(),
+        "the lingering process had already exited: the race was not set up\n{}",
+        worker.output()
+    );
+
+    worker.sigterm();
+    let status = worker.wait_timeout(Duration::from_secs(90));
+    assert!(status.success(), "exit {status}:\n{}", worker.output());
+    wait_group_gone(long_pgid);
+    wait_group_gone(quick_pgid);
+
+    let long_state = s.read_flow_run(&long.id)["state"].clone();
+    assert_eq!(long_state["type"], "CRASHED", "{long_state}");
+    let quick_state = s.read_flow_run(&quick.id)["state"].clone();
+    assert_eq!(
+        quick_state["type"],
+        "COMPLETED",
+        "{quick_state}\n{}",
+        worker.output()
+    );
+    let executed = s.wait_for_events(
+        json!({
+            "event": {"name": ["prefect.worker.executed-flow-run"]},
+            "related": {"id": [format!("prefect.flow-run.{}", quick.id), format!("prefect.flow-run.{}", long.id)]},
+        }),
+        2,
+        EVENTS_TIMEOUT,
+    );
+    assert_eq!(executed.len(), 2, "{}", util::summarize_events(&executed));
+    let cancelled = s.read_events(json!({
+        "event": {"name": ["prefect.runner.cancelled-flow-run"]},
+        "related": {"id": [format!("prefect.flow-run.{}", quick.id)]},
+    }));
+    assert!(
+        cancelled.is_empty(),
+        "{}",
+        util::summarize_events(&cancelled)
+    );
+    let crash_lines: Vec<String> = s
+        .read_logs(&quick.id)
+        .iter()
+        .filter_map(|l| l["message"].as_str())
+        .filter(|m| m.contains("supervisor shut down") || m.contains("Crashed"))
+        .map(str::to_owned)
+        .collect();
+    assert!(crash_lines.is_empty(), "{crash_lines:?}");
+    let long_logs: Vec<String> = s
+        .read_logs(&long.id)
+        .iter()
+        .filter_map(|l| l["message"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        long_logs.iter().any(|m| m.contains("supervisor shut down")),
+        "{long_logs:?}"
     );
 }
