@@ -8,6 +8,7 @@ Deployments point at them with the entrypoint ``flows.py:<function>`` and a
 import atexit
 import json
 import os
+import signal
 import time
 
 from prefect import flow
@@ -58,6 +59,15 @@ def lingering(seconds: float = 1, linger: float = 10) -> float:
     out (an atexit handler): a run already Completed whose process is still exiting, the
     race a stop or a cancellation must not turn into Cancelled."""
     atexit.register(time.sleep, linger)
+    time.sleep(seconds)
+    return seconds
+
+
+@flow(name="stubborn")
+def stubborn(seconds: float = 600) -> float:
+    """Ignore SIGTERM, then sleep: only SIGKILL stops it (a flow with a careless signal
+    handler), so stopping it takes the whole termination grace."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(seconds)
     return seconds
 

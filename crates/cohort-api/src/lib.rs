@@ -8,11 +8,13 @@
 mod client;
 mod error;
 pub mod models;
+mod ready;
 pub mod retry;
 pub mod settings;
 
 pub use client::{authorization, python_datetime, user_agent, ClientConfig, PrefectClient};
 pub use error::ApiError;
+pub use ready::{wait_for_server, NotReady};
 pub use settings::{Settings, SettingsError};
 
 /// The REST API version Cohort speaks; sent as `X-PREFECT-API-VERSION`

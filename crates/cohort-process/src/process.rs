@@ -255,17 +255,27 @@ impl FlowRunProcess {
     /// SIGTERM to the group, then SIGKILL once `grace` has passed; returns as soon as the
     /// process has exited.
     pub async fn terminate(&mut self, grace: Duration) -> std::io::Result<i64> {
+        self.terminate_or(grace, std::future::pending()).await
+    }
+
+    /// [`Self::terminate`], with the grace cut short when `sooner` completes first (a second
+    /// signal to a supervisor that is already stopping its runs).
+    pub async fn terminate_or(
+        &mut self,
+        grace: Duration,
+        sooner: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<i64> {
         self.signal_group(Signal::SIGTERM);
-        match tokio::time::timeout(grace, self.wait()).await {
-            Ok(code) => {
-                // Children that ignored SIGTERM go with the leader.
-                self.signal_group(Signal::SIGKILL);
-                code
-            }
-            Err(_) => {
-                self.signal_group(Signal::SIGKILL);
-                self.wait().await
-            }
+        let exited = tokio::select! {
+            code = self.wait() => Some(code),
+            _ = tokio::time::sleep(grace) => None,
+            _ = sooner => None,
+        };
+        // Children that ignored SIGTERM go with the leader.
+        self.signal_group(Signal::SIGKILL);
+        match exited {
+            Some(code) => code,
+            None => self.wait().await,
         }
     }
 }
@@ -314,6 +324,38 @@ mod tests {
         assert_eq!(p.wait().await.unwrap(), 0);
         let mut p = FlowRunProcess::spawn(&sh("kill -9 $$")).unwrap();
         assert_eq!(p.wait().await.unwrap(), -9);
+    }
+
+    /// A process that ignores SIGTERM is killed as soon as `sooner` completes, not after the
+    /// (here hour-long) grace.
+    #[tokio::test]
+    async fn terminate_or_cuts_the_grace_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let script = format!("trap '' TERM; touch {}; sleep 300", ready.display());
+        let mut p = FlowRunProcess::spawn(&sh(&script)).unwrap();
+        while !ready.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (hurry, hurried) = tokio::sync::oneshot::channel::<()>();
+        let stop = p.terminate_or(Duration::from_secs(3600), async {
+            let _ = hurried.await;
+        });
+        tokio::pin!(stop);
+        // SIGTERM alone does not end it…
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), &mut stop)
+                .await
+                .is_err(),
+            "the process ignoring SIGTERM exited"
+        );
+        // …the hurry does, with SIGKILL.
+        hurry.send(()).unwrap();
+        let code = tokio::time::timeout(Duration::from_secs(30), stop)
+            .await
+            .expect("not killed once hurried")
+            .unwrap();
+        assert_eq!(code, -9);
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cohort_api::models::{Deployment, FlowRun};
 use cohort_api::retry::jittered;
-use cohort_api::{ApiError, PrefectClient};
+use cohort_api::{ApiError, NotReady, PrefectClient};
 use cohort_events::related;
 use cohort_events::subscriber::SubscriberConfig;
 use cohort_events::{EventSink, EventsAuth};
@@ -68,20 +68,9 @@ pub enum RunnerError {
         #[source]
         source: InspectError,
     },
-    #[error(
-        "cannot reach the Prefect API at {url} (check PREFECT_API_URL, and that the server is up)"
-    )]
-    Unreachable {
-        url: String,
-        #[source]
-        source: ApiError,
-    },
-    #[error("the Prefect API at {url} refused the credentials (check PREFECT_API_KEY or PREFECT_API_AUTH_STRING)")]
-    Unauthorized {
-        url: String,
-        #[source]
-        source: ApiError,
-    },
+    /// The server will not do (a wrong URL or credentials); one that is down is waited for.
+    #[error(transparent)]
+    Server(#[from] NotReady),
     #[error("cannot register deployment {name:?}")]
     Register {
         name: String,
@@ -94,17 +83,6 @@ pub enum RunnerError {
         #[source]
         source: std::io::Error,
     },
-}
-
-impl RunnerError {
-    fn from_api(client: &PrefectClient, e: ApiError) -> Self {
-        let url = client.api_url().to_string();
-        if e.is_auth() {
-            RunnerError::Unauthorized { url, source: e }
-        } else {
-            RunnerError::Unreachable { url, source: e }
-        }
-    }
 }
 
 /// A registered deployment this runner serves.
@@ -142,10 +120,8 @@ impl Runner {
                 })?;
             infos.push(info);
         }
-        let prefect_version = client
-            .server_version()
-            .await
-            .map_err(|e| RunnerError::from_api(&client, e))?;
+        // A server that is down is waited for, as the worker does.
+        let prefect_version = cohort_api::wait_for_server(&client).await?;
         let mut served = Vec::new();
         for (spec, info) in specs.iter().zip(infos) {
             let register = |source| RunnerError::Register {
@@ -204,11 +180,14 @@ impl Runner {
 
     /// Serves until `shutdown` (or a `POST /shutdown`), then: stop claiming, pause the
     /// schedules (`--pause-on-shutdown`), cancel what still runs with "Runner is shutting
-    /// down." (`Runner.stop` → `cancel_all`), and return.
+    /// down." (`Runner.stop` → `cancel_all`: SIGTERM, SIGKILL after the grace), and return
+    /// once every run is finished. `hurry` (a second signal) cuts the grace short: the
+    /// processes are killed at once, and still get their final state and events.
     pub async fn run(
         self,
         sink: Arc<dyn EventSink>,
         shutdown: CancellationToken,
+        hurry: CancellationToken,
     ) -> Result<(), RunnerError> {
         let background = CancellationToken::new();
         let last_polled = LastPolled::new();
@@ -245,6 +224,7 @@ impl Runner {
             control,
             runner_resource: related::runner_resource(&self.options.name, &self.prefect_version),
             termination_grace: self.options.termination_grace,
+            hurry,
             cancel_on_shutdown: Some("Runner is shutting down."),
             // A runner cancels its runs when it stops, and does not re-adopt: no shims.
             shims: None,

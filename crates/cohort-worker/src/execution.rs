@@ -35,6 +35,10 @@ pub struct Executor {
     pub runner_resource: Resource,
     /// SIGTERM → SIGKILL grace when a run must be stopped.
     pub termination_grace: Duration,
+    /// Cancelled to cut the grace short: processes being stopped get SIGKILL now (a second
+    /// signal to a runner that is already cancelling its runs). States and events are still
+    /// written as for any stop.
+    pub hurry: CancellationToken,
     /// What stopping a run at shutdown means: `None` for a worker (stop it, Crashed unless
     /// the engine reported an outcome); a message for a runner, which cancels its runs with
     /// it, as Prefect's `Runner.stop` does (`cancel_all(state_msg="Runner is shutting down.")`).
@@ -277,8 +281,8 @@ impl Executor {
                     || current_state(&self.client, run.id)
                         .await
                         .is_some_and(StateType::is_final);
-                let code = process
-                    .terminate(self.termination_grace)
+                let code = self
+                    .stop_process(&mut process)
                     .await
                     .map_err(|e| NotExecuted::Lost(e.to_string()))?;
                 if !finished {
@@ -350,7 +354,7 @@ impl Executor {
         }
         // Returns as soon as the process is gone: Cancelled is reported without waiting out
         // the grace period.
-        let code = match process.terminate(self.termination_grace).await {
+        let code = match self.stop_process(process).await {
             Ok(code) => code,
             Err(e) => {
                 tracing::error!(error = %e, "could not stop the flow-run process");
@@ -382,13 +386,20 @@ impl Executor {
         if let Ok(Ok(code)) = tokio::time::timeout(self.termination_grace, process.wait()).await {
             return code;
         }
-        match process.terminate(self.termination_grace).await {
+        match self.stop_process(process).await {
             Ok(code) => code,
             Err(e) => {
                 tracing::error!(error = %e, "could not stop the flow-run process");
                 -1
             }
         }
+    }
+
+    /// SIGTERM, then SIGKILL after the grace (or at once when hurried).
+    async fn stop_process(&self, process: &mut FlowRunProcess) -> std::io::Result<i64> {
+        process
+            .terminate_or(self.termination_grace, self.hurry.cancelled())
+            .await
     }
 
     fn emit_cancelled(&self, run: &FlowRun, deployment: Option<&Deployment>, flow: Option<&Flow>) {

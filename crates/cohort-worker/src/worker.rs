@@ -287,6 +287,8 @@ impl Worker {
                 // runner is named "standalone" (`prefect/runner/_flow_run_executor.py`).
                 runner_resource: related::runner_resource("standalone", &self.prefect_version),
                 termination_grace: self.options.termination_grace,
+                // A worker's second signal is its drain's end: stops keep their grace.
+                hurry: CancellationToken::new(),
                 cancel_on_shutdown: None,
                 shims: state.shims,
             },

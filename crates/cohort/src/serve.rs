@@ -229,12 +229,18 @@ async fn serve(
         &settings,
         &format!("runner-{}", cohort_events::slug::slugify(&options.name)),
     )?;
-    let runner = Runner::start(client.clone(), options, specs)
-        .await
-        .map_err(|e| match e {
-            RunnerError::Inspect { .. } => Failure::Usage(e.into()),
-            other => Failure::Runtime(other.into()),
-        })?;
+    let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
+    // Start-up waits for a server that is down; a signal meanwhile ends it cleanly.
+    let runner = tokio::select! {
+        started = Runner::start(client.clone(), options, specs) => started,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    .map_err(|e| match e {
+        RunnerError::Inspect { .. } => Failure::Usage(e.into()),
+        other => Failure::Runtime(other.into()),
+    })?;
     let (emitter, emitter_task) = Emitter::spawn_durable(
         EmitterConfig {
             api_url: client.api_url().clone(),
@@ -245,13 +251,9 @@ async fn serve(
         outbox,
     )
     .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("cannot load the event outbox")))?;
-    let shutdown = CancellationToken::new();
-    let force = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
-    let result = tokio::select! {
-        r = runner.run(Arc::new(emitter.clone()), shutdown) => r,
-        _ = force.cancelled() => Ok(()),
-    };
+    // A second signal hurries the shutdown (flows are killed without the rest of their
+    // grace) but never drops it: every run still gets its final state and events.
+    let result = runner.run(Arc::new(emitter.clone()), shutdown, force).await;
     if let Err(e) = emitter.flush(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "some events may not have reached the server");
     }

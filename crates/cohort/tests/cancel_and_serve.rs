@@ -757,3 +757,128 @@ fn worker_drain_deadline_keeps_a_run_that_completed_while_its_process_exits() {
         "{long_logs:?}"
     );
 }
+
+/// A second signal hurries a runner's shutdown instead of dropping it: a flow that ignores
+/// SIGTERM (with a 600 s grace) is still running after the first signal, and the second
+/// kills it at once; the run still ends Cancelled with its event, the runner exits 0 and
+/// no process of the flow survives.
+#[test]
+fn runner_second_signal_kills_its_flows_without_orphaning_them() {
+    let s = server();
+    let repo = examples_flows_dir().join("../..").canonicalize().unwrap();
+    let name = unique("Stubborn Runner");
+    let mut served = Served::start(
+        s,
+        &repo,
+        &[
+            "flow",
+            "serve",
+            "examples/flows/flows.py:stubborn",
+            "--name",
+            &name,
+            "--termination-grace",
+            "600",
+        ],
+    );
+    let deadline = Instant::now() + START_TIMEOUT;
+    let dep = loop {
+        if let Some(d) = deployment_by_name(s, "stubborn", &name) {
+            break d;
+        }
+        assert!(
+            served.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "never registered:\n{}",
+            served.output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let run = s.create_flow_run(dep["id"].as_str().unwrap(), &[], json!({}), json!({}));
+    let out = || served.output();
+    let pgid = pgid_of(wait_running(s, &run.id, &out));
+    // Give the flow time to install its handler (it runs right after Running is reported).
+    std::thread::sleep(Duration::from_secs(2));
+
+    served.sigterm();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        served.child.try_wait().unwrap().is_none(),
+        "the runner did not wait for its flow:\n{}",
+        served.output()
+    );
+    assert!(
+        !group_alive(pgid).is_empty(),
+        "the flow did not ignore SIGTERM: the grace was never in play\n{}",
+        served.output()
+    );
+
+    served.sigterm();
+    let status = served.wait(Duration::from_secs(60));
+    assert!(status.success(), "exit {status}:\n{}", served.output());
+    wait_group_gone(pgid);
+    let state = s.read_flow_run(&run.id)["state"].clone();
+    assert_eq!(state["type"], "CANCELLED", "{state}\n{}", served.output());
+    assert_eq!(state["message"], "Runner is shutting down.");
+    assert_eq!(cancelled_events_of(s, &run.id).len(), 1);
+}
+
+/// A runner started while the server is down waits for it, as the worker does, and serves
+/// once it answers. The server is "down" behind the fault proxy, whose listening socket is
+/// closed (a real refused connection) and then reopened.
+#[test]
+fn runner_waits_for_a_server_that_is_down_at_start() {
+    let s = server();
+    let repo = examples_flows_dir().join("../..").canonicalize().unwrap();
+    let upstream = s.api_url().trim_end_matches("/api").to_owned();
+    let proxy = util::fault_proxy::FaultProxy::start(&upstream);
+    proxy.set_down(true);
+    let name = unique("Patient Runner");
+    let api_url = format!("{}/api", proxy.url());
+    let mut served = Served::start_with_env(
+        s,
+        &repo,
+        &[
+            "flow",
+            "serve",
+            "examples/flows/flows.py:hello",
+            "--name",
+            &name,
+        ],
+        &[("PREFECT_API_URL", &api_url)],
+    );
+    util::poll(
+        "the runner to say it cannot reach the API and will retry",
+        Duration::from_secs(90),
+        Duration::from_millis(200),
+        || {
+            served
+                .output()
+                .contains("Unable to reach the Prefect API")
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        served.child.try_wait().unwrap().is_none(),
+        "the runner gave up while the server was down:\n{}",
+        served.output()
+    );
+    proxy.set_down(false);
+    let deadline = Instant::now() + START_TIMEOUT;
+    let dep = loop {
+        if let Some(d) = deployment_by_name(s, "hello", &name) {
+            break d;
+        }
+        assert!(
+            served.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "never registered:\n{}",
+            served.output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let run = s.create_flow_run(dep["id"].as_str().unwrap(), &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, START_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}\n{}", served.output());
+    served.sigterm();
+    let status = served.wait(Duration::from_secs(60));
+    assert!(status.success(), "exit {status}:\n{}", served.output());
+}
