@@ -236,8 +236,8 @@ fn work_queue_flag_claims_only_the_named_queues() {
     stop_gracefully(&mut worker_a);
     stop_gracefully(&mut worker_b);
 
-    let events_a = s.wait_for_events(worker_events_filter(&name_a), 5, EVENTS_TIMEOUT);
-    let events_b = s.wait_for_events(worker_events_filter(&name_b), 7, EVENTS_TIMEOUT);
+    let events_a = s.wait_for_events(worker_events_filter(&name_a), 4, EVENTS_TIMEOUT);
+    let events_b = s.wait_for_events(worker_events_filter(&name_b), 6, EVENTS_TIMEOUT);
     assert_eq!(
         submitted_runs(&events_a),
         [in_q1.id.clone()],
