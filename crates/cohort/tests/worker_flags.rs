@@ -240,7 +240,7 @@ fn work_queue_flag_claims_only_the_named_queues() {
     let events_b = s.wait_for_events(worker_events_filter(&name_b), 6, EVENTS_TIMEOUT);
     assert_eq!(
         submitted_runs(&events_a),
-        [in_q1.id.clone()],
+        std::slice::from_ref(&in_q1.id),
         "worker A (q1):\n{}",
         util::summarize_events(&events_a)
     );
@@ -315,8 +315,16 @@ fn prefetch_seconds_claims_runs_that_early_and_no_earlier() {
             chrono::Utc::now() >= checkpoint || state["type"] == "SCHEDULED",
             "claimed before its scheduled time with --prefetch-seconds 0: {state}"
         );
-        assert!(early.try_wait().is_none(), "worker exited:\n{}", early.output());
-        assert!(late.try_wait().is_none(), "worker exited:\n{}", late.output());
+        assert!(
+            early.try_wait().is_none(),
+            "worker exited:\n{}",
+            early.output()
+        );
+        assert!(
+            late.try_wait().is_none(),
+            "worker exited:\n{}",
+            late.output()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     let state = state_of(s, &run_early);
@@ -335,12 +343,7 @@ fn prefetch_seconds_claims_runs_that_early_and_no_earlier() {
     let submitted_at = |name: &str| {
         let events = s.wait_for_events(worker_events_filter(name), 4, EVENTS_TIMEOUT);
         let submitted: Vec<&Value> = events.iter().filter(|e| e["event"] == SUBMITTED).collect();
-        assert_eq!(
-            submitted.len(),
-            1,
-            "{}",
-            util::summarize_events(&events)
-        );
+        assert_eq!(submitted.len(), 1, "{}", util::summarize_events(&events));
         occurred(submitted[0])
     };
     // The poll asks for runs scheduled before now + prefetch: never earlier than that. (The
@@ -414,7 +417,11 @@ fn worker_heartbeats_over_rest_when_the_worker_channel_is_refused() {
             proxy.stats(),
             worker.output()
         );
-        assert!(worker.try_wait().is_none(), "worker exited:\n{}", worker.output());
+        assert!(
+            worker.try_wait().is_none(),
+            "worker exited:\n{}",
+            worker.output()
+        );
         if let Some((time, interval)) = heartbeat() {
             assert_eq!(interval, 2, "heartbeat interval the server recorded");
             seen.insert(time);
@@ -457,8 +464,16 @@ fn second_signal_stops_running_flows_at_once() {
     let mut worker = Worker::cohort(&args);
     let deadline = Instant::now() + FLOW_RUN_TIMEOUT;
     while state_of(s, &run)["type"] != "RUNNING" {
-        assert!(worker.try_wait().is_none(), "worker exited:\n{}", worker.output());
-        assert!(Instant::now() < deadline, "run never started:\n{}", worker.output());
+        assert!(
+            worker.try_wait().is_none(),
+            "worker exited:\n{}",
+            worker.output()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "run never started:\n{}",
+            worker.output()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let pid: i32 = s.read_flow_run(&run.id)["infrastructure_pid"]
@@ -481,7 +496,10 @@ fn second_signal_stops_running_flows_at_once() {
     // Far below the 600 s drain deadline: only the second signal can end it this soon.
     let status = worker.wait_timeout(Duration::from_secs(90));
     assert_eq!(status.code(), Some(0), "worker exit: {status}");
-    assert!(!pid_alive(pid), "flow-run process {pid} survived the worker");
+    assert!(
+        !pid_alive(pid),
+        "flow-run process {pid} survived the worker"
+    );
     let left = orphans_after(std::slice::from_ref(&run.id), Duration::from_secs(10));
     assert!(left.is_empty(), "orphans: {left:?}");
     let state = s.wait_for_final_state(&run.id, Duration::from_secs(60));
