@@ -304,3 +304,89 @@ fn websockets_pass_through_and_can_be_dropped() {
     });
     assert_eq!(proxy.stats().websockets, 3);
 }
+
+#[test]
+fn refused_websocket_paths_get_an_http_error_and_others_pass() {
+    let upstream = start_upstream();
+    let proxy = FaultProxy::start(&upstream.url);
+    proxy.refuse_websockets("/workers/connect", 404);
+    let ws_base = proxy.url().replacen("http://", "ws://", 1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let refused =
+            tokio_tungstenite::connect_async(format!("{ws_base}/api/work_pools/p/workers/connect"))
+                .await
+                .expect_err("the upgrade is refused");
+        match refused {
+            tokio_tungstenite::tungstenite::Error::Http(response) => {
+                assert_eq!(response.status(), 404);
+                assert_eq!(
+                    response.body().as_deref(),
+                    Some(&br#"{"detail":"Not Found"}"#[..])
+                );
+            }
+            other => panic!("expected an HTTP answer, got {other:?}"),
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/api/events/in"))
+            .await
+            .unwrap();
+        ws.send(Message::text("ping")).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.to_text().unwrap(), "ping");
+    });
+    let stats = proxy.stats();
+    assert_eq!((stats.websockets, stats.refused_websockets), (2, 1));
+    // Plain HTTP on the same path is not affected.
+    let client = new_client();
+    let response = client
+        .post(format!("{}/api/work_pools/p/workers/connect", proxy.url()))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+}
+
+#[test]
+fn hold_next_holds_one_matching_request_until_released() {
+    let upstream = start_upstream();
+    let proxy = FaultProxy::start(&upstream.url);
+    let api = format!("{}/api", proxy.url());
+    proxy.hold_next("/set_state", "Submitting");
+    let client = new_client();
+    // Same path, other body: forwarded at once.
+    let response = client
+        .post(format!("{api}/flow_runs/1/set_state"))
+        .body(r#"{"state":{"name":"Pending"}}"#)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert!(!proxy.wait_until_held(Duration::from_millis(200)));
+
+    let held = std::thread::spawn({
+        let url = format!("{api}/flow_runs/1/set_state");
+        move || {
+            new_client()
+                .post(url)
+                .body(r#"{"state":{"name":"Submitting"}}"#)
+                .send()
+                .unwrap()
+                .text()
+                .unwrap()
+        }
+    });
+    assert!(proxy.wait_until_held(Duration::from_secs(5)));
+    // Others pass while one is held; the rule caught one request only.
+    let response = client
+        .post(format!("{api}/flow_runs/2/set_state"))
+        .body(r#"{"state":{"name":"Submitting"}}"#)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert!(!held.is_finished(), "the held request was answered");
+    proxy.release_held();
+    assert_eq!(held.join().unwrap(), r#"{"state":{"name":"Submitting"}}"#);
+    assert_eq!(proxy.stats().held, 1);
+    assert_eq!(proxy.stats().forwarded, 3);
+}

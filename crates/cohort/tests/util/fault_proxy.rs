@@ -1,6 +1,7 @@
 //! In-process fault-injecting proxy in front of a real Prefect server: the project's one allowed
 //! kind of fake, used only for faults a real server can't be made to produce on demand (bursts of
-//! 503/429, a server that goes down and comes back, websockets dropped mid-stream).
+//! 503/429, a server that goes down and comes back, websockets dropped mid-stream, a websocket
+//! endpoint the server does not have, a request held in flight at a chosen moment).
 //!
 //! Everything that is not an injected fault is forwarded untouched to the real server, so the
 //! worker under test still talks to real Prefect semantics. Plain HTTP requests go through hyper
@@ -41,8 +42,12 @@ pub struct ProxyStats {
     pub forwarded: u64,
     /// HTTP requests answered with an injected failure instead of being forwarded.
     pub failed: u64,
-    /// Websocket connections seen (upgrade requests tunnelled to upstream).
+    /// Websocket connections seen (upgrade requests tunnelled to upstream or refused).
     pub websockets: u64,
+    /// Websocket upgrades answered with an HTTP error instead (see `refuse_websockets`).
+    pub refused_websockets: u64,
+    /// HTTP requests held back by a `hold_next` rule (released or not).
+    pub held: u64,
 }
 
 /// Fault-injecting proxy; see the module docs. Dropping it stops the proxy and closes every
@@ -102,10 +107,15 @@ impl FaultProxy {
                 rng: 0x5eed_f00d_cafe_babe,
             }),
             conns: Mutex::new(Conns::default()),
+            refuse_ws: Mutex::new(None),
+            hold: Mutex::new(None),
+            release: tokio::sync::watch::channel(false).0,
             connections: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             websockets: AtomicU64::new(0),
+            refused_websockets: AtomicU64::new(0),
+            held: AtomicU64::new(0),
         });
 
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -193,14 +203,54 @@ impl FaultProxy {
         }
     }
 
+    /// From now on, answer every websocket upgrade whose path contains `path_contains` with
+    /// `status` (body `{"detail":"Not Found"}` for 404, Prefect's error shape otherwise) and
+    /// close the connection, as a server without that endpoint does; other websockets pass.
+    pub fn refuse_websockets(&self, path_contains: &str, status: u16) {
+        check_status(status);
+        *lock(&self.shared.refuse_ws) = Some((path_contains.to_owned(), status));
+    }
+
+    /// Hold back the next HTTP request whose path contains `path_contains` and whose body
+    /// contains `body_contains`: it reaches the server only after [`Self::release_held`] (or
+    /// when the proxy is dropped, which closes it unanswered). One request per call; a new call
+    /// replaces a rule that has not matched yet.
+    pub fn hold_next(&self, path_contains: &str, body_contains: &str) {
+        self.shared.release.send_replace(false);
+        *lock(&self.shared.hold) = Some(HoldRule {
+            path_contains: path_contains.to_owned(),
+            body_contains: body_contains.to_owned(),
+        });
+    }
+
+    /// Waits until a request is held by a `hold_next` rule; false after `timeout`.
+    pub fn wait_until_held(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.shared.held.load(Ordering::SeqCst) == 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// Lets a held request (and any later one the rule catches) go on to the server.
+    pub fn release_held(&self) {
+        *lock(&self.shared.hold) = None;
+        self.shared.release.send_replace(true);
+    }
+
     /// Counters: connections accepted, requests forwarded, requests failed on purpose,
-    /// websocket connections seen.
+    /// websocket connections seen and refused, requests held.
     pub fn stats(&self) -> ProxyStats {
         ProxyStats {
             connections: self.shared.connections.load(Ordering::SeqCst),
             forwarded: self.shared.forwarded.load(Ordering::SeqCst),
             failed: self.shared.failed.load(Ordering::SeqCst),
             websockets: self.shared.websockets.load(Ordering::SeqCst),
+            refused_websockets: self.shared.refused_websockets.load(Ordering::SeqCst),
+            held: self.shared.held.load(Ordering::SeqCst),
         }
     }
 }
@@ -240,6 +290,11 @@ struct FailNext {
     remaining: usize,
     status: u16,
     path_contains: Option<String>,
+}
+
+struct HoldRule {
+    path_contains: String,
+    body_contains: String,
 }
 
 struct Faults {
@@ -303,10 +358,18 @@ struct Shared {
     client: reqwest::Client,
     faults: Mutex<Faults>,
     conns: Mutex<Conns>,
+    /// `(path_contains, status)` of `refuse_websockets`.
+    refuse_ws: Mutex<Option<(String, u16)>>,
+    /// The pending `hold_next` rule; taken by the request it catches.
+    hold: Mutex<Option<HoldRule>>,
+    /// True once held requests may go on.
+    release: tokio::sync::watch::Sender<bool>,
     connections: AtomicU64,
     forwarded: AtomicU64,
     failed: AtomicU64,
     websockets: AtomicU64,
+    refused_websockets: AtomicU64,
+    held: AtomicU64,
 }
 
 impl Shared {
@@ -456,7 +519,17 @@ async fn serve_conn(shared: Arc<Shared>, id: u64, stream: TcpStream) {
     if is_websocket_upgrade(&head) {
         shared.set_kind(id, ConnKind::WebSocket);
         shared.websockets.fetch_add(1, Ordering::SeqCst);
-        tunnel(&shared, stream).await;
+        let refusal = lock(&shared.refuse_ws)
+            .as_ref()
+            .filter(|(path, _)| request_path(&head).contains(path.as_str()))
+            .map(|(_, status)| *status);
+        match refusal {
+            Some(status) => {
+                shared.refused_websockets.fetch_add(1, Ordering::SeqCst);
+                refuse_upgrade(stream, &head, status).await;
+            }
+            None => tunnel(&shared, stream).await,
+        }
     } else {
         shared.set_kind(id, ConnKind::Http);
         let service = service_fn(move |request| handle(shared.clone(), request));
@@ -501,6 +574,41 @@ fn is_websocket_upgrade(head: &str) -> bool {
             name.trim().eq_ignore_ascii_case("upgrade")
                 && value.to_ascii_lowercase().contains("websocket")
         })
+}
+
+/// The path (with query) of a request head's request line.
+fn request_path(head: &str) -> &str {
+    head.split("\r\n")
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .unwrap_or("")
+}
+
+/// Answers a websocket upgrade with a plain HTTP error and closes the connection. The head is
+/// read first (an upgrade has no body), so closing does not reset the connection before the
+/// client has read the answer.
+async fn refuse_upgrade(mut stream: TcpStream, head: &str, status: u16) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let head_len = head.find("\r\n\r\n").map_or(head.len(), |i| i + 4);
+    let mut consumed = vec![0u8; head_len];
+    if stream.read_exact(&mut consumed).await.is_err() {
+        return;
+    }
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
+    let body = if status == StatusCode::NOT_FOUND {
+        r#"{"detail":"Not Found"}"#.to_owned()
+    } else {
+        let reason = status.canonical_reason().unwrap_or("Injected fault");
+        format!(r#"{{"exception_message":"{reason}"}}"#)
+    };
+    let response = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-fault-proxy: injected\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Raw TCP pass-through for a websocket; the task is aborted to drop it.
@@ -551,6 +659,21 @@ async fn handle(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
+
+    let hold = {
+        let mut rule = lock(&shared.hold);
+        let matches = rule.as_ref().is_some_and(|r| {
+            path_and_query.contains(&r.path_contains)
+                && String::from_utf8_lossy(&body).contains(&r.body_contains)
+        });
+        matches && rule.take().is_some()
+    };
+    if hold {
+        let mut released = shared.release.subscribe();
+        shared.held.fetch_add(1, Ordering::SeqCst);
+        // Err only when the proxy is gone, which drops this connection anyway.
+        let _ = released.wait_for(|go| *go).await;
+    }
 
     let injected = lock(&shared.faults).decide(&path_and_query);
     if let Some(status) = injected {
