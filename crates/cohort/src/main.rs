@@ -12,7 +12,16 @@ use clap::Parser;
 const EXIT_USAGE: i32 = 64;
 
 fn main() {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout with 0; every other parse error is a usage error:
+        // 64, as for bad settings, not clap's own 2.
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
     let code = match cli.command {
         cli::Command::Worker {
             command: cli::WorkerCommand::Start(args),
