@@ -148,10 +148,11 @@ fn finished_on_its_own(state: StateType) -> bool {
 /// Decides how to finish a run stopped for `reason`, from its state read just before we
 /// signalled the process (`before`) and once the process was gone (`after`; the engine can
 /// no longer write then). Prefect forces Cancelled over whatever the engine wrote
-/// (`CancellationManager.finalize_cancelled_state`), which loses a Completed or Failed run
-/// whose process was still exiting when the cancel or the shutdown came; Cohort forces
-/// Cancelled only where Prefect's reason to force holds: the process was stopped by us and
-/// the engine wrote Crashed (a SIGTERM without an acknowledged intent) or nothing.
+/// (`CancellationManager.finalize_cancelled_state`) unless the engine's receipt reached it
+/// first over the control channel; deciding from the server's state also covers a run with
+/// no channel (re-adopted after a restart) and a process still exiting after its receipt.
+/// Cancelled is forced only where Prefect's reason to force holds: the process was stopped
+/// by us and the engine wrote Crashed (a SIGTERM without an acknowledged intent) or nothing.
 pub fn finish(reason: StopReason, before: Option<StateType>, after: Option<StateType>) -> Finish {
     if let Some(state) = before.filter(|s| finished_on_its_own(*s)) {
         return Finish::Keep(state);
