@@ -348,11 +348,13 @@ impl Executor {
                 },
                 tags,
             );
-            self.sink.emit(Event::new(
-                names::RUNNER_CANCELLED_FLOW_RUN,
-                self.runner_resource.clone(),
-                related,
-            ));
+            self.sink
+                .emit(Event::new(
+                    names::RUNNER_CANCELLED_FLOW_RUN,
+                    self.runner_resource.clone(),
+                    related,
+                ))
+                .await;
         }
         code
     }

@@ -352,7 +352,7 @@ impl Worker {
             resource.clone(),
             pool_related.clone(),
         );
-        sink.emit(started.clone());
+        sink.emit(started.clone()).await;
         tracing::info!("Worker '{}' started!", self.options.name);
 
         let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(64);
@@ -397,7 +397,7 @@ impl Worker {
             let _ = h.await;
         }
         let stopped = Event::new(names::WORKER_STOPPED, resource, pool_related).follow(&started);
-        sink.emit(stopped);
+        sink.emit(stopped).await;
         tracing::info!("Worker '{}' stopped!", self.options.name);
         Ok(())
     }
