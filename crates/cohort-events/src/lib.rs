@@ -28,7 +28,7 @@ pub use emitter::{
     OutboxOptions, Tuning,
 };
 pub use event::{Event, EventError, RelatedResource, Resource};
-pub use sink::{EventSink, RecordingSink};
+pub use sink::{Emitted, EventSink, RecordingSink};
 pub use subscriber::{
     subscribe, subscribe_with, SubscribeError, SubscriberConfig, SubscriberTuning, Subscription,
 };

@@ -1,16 +1,23 @@
 //! The seam between event producers (worker, runner) and the transport: [`EventSink`], and
 //! [`RecordingSink`], a test double that keeps what it is given.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::event::Event;
 
-/// Where events go. `emit` must not wait on the network: implementations queue and return
-/// (a durable [`Emitter`](crate::Emitter) first commits the event to its outbox, which blocks for one
-/// `fsync`, a few milliseconds).
+/// What [`EventSink::emit`] returns: resolves once the sink holds the event as safely as it
+/// promises (a durable [`Emitter`](crate::Emitter): committed to its outbox, by another
+/// thread, so awaiting it never blocks a runtime thread).
+pub type Emitted = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Where events go. `emit` takes the event at once; its future never waits on the network,
+/// only, for a durable sink, on the disk. Await it before acting on the event's being kept
+/// (e.g. forgetting a claim once its `executed-flow-run` is in the outbox).
 pub trait EventSink: Send + Sync + 'static {
     /// Hands over one event; delivery (and its failures) is the sink's business.
-    fn emit(&self, event: Event);
+    fn emit(&self, event: Event) -> Emitted;
 }
 
 /// Test double: records every event, in order, and sends nothing.
@@ -58,8 +65,9 @@ impl RecordingSink {
 }
 
 impl EventSink for RecordingSink {
-    fn emit(&self, event: Event) {
+    fn emit(&self, event: Event) -> Emitted {
         self.lock().push(event);
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -70,13 +78,14 @@ mod tests {
     use super::*;
     use crate::event::Resource;
 
-    #[test]
-    fn recording_sink_keeps_events_in_order_behind_the_trait() {
+    #[tokio::test]
+    async fn recording_sink_keeps_events_in_order_behind_the_trait() {
         let recorder = Arc::new(RecordingSink::new());
         let sink: Arc<dyn EventSink> = recorder.clone();
-        sink.emit(Event::new("a", Resource::new("r"), vec![]));
-        sink.emit(Event::new("b", Resource::new("r"), vec![]));
-        sink.emit(Event::new("a", Resource::new("r2"), vec![]));
+        sink.emit(Event::new("a", Resource::new("r"), vec![])).await;
+        sink.emit(Event::new("b", Resource::new("r"), vec![])).await;
+        sink.emit(Event::new("a", Resource::new("r2"), vec![]))
+            .await;
         assert_eq!(recorder.names(), ["a", "b", "a"]);
         assert_eq!(recorder.named("a").len(), 2);
         assert_eq!(recorder.events().len(), 3);

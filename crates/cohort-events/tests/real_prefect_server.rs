@@ -85,8 +85,8 @@ async fn events_sent_over_the_websocket_are_stored_as_sent() {
         vec![related::work_pool(&pool)],
     )
     .follow(&started);
-    emitter.emit(started.clone());
-    emitter.emit(stopped.clone());
+    emitter.emit(started.clone()).await;
+    emitter.emit(stopped.clone()).await;
     emitter
         .flush(Duration::from_secs(30))
         .await

@@ -18,6 +18,7 @@ use cohort_process::{find_python, Launch};
 use cohort_worker::cancel::{self, Cancellable};
 use cohort_worker::execution::{claim, propose_crashed, Executor, Gate, NotExecuted, RunLog};
 use cohort_worker::health::LastPolled;
+use cohort_worker::supervise::{Role, Supervisor};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -230,18 +231,37 @@ impl Runner {
             shims: None,
         });
         let cancellable = Cancellable::default();
-        let cancel_watch = tokio::spawn(cancel::watch(
-            self.client.clone(),
-            SubscriberConfig {
+        // Restarted if it dies (cohort_worker::supervise), until `background` stops it.
+        let cancel_watch = {
+            let feed = SubscriberConfig {
                 api_url: self.client.api_url().clone(),
                 auth: self.options.events_auth.clone(),
                 user_agent: cohort_api::user_agent(),
                 filter: json!({"event": {"name": cancel::CANCEL_EVENTS}}),
-            },
-            cancellable.clone(),
-            self.options.query_interval,
-            background.clone(),
-        ));
+            };
+            let (client, watched, interval, stop) = (
+                self.client.clone(),
+                cancellable.clone(),
+                self.options.query_interval,
+                background.clone(),
+            );
+            let tasks = Supervisor::default();
+            tasks.spawn(
+                "cancel-watcher",
+                Role::Ready,
+                background.clone(),
+                move || {
+                    cancel::watch(
+                        client.clone(),
+                        feed.clone(),
+                        watched.clone(),
+                        interval,
+                        stop.clone(),
+                    )
+                },
+            );
+            tokio::spawn(async move { tasks.join().await })
+        };
 
         let slots = self.options.limit.map(|n| Arc::new(Semaphore::new(n)));
         let terminate = CancellationToken::new();

@@ -374,7 +374,7 @@ impl Executor {
             Finish::ForceCancelled => finalize_cancelled(&self.client, run.id, message).await,
         };
         if cancelled {
-            self.emit_cancelled(run, deployment, flow);
+            self.emit_cancelled(run, deployment, flow).await;
         }
         code
     }
@@ -402,7 +402,12 @@ impl Executor {
             .await
     }
 
-    fn emit_cancelled(&self, run: &FlowRun, deployment: Option<&Deployment>, flow: Option<&Flow>) {
+    async fn emit_cancelled(
+        &self,
+        run: &FlowRun,
+        deployment: Option<&Deployment>,
+        flow: Option<&Flow>,
+    ) {
         let deployment_named = deployment.map(|d| Named {
             id: d.id,
             name: d.name.clone(),
@@ -425,11 +430,13 @@ impl Executor {
             },
             tags,
         );
-        self.sink.emit(Event::new(
-            names::RUNNER_CANCELLED_FLOW_RUN,
-            self.runner_resource.clone(),
-            related,
-        ));
+        self.sink
+            .emit(Event::new(
+                names::RUNNER_CANCELLED_FLOW_RUN,
+                self.runner_resource.clone(),
+                related,
+            ))
+            .await;
     }
 }
 

@@ -4,7 +4,10 @@
 //! on the other: `GET /livez` is OK while the poll loop turns, server reachable or not (a
 //! restart would not bring the server back), and the claim journal is writable (after a
 //! write error it must be reopened: a restart does that); `GET /readyz` is OK while the last
-//! poll succeeded within three poll intervals and claims can be journaled.
+//! poll succeeded within three poll intervals and claims can be journaled. Both also read the
+//! [supervised background tasks](crate::supervise): `/livez` fails while a vital task (the
+//! event emitter) is down or any task keeps failing, `/readyz` also while the worker channel
+//! (heartbeats) or the cancel watcher is down; the body names each failing task and why.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +21,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::Journal;
+use crate::supervise;
 
 /// When the poller last completed a poll, shared between the poller and the health endpoint.
 #[derive(Debug, Clone)]
@@ -65,6 +69,8 @@ pub struct Probes {
     pub interval: Duration,
     /// The claim journal, whose last write must have succeeded.
     pub journal: Journal,
+    /// The supervised background tasks.
+    pub tasks: supervise::Health,
 }
 
 fn answer(ok: bool, failing: serde_json::Value) -> (StatusCode, Json<serde_json::Value>) {
@@ -75,13 +81,13 @@ fn answer(ok: bool, failing: serde_json::Value) -> (StatusCode, Json<serde_json:
     }
 }
 
-/// Binds now (so a taken port fails start-up with a clear error) and serves until `shutdown`.
-pub async fn serve(
-    addr: SocketAddr,
-    probes: Probes,
-    shutdown: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Binds the healthcheck's address: done at start-up, so a taken port fails it clearly.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves the probes on `listener` until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, probes: Probes, shutdown: CancellationToken) {
     let (health, live, ready) = (probes.clone(), probes.clone(), probes);
     let app = Router::new()
         .route(
@@ -106,13 +112,15 @@ pub async fn serve(
                 let turning =
                     live.loop_turned.age() <= live.interval * 3 + Duration::from_secs(300);
                 let journal = live.journal.is_healthy();
+                let tasks = live.tasks.not_live();
                 async move {
                     answer(
-                        turning && journal,
+                        turning && journal && tasks.is_empty(),
                         json!({
                             "message": "not live",
                             "poll_loop_turning": turning,
                             "journal_writable": journal,
+                            "failing_tasks": tasks,
                         }),
                     )
                 }
@@ -123,29 +131,218 @@ pub async fn serve(
             get(move || {
                 let polled = ready.last_polled.age() <= ready.interval * 3;
                 let journal = ready.journal.is_healthy();
+                let tasks = ready.tasks.not_ready();
                 async move {
                     answer(
-                        polled && journal,
+                        polled && journal && tasks.is_empty(),
                         json!({
                             "message": "not ready",
                             "server_reachable": polled,
                             "journal_writable": journal,
+                            "failing_tasks": tasks,
                         }),
                     )
                 }
             }),
         );
-    Ok(tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "healthcheck server failed");
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "healthcheck server failed");
+    }
+}
+
+#[cfg(test)]
+impl LastPolled {
+    /// Last touched `ago`.
+    fn polled_ago(ago: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            start: now.checked_sub(ago).unwrap_or(now),
+            millis: Arc::new(AtomicU64::new(0)),
         }
-    }))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::supervise::{Policy, Role, Supervisor};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// `GET path` over a fresh connection: the status code and the JSON body.
+    async fn get(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1;
+        (status, serde_json::from_str(body).unwrap())
+    }
+
+    struct Served {
+        addr: SocketAddr,
+        supervisor: Supervisor,
+        stop: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    /// The real health server on a loopback port, with `last_polled`/`loop_turned` as given
+    /// and a supervisor whose restarts take an hour (a task that ends stays down).
+    async fn serve_probes(last_polled: LastPolled, loop_turned: LastPolled) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path().join("journal.redb")).unwrap();
+        let supervisor = Supervisor::new(Policy {
+            backoff_base: Duration::from_secs(3600),
+            backoff_cap: Duration::from_secs(3600),
+            ..Policy::default()
+        });
+        let probes = Probes {
+            last_polled,
+            loop_turned,
+            window: Duration::from_secs(300),
+            interval: Duration::from_secs(10),
+            journal,
+            tasks: supervisor.health(),
+        };
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, probes, stop.clone()));
+        Served {
+            addr,
+            supervisor,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    /// A supervised task that ends at once and stays down.
+    async fn task_down(served: &Served, name: &'static str, role: Role) {
+        served
+            .supervisor
+            .spawn(name, role, served.stop.clone(), || async {});
+        while served
+            .supervisor
+            .health()
+            .task(name)
+            .unwrap()
+            .down_since
+            .is_none()
+        {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn livez_and_readyz_answer_ok_while_everything_works() {
+        let served = serve_probes(LastPolled::new(), LastPolled::new()).await;
+        for path in ["/health", "/livez", "/readyz"] {
+            assert_eq!(
+                get(served.addr, path).await,
+                (200, json!({"message": "OK"})),
+                "{path}"
+            );
+        }
+        served.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_naming_the_heartbeat_task_while_it_restarts() {
+        let served = serve_probes(LastPolled::new(), LastPolled::new()).await;
+        task_down(&served, "worker-channel", Role::Ready).await;
+        task_down(&served, "wake-watcher", Role::Helper).await;
+        let (status, body) = get(served.addr, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["message"], "not ready");
+        let failing = body["failing_tasks"].as_object().unwrap();
+        assert_eq!(
+            failing.keys().collect::<Vec<_>>(),
+            ["worker-channel"],
+            "{body}"
+        );
+        assert!(
+            failing["worker-channel"]
+                .as_str()
+                .unwrap()
+                .starts_with("restarting: ended"),
+            "{body}"
+        );
+        assert_eq!(
+            (
+                body["server_reachable"].clone(),
+                body["journal_writable"].clone()
+            ),
+            (json!(true), json!(true))
+        );
+        let (status, body) = get(served.addr, "/livez").await;
+        assert_eq!(
+            status, 200,
+            "a restarting heartbeat is not a broken process: {body}"
+        );
+        served.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn livez_is_503_naming_the_emitter_while_it_is_down() {
+        let served = serve_probes(LastPolled::new(), LastPolled::new()).await;
+        task_down(&served, "event-emitter", Role::Vital).await;
+        for (path, message) in [("/livez", "not live"), ("/readyz", "not ready")] {
+            let (status, body) = get(served.addr, path).await;
+            assert_eq!(status, 503, "{path}: {body}");
+            assert_eq!(body["message"], message);
+            assert!(
+                body["failing_tasks"]["event-emitter"].is_string(),
+                "{path}: {body}"
+            );
+        }
+        served.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn livez_and_readyz_are_503_when_the_poll_loop_stalls() {
+        // Polled long ago, and the loop has not turned for longer than its timeouts allow.
+        let stale = Duration::from_secs(3600);
+        let served =
+            serve_probes(LastPolled::polled_ago(stale), LastPolled::polled_ago(stale)).await;
+        let (status, body) = get(served.addr, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["server_reachable"], false);
+        let (status, body) = get(served.addr, "/livez").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["poll_loop_turning"], false);
+        assert_eq!(body["failing_tasks"], json!({}));
+        let (status, body) = get(served.addr, "/health").await;
+        assert_eq!(
+            (status, body),
+            (
+                503,
+                json!({"message": "Worker may be unresponsive at this time"})
+            )
+        );
+        served.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_while_only_the_server_is_unreachable_and_livez_stays_200() {
+        // The loop turns (every attempt touches it) but no poll has succeeded for a while.
+        let served = serve_probes(
+            LastPolled::polled_ago(Duration::from_secs(60)),
+            LastPolled::new(),
+        )
+        .await;
+        let (status, body) = get(served.addr, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["server_reachable"], false);
+        let (status, body) = get(served.addr, "/livez").await;
+        assert_eq!(
+            status, 200,
+            "an unreachable server is not a reason to restart: {body}"
+        );
+        served.stop.cancel();
+    }
 
     #[tokio::test(start_paused = true)]
     async fn age_tracks_touches() {

@@ -11,6 +11,7 @@ pub mod job;
 pub mod journal;
 mod recover;
 mod submit;
+pub mod supervise;
 mod wake;
 mod worker;
 

@@ -134,7 +134,7 @@ async fn supervise_adopted(
     };
     match (&claim.submitted, run) {
         (Some(submitted), _) => {
-            emit_executed(ctx, submitted.related.clone(), Some(submitted), &executed)
+            emit_executed(ctx, submitted.related.clone(), Some(submitted), &executed).await
         }
         // The submitted event was never journaled (the journal failed then): relate the
         // executed event to what the server knows, without `follows`.
@@ -146,7 +146,8 @@ async fn supervise_adopted(
                 related::worker_flow_run_related(&objects),
                 None,
                 &executed,
-            );
+            )
+            .await;
         }
         (None, _) => {
             tracing::warn!("no executed-flow-run event for flow run '{id}': neither the journal nor the server describes it");

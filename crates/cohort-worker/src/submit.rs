@@ -187,7 +187,7 @@ async fn submit_journaled(
         tracing::error!(error = %e, "could not journal the submitted-flow-run event");
     }
     drop(journaled);
-    ctx.executor.sink.emit(submitted.clone());
+    ctx.executor.sink.emit(submitted.clone()).await;
 
     // 5. Labels (a failure does not stop the run; Prefect ignores it too), then Submitting.
     let labels = json!({
@@ -236,14 +236,14 @@ async fn submit_journaled(
     };
 
     // 7. executed-flow-run, linked to submitted.
-    emit_executed(ctx, submitted.related.clone(), Some(&submitted), &executed);
+    emit_executed(ctx, submitted.related.clone(), Some(&submitted), &executed).await;
     Outcome::Exited(executed.status_code)
 }
 
 /// `executed-flow-run`: the run's related resources (those of its `submitted` event) plus the
 /// infrastructure's identifier and status code, following `submitted`, when known, under
 /// Prefect's 5-minute rule.
-pub(crate) fn emit_executed(
+pub(crate) async fn emit_executed(
     ctx: &RunContext,
     related: Vec<cohort_events::RelatedResource>,
     submitted: Option<&Event>,
@@ -258,7 +258,7 @@ pub(crate) fn emit_executed(
     if let Some(submitted) = submitted {
         event = event.follow(submitted);
     }
-    ctx.executor.sink.emit(event);
+    ctx.executor.sink.emit(event).await;
 }
 
 /// The objects a flow run's worker events relate to.

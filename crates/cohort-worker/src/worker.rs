@@ -26,6 +26,7 @@ use crate::health::{self, LastPolled};
 use crate::journal::Journal;
 use crate::recover::{self, Recovery};
 use crate::submit::{self, Outcome, RunContext, SharedPool};
+use crate::supervise::{Role, Supervisor};
 use crate::wake;
 
 /// The only infrastructure this worker runs.
@@ -261,14 +262,20 @@ impl Worker {
     /// Serves until `shutdown` (or, with `--run-once`, one poll and its runs), then stops in
     /// phases: no new claims → drain running flows up to the drain deadline (or until `force`)
     /// → stop what is left → `prefect.worker.stopped`.
+    ///
+    /// The background tasks (worker channel, cancel and wake watchers, health server) run
+    /// under `supervisor`, which restarts any that ends or panics and whose health the probes
+    /// read (so they see the emitter too when the caller supervises it there).
     pub async fn run(
         self,
         sink: Arc<dyn EventSink>,
         state: WorkerState,
+        supervisor: &Supervisor,
         shutdown: CancellationToken,
         force: CancellationToken,
     ) -> Result<(), StartError> {
         let background = CancellationToken::new();
+        let tasks = supervisor.scope();
         let resource =
             related::worker_resource(&self.worker_type, &self.options.name, &self.prefect_version);
         let control = match ControlListener::bind().await {
@@ -300,53 +307,91 @@ impl Worker {
             settings_env: self.options.settings_env.clone(),
         });
         let cancellable = Cancellable::default();
-        let cancel_watch = tokio::spawn(cancel::watch(
+        let last_polled = LastPolled::new();
+        let loop_turned = LastPolled::new();
+        if let Some(addr) = self.options.healthcheck {
+            // Bound now, so a taken port fails start-up; a restart binds again.
+            let listener = health::bind(addr)
+                .await
+                .map_err(|source| StartError::Healthcheck { addr, source })?;
+            let probes = health::Probes {
+                last_polled: last_polled.clone(),
+                loop_turned: loop_turned.clone(),
+                window: self.options.query_interval * 30,
+                interval: self.options.query_interval,
+                journal: ctx.journal.clone(),
+                tasks: supervisor.health(),
+            };
+            let mut bound = Some(listener);
+            let stop = background.clone();
+            tasks.spawn("health-server", Role::Helper, background.clone(), move || {
+                let (bound, probes, stop) = (bound.take(), probes.clone(), stop.clone());
+                async move {
+                    let listener = match bound {
+                        Some(l) => l,
+                        None => match health::bind(addr).await {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::error!(error = %e, %addr, "cannot bind the healthcheck again");
+                                return;
+                            }
+                        },
+                    };
+                    health::serve(listener, probes, stop).await;
+                }
+            });
+        }
+        // Heartbeats and cancellations: the worker is not ready without them.
+        let feed = SubscriberConfig {
+            api_url: self.client.api_url().clone(),
+            auth: self.options.events_auth.clone(),
+            user_agent: cohort_api::user_agent(),
+            filter: json!({"event": {"name": cancel::CANCEL_EVENTS}}),
+        };
+        let (client, watched, interval, stop) = (
             self.client.clone(),
-            SubscriberConfig {
-                api_url: self.client.api_url().clone(),
-                auth: self.options.events_auth.clone(),
-                user_agent: cohort_api::user_agent(),
-                filter: json!({"event": {"name": cancel::CANCEL_EVENTS}}),
-            },
             cancellable.clone(),
             self.options.query_interval,
             background.clone(),
-        ));
-        let last_polled = LastPolled::new();
-        let loop_turned = LastPolled::new();
-        let health = match self.options.healthcheck {
-            Some(addr) => Some(
-                health::serve(
-                    addr,
-                    health::Probes {
-                        last_polled: last_polled.clone(),
-                        loop_turned: loop_turned.clone(),
-                        window: self.options.query_interval * 30,
-                        interval: self.options.query_interval,
-                        journal: ctx.journal.clone(),
-                    },
-                    background.clone(),
-                )
-                .await
-                .map_err(|source| StartError::Healthcheck { addr, source })?,
-            ),
-            None => None,
-        };
-        let heartbeat = tokio::spawn(channel::run(
-            self.client.clone(),
-            ChannelConfig {
-                pool_name: self.options.pool.clone(),
-                worker_name: self.options.name.clone(),
-                worker_type: self.worker_type.clone(),
-                heartbeat_interval: self.options.heartbeat_interval,
-                work_queue_names: self.options.work_queues.clone(),
-                default_base_job_template: cohort_template::default_process_base_job_template(),
-                auth_token: self.options.auth_token.clone(),
-                authorization: self.options.authorization.clone(),
-            },
-            self.pool.clone(),
+        );
+        tasks.spawn(
+            "cancel-watcher",
+            Role::Ready,
             background.clone(),
-        ));
+            move || {
+                cancel::watch(
+                    client.clone(),
+                    feed.clone(),
+                    watched.clone(),
+                    interval,
+                    stop.clone(),
+                )
+            },
+        );
+        let channel_config = ChannelConfig {
+            pool_name: self.options.pool.clone(),
+            worker_name: self.options.name.clone(),
+            worker_type: self.worker_type.clone(),
+            heartbeat_interval: self.options.heartbeat_interval,
+            work_queue_names: self.options.work_queues.clone(),
+            default_base_job_template: cohort_template::default_process_base_job_template(),
+            auth_token: self.options.auth_token.clone(),
+            authorization: self.options.authorization.clone(),
+        };
+        let (client, pool, stop) = (self.client.clone(), self.pool.clone(), background.clone());
+        tasks.spawn(
+            "worker-channel",
+            Role::Ready,
+            background.clone(),
+            move || {
+                channel::run(
+                    client.clone(),
+                    channel_config.clone(),
+                    pool.clone(),
+                    stop.clone(),
+                )
+            },
+        );
 
         let pool_related = vec![related::work_pool(&self.pool_named())];
         let started = Event::new(
@@ -354,24 +399,38 @@ impl Worker {
             resource.clone(),
             pool_related.clone(),
         );
-        sink.emit(started.clone());
+        sink.emit(started.clone()).await;
         tracing::info!("Worker '{}' started!", self.options.name);
 
         let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(64);
-        let pickup = self.options.event_wake.then(|| {
-            tokio::spawn(wake::watch(
+        if self.options.event_wake {
+            // Only hastens pickup (the poll backs it up): down, the worker is still ready.
+            let feed = SubscriberConfig {
+                api_url: self.client.api_url().clone(),
+                auth: self.options.events_auth.clone(),
+                user_agent: cohort_api::user_agent(),
+                filter: wake::filter(self.pool_named().id),
+            };
+            let (client, prefetch, stop) = (
                 self.client.clone(),
-                SubscriberConfig {
-                    api_url: self.client.api_url().clone(),
-                    auth: self.options.events_auth.clone(),
-                    user_agent: cohort_api::user_agent(),
-                    filter: wake::filter(self.pool_named().id),
-                },
                 self.options.prefetch,
-                wake_tx,
                 background.clone(),
-            ))
-        });
+            );
+            tasks.spawn(
+                "wake-watcher",
+                Role::Helper,
+                background.clone(),
+                move || {
+                    wake::watch(
+                        client.clone(),
+                        feed.clone(),
+                        prefetch,
+                        wake_tx.clone(),
+                        stop.clone(),
+                    )
+                },
+            );
+        }
         let mut poller = Poller {
             wake: wake_rx,
             worker: &self,
@@ -390,16 +449,9 @@ impl Worker {
         poller.drain(&force).await;
 
         background.cancel();
-        let _ = heartbeat.await;
-        let _ = cancel_watch.await;
-        if let Some(pickup) = pickup {
-            let _ = pickup.await;
-        }
-        if let Some(h) = health {
-            let _ = h.await;
-        }
+        tasks.join().await;
         let stopped = Event::new(names::WORKER_STOPPED, resource, pool_related).follow(&started);
-        sink.emit(stopped);
+        sink.emit(stopped).await;
         tracing::info!("Worker '{}' stopped!", self.options.name);
         Ok(())
     }

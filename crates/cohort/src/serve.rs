@@ -10,6 +10,7 @@ use cohort_api::{ClientConfig, PrefectClient, Settings};
 use cohort_events::emitter::{Emitter, EmitterConfig};
 use cohort_events::EventsAuth;
 use cohort_runner::{Runner, RunnerError, RunnerOptions, ScheduleSpec, ServeSpec};
+use cohort_worker::supervise::{supervise_emitter, Supervisor};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -251,13 +252,18 @@ async fn serve(
         outbox,
     )
     .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("cannot load the event outbox")))?;
+    // The emitter task restarts from its outbox if it dies.
+    let supervisor = Supervisor::default();
+    let emitter_stop = CancellationToken::new();
+    supervise_emitter(&supervisor, &emitter, emitter_task, emitter_stop.clone());
     // A second signal hurries the shutdown (flows are killed without the rest of their
     // grace) but never drops it: every run still gets its final state and events.
     let result = runner.run(Arc::new(emitter.clone()), shutdown, force).await;
     if let Err(e) = emitter.flush(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "some events may not have reached the server");
     }
+    emitter_stop.cancel();
     emitter.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), emitter_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), supervisor.join()).await;
     result.map_err(|e| Failure::Runtime(e.into()))
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use cohort_api::{ClientConfig, PrefectClient, Settings};
 use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, Tuning};
+use cohort_worker::supervise::{supervise_emitter, Supervisor};
 use cohort_worker::{Journal, Shims, StartError, Worker, WorkerOptions, WorkerState};
 use tokio_util::sync::CancellationToken;
 
@@ -125,15 +126,27 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("cannot load the event outbox")))?;
 
+    // Background tasks restart when they die; the health probes see them.
+    let supervisor = Supervisor::default();
+    let emitter_stop = CancellationToken::new();
+    supervise_emitter(&supervisor, &emitter, emitter_task, emitter_stop.clone());
+
     let result = worker
-        .run(Arc::new(emitter.clone()), state, shutdown, force)
+        .run(
+            Arc::new(emitter.clone()),
+            state,
+            &supervisor,
+            shutdown,
+            force,
+        )
         .await;
     // Events are the product: give the last ones (executed, stopped) time to be confirmed.
     if let Err(e) = emitter.flush(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "some events may not have reached the server");
     }
+    emitter_stop.cancel();
     emitter.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), emitter_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), supervisor.join()).await;
     result.map_err(|e| Failure::Runtime(e.into()))
 }
 

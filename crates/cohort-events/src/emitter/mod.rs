@@ -14,8 +14,10 @@
 //!   event id, so a re-send is harmless while a loss is not.
 //!
 //! With [`Emitter::spawn_durable`], every event is also committed to an [`Outbox`] (a redb
-//! file under `PREFECT_HOME`) before `emit` returns, deleted only when a pong confirms it,
-//! and loaded and re-sent first after a restart; see [`outbox`] for the bound and the cost.
+//! file under `PREFECT_HOME`, written by its own thread) before `emit` resolves and before it
+//! is sent, deleted only when a pong confirms it, and loaded and re-sent first after a
+//! restart, of the process or of the task ([`Emitter::restart`]); see [`outbox`] for the
+//! bound and the cost.
 //! [`Emitter::spawn`] keeps events in memory only.
 //!
 //! Differences from Prefect, on purpose: reconnection never gives up (Prefect gives up after
@@ -30,8 +32,9 @@ mod fake_events_server;
 #[cfg(test)]
 mod tests;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -40,7 +43,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use crate::event::Event;
-use crate::sink::EventSink;
+use crate::sink::{Emitted, EventSink};
 
 pub use crate::connect::{events_in_url, ConnectError};
 pub use outbox::{Outbox, OutboxError, OutboxOptions, OutboxStats};
@@ -221,10 +224,15 @@ impl Shared {
 /// [`Emitter::close`].
 #[derive(Clone)]
 pub struct Emitter {
-    commands: mpsc::UnboundedSender<Command>,
+    /// The task's command channel; replaced by [`Emitter::restart`].
+    commands: Arc<Commands>,
     shared: Arc<Shared>,
     outbox: Option<Outbox>,
+    /// What a restarted task needs.
+    setup: Arc<(EmitterConfig, Tuning)>,
 }
+
+type Commands = RwLock<mpsc::UnboundedSender<Command>>;
 
 impl Emitter {
     /// Starts the task with Prefect's default checkpointing. Needs a tokio runtime.
@@ -236,19 +244,26 @@ impl Emitter {
     pub fn spawn_with(config: EmitterConfig, tuning: Tuning) -> (Emitter, JoinHandle<()>) {
         let (commands, receiver) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
-        let task = task::EmitterTask::new(config, tuning, receiver, shared.clone(), None);
+        let task = task::EmitterTask::new(
+            config.clone(),
+            tuning.clone(),
+            receiver,
+            shared.clone(),
+            None,
+        );
         let handle = tokio::spawn(task.run());
         let emitter = Emitter {
-            commands,
+            commands: Arc::new(RwLock::new(commands)),
             shared,
             outbox: None,
+            setup: Arc::new((config, tuning)),
         };
         (emitter, handle)
     }
 
     /// Starts the task with a durable [`Outbox`]: events it holds from a previous process are
     /// loaded and sent first, in order; every [`emit`](Self::emit) commits its event to the
-    /// outbox before returning; a pong deletes what it confirms. Fails only when the outbox
+    /// outbox before it resolves; a pong deletes what it confirms. Fails only when the outbox
     /// cannot be read.
     pub fn spawn_durable(
         config: EmitterConfig,
@@ -256,20 +271,12 @@ impl Emitter {
         outbox: Outbox,
     ) -> Result<(Emitter, JoinHandle<()>), OutboxError> {
         let backlog = outbox.load()?;
-        if let Some(first) = backlog.first() {
-            tracing::info!(
-                path = %outbox.path().display(),
-                events = backlog.len(),
-                first_seq = first.seq,
-                "event outbox holds events from a previous run; sending them first"
-            );
-        }
+        log_backlog(&outbox, &backlog, "from a previous run");
         let (commands, receiver) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
-        shared.unconfirmed.store(backlog.len(), Ordering::Relaxed);
         let mut task = task::EmitterTask::new(
-            config,
-            tuning,
+            config.clone(),
+            tuning.clone(),
             receiver,
             shared.clone(),
             Some(outbox.clone()),
@@ -277,71 +284,130 @@ impl Emitter {
         task.load_backlog(backlog);
         let handle = tokio::spawn(task.run());
         let emitter = Emitter {
-            commands,
+            commands: Arc::new(RwLock::new(commands)),
             shared,
             outbox: Some(outbox),
+            setup: Arc::new((config, tuning)),
         };
         Ok((emitter, handle))
     }
 
-    /// Queues `event` for delivery. An event that fails validation is logged and dropped here:
-    /// the server would drop the connection over it, and the resend would loop forever.
+    /// A new task for these handles, for a supervisor to run after the previous task ended
+    /// without [`close`](Self::close) (it panicked). It takes over the command channel. A
+    /// durable emitter's new task starts from the outbox: every event emitted and not yet
+    /// confirmed, in order, each exactly once, so nothing is lost; an in-memory emitter's
+    /// unconfirmed events died with the old task (logged). Fails only when the outbox cannot
+    /// be read.
+    pub async fn restart(&self) -> Result<impl Future<Output = ()> + Send + 'static, OutboxError> {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let swap = {
+            let handles = self.commands.clone();
+            let shared = self.shared.clone();
+            move || {
+                *handles.write().unwrap_or_else(|p| p.into_inner()) = commands;
+                shared.unconfirmed.store(0, Ordering::Relaxed);
+                shared.connected.store(false, Ordering::Relaxed);
+            }
+        };
+        let (config, tuning) = (*self.setup).clone();
+        let mut task = task::EmitterTask::new(
+            config,
+            tuning,
+            receiver,
+            self.shared.clone(),
+            self.outbox.clone(),
+        );
+        match &self.outbox {
+            Some(outbox) => {
+                // On the outbox's writer thread, between two commits: every event committed
+                // so far is in the backlog, every later one reaches the new channel.
+                let backlog = outbox.reload(Box::new(swap)).await?;
+                log_backlog(outbox, &backlog, "after the emitter task stopped");
+                task.load_backlog(backlog);
+            }
+            None => {
+                let lost = self.unconfirmed();
+                swap();
+                if lost > 0 {
+                    tracing::error!(
+                        lost,
+                        "the event emitter task stopped; its unconfirmed events are lost"
+                    );
+                }
+            }
+        }
+        Ok(task.run())
+    }
+
+    /// Queues `event` for delivery; resolves once it is as safe as this emitter makes it. An
+    /// event that fails validation is logged and dropped here: the server would drop the
+    /// connection over it, and the resend would loop forever.
     ///
-    /// In-memory emitters return at once. Durable emitters return once the event is committed
-    /// to the outbox (one small redb transaction with an `fsync`, blocking the calling thread:
-    /// a median of 4 ms on the development VM; see [`outbox`]); if that commit fails the error is logged and the event is still
-    /// delivered from memory (use [`try_emit`](Self::try_emit) to see the error).
-    pub fn emit(&self, event: Event) {
-        if let Err(error) = self.try_emit(event) {
-            tracing::error!(%error, "could not write the event to the outbox; it is queued in memory only and is lost if the worker stops before the server confirms it");
+    /// The event is queued when `emit` is called, whether or not the future is awaited. For
+    /// an in-memory emitter the future is ready at once. For a durable one it resolves once
+    /// the event is committed to the outbox (a redb transaction with an `fsync`, made on the
+    /// outbox's own writer thread, never on the caller's; emits made meanwhile share the next
+    /// commit), and the task sends the event only after that commit. If the commit fails the
+    /// error is logged and the event is still delivered from memory (use
+    /// [`try_emit`](Self::try_emit) to see the error).
+    pub fn emit(&self, event: Event) -> impl Future<Output = ()> + Send + 'static {
+        let committed = self.try_emit(event);
+        async move {
+            if let Err(error) = committed.await {
+                tracing::error!(%error, "could not write the event to the outbox; it is queued in memory only and is lost if the worker stops before the server confirms it");
+            }
         }
     }
 
-    /// Like [`emit`](Self::emit), but returns the outbox's error when a durable emitter could
-    /// not commit the event (it is still queued in memory and sent).
-    pub fn try_emit(&self, event: Event) -> Result<(), OutboxError> {
+    /// Like [`emit`](Self::emit), but resolves to the outbox's error when a durable emitter
+    /// could not commit the event (it is still queued in memory and sent).
+    pub fn try_emit(
+        &self,
+        event: Event,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send + 'static {
+        let committed = self.queue(event);
+        async move {
+            match committed {
+                Some(committed) => committed.await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// The synchronous half of [`try_emit`](Self::try_emit): validates and queues; for a
+    /// durable emitter, returns the commit to wait for.
+    fn queue(
+        &self,
+        event: Event,
+    ) -> Option<impl Future<Output = Result<(), OutboxError>> + Send + 'static> {
         let json = match event.to_wire_json() {
             Ok(json) => json,
             Err(error) => {
                 tracing::error!(event = %event.event, id = %event.id, %error, "dropping invalid event");
-                return Ok(());
+                return None;
             }
         };
+        let stored = self.outbox.as_ref().map(|_| json.clone());
         let outgoing = Outgoing {
             id: event.id,
             name: event.event,
             json: json.into(),
         };
-        // Counted here rather than by the task, so `unconfirmed()` right after `emit()` already
-        // includes the event; the task subtracts what pongs confirm.
-        let Some(outbox) = &self.outbox else {
-            self.enqueue(outgoing, None);
-            return Ok(());
+        let (Some(outbox), Some(stored)) = (&self.outbox, stored) else {
+            enqueue(&self.commands, &self.shared, outgoing, None);
+            return None;
         };
-        // The task gets the event (under the outbox's lock, so in key order) only once it is
-        // committed.
-        let json = outgoing.json.clone();
-        outbox.append(json.as_str(), |appended| {
+        // The writer hands the event to the task only once it is committed, in key order.
+        // What it holds must not own an `Outbox` (the writer would end up dropping its own).
+        let (commands, shared) = (self.commands.clone(), self.shared.clone());
+        let hand_on: outbox::Enqueue = Box::new(move |appended: outbox::Appended| {
             let slot = Slot {
                 seq: appended.seq,
                 dropped_through: appended.dropped_through,
             };
-            self.enqueue(outgoing, Some(slot));
-        })
-    }
-
-    fn enqueue(&self, outgoing: Outgoing, slot: Option<Slot>) {
-        self.shared.unconfirmed.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::error::SendError(Command::Emit(lost, _))) =
-            self.commands.send(Command::Emit(outgoing, slot))
-        {
-            self.shared.unconfirmed.fetch_sub(1, Ordering::Relaxed);
-            if slot.is_some() {
-                tracing::warn!(event = %lost.name, id = %lost.id, "event emitter has shut down; event kept in the outbox for the next start");
-            } else {
-                tracing::warn!(event = %lost.name, id = %lost.id, "event emitter has shut down; event dropped");
-            }
-        }
+            enqueue(&commands, &shared, outgoing, Some(slot));
+        });
+        Some(outbox.append(stored, hand_on))
     }
 
     /// Events in the durable outbox (committed, not yet confirmed), as of the latest commit;
@@ -359,7 +425,7 @@ impl Emitter {
     /// sent now rather than at the next checkpoint), or `timeout` passes.
     pub async fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
         let (reply, confirmed) = oneshot::channel();
-        if self.commands.send(Command::Flush(reply)).is_err() {
+        if self.send(Command::Flush(reply)).is_err() {
             return Err(FlushError::Closed);
         }
         match tokio::time::timeout(timeout, confirmed).await {
@@ -382,7 +448,14 @@ impl Emitter {
     /// [`Tuning::close_grace`], then closes the socket and ends. Events still unconfirmed then
     /// are logged as lost.
     pub fn close(&self) {
-        let _ = self.commands.send(Command::Close);
+        let _ = self.send(Command::Close);
+    }
+
+    fn send(&self, command: Command) -> Result<(), mpsc::error::SendError<Command>> {
+        self.commands
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(command)
     }
 
     /// Events accepted but not yet confirmed by a pong (queued, in flight, or awaiting a
@@ -403,7 +476,37 @@ impl Emitter {
 }
 
 impl EventSink for Emitter {
-    fn emit(&self, event: Event) {
-        Emitter::emit(self, event);
+    fn emit(&self, event: Event) -> Emitted {
+        Box::pin(Emitter::emit(self, event))
+    }
+}
+
+/// Counts `outgoing` as unconfirmed and hands it to the task; counted here rather than by the
+/// task, so `unconfirmed()` right after an emit already includes the event (the task
+/// subtracts what pongs confirm).
+fn enqueue(commands: &Commands, shared: &Shared, outgoing: Outgoing, slot: Option<Slot>) {
+    shared.unconfirmed.fetch_add(1, Ordering::Relaxed);
+    let sent = commands
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(Command::Emit(outgoing, slot));
+    if let Err(mpsc::error::SendError(Command::Emit(lost, _))) = sent {
+        shared.unconfirmed.fetch_sub(1, Ordering::Relaxed);
+        if slot.is_some() {
+            tracing::warn!(event = %lost.name, id = %lost.id, "event emitter has shut down; event kept in the outbox for the next start");
+        } else {
+            tracing::warn!(event = %lost.name, id = %lost.id, "event emitter has shut down; event dropped");
+        }
+    }
+}
+
+fn log_backlog(outbox: &Outbox, backlog: &[outbox::Stored], when: &str) {
+    if let Some(first) = backlog.first() {
+        tracing::info!(
+            path = %outbox.path().display(),
+            events = backlog.len(),
+            first_seq = first.seq,
+            "event outbox holds events {when}; sending them first"
+        );
     }
 }

@@ -16,24 +16,29 @@
 //! 80 %); while the outbox is non-empty the emitter logs its depth and the age of its oldest
 //! event once per `report_interval`.
 //!
-//! Cost: each emit is one redb write transaction with immediate durability (`fsync`), so it
-//! blocks the calling thread (an async runtime worker included) for as long as the disk takes
-//! to sync: a median of 4 ms per emit on the development VM (1,000 emits, release build;
-//! `durable_emit_cost` in the emitter tests measures it), far less on a local NVMe disk.
-//! Emits from several handles are serialized. A worker emits a handful of events per flow
-//! run, so this is a small price for "written before the worker acts on what it reports".
-//! Each checkpoint's deletion is one more such commit, made by the emitter task.
+//! Cost: commits are made by the outbox's own writer thread, never on an async runtime
+//! thread: an emit queues its event there and its future resolves once the commit (a redb
+//! write transaction with immediate durability, so an `fsync`) is done; the event reaches the
+//! emitter task only then, in emit order. Whatever is queued while a commit runs goes into the
+//! next one, so a burst of emits costs one `fsync` per commit rather than one per event, and
+//! a slow disk delays the emitting tasks but never the runtime
+//! (`concurrent_durable_emits_never_block_the_runtime_threads` in the emitter tests). A worker
+//! emits a handful of events per flow run, so this is a small price for "written before the
+//! worker acts on what it reports". Each checkpoint's deletion is one more commit on the same
+//! thread.
 //!
 //! Memory: the emitter task also keeps every outbox event (its wire JSON) in memory, as the
 //! in-memory emitter does, so a full default outbox costs roughly 100,000 × the event size
 //! (1–2 KB for worker events). Lower `max_events` where that matters.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// redb's page cache. Its default (1 GiB) keeps every page a commit writes until the cap, and
@@ -78,7 +83,21 @@ pub enum OutboxError {
         /// The outbox file.
         path: PathBuf,
         #[source]
-        source: Box<redb::Error>,
+        source: Arc<redb::Error>,
+    },
+    /// The writer thread could not be started.
+    #[error("cannot start the writer thread of the event outbox {path}: {source}")]
+    Writer {
+        /// The outbox file.
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The writer thread is gone (it panicked: a bug); nothing more can be stored.
+    #[error("the writer thread of the event outbox {path} has stopped")]
+    WriterStopped {
+        /// The outbox file.
+        path: PathBuf,
     },
 }
 
@@ -111,7 +130,7 @@ pub struct OutboxStats {
 }
 
 /// A durable, bounded event queue in one redb file; cheap to clone (clones share the
-/// database). See the [module docs](self).
+/// database and its writer thread). See the [module docs](self).
 #[derive(Clone)]
 pub struct Outbox {
     inner: Arc<Inner>,
@@ -120,13 +139,36 @@ pub struct Outbox {
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox")
-            .field("path", &self.inner.path)
+            .field("path", &self.inner.store.path)
             .field("depth", &self.depth())
             .finish()
     }
 }
 
+/// The handle side: the store, for reads, and the writer thread's queue.
 struct Inner {
+    store: Arc<Store>,
+    /// `None` only while dropping.
+    writes: Option<std_mpsc::Sender<Write>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// Closes the queue and waits for the writer to finish what it was given, so the file is
+    /// released (and can be opened again) once the last handle is gone.
+    fn drop(&mut self) {
+        self.writes = None;
+        if let Some(writer) = self.writer.take() {
+            // Never the writer itself (a request must not own an `Outbox`, but be sure).
+            if writer.thread().id() != std::thread::current().id() {
+                let _ = writer.join();
+            }
+        }
+    }
+}
+
+/// What both sides share.
+struct Store {
     db: Database,
     path: PathBuf,
     options: OutboxOptions,
@@ -134,12 +176,39 @@ struct Inner {
     depth: AtomicUsize,
     /// Depth at which the next "outbox is growing" warning is logged.
     warn_at: AtomicUsize,
-    /// Held across "assign a sequence number, commit, hand to the task" so the task sees
-    /// events in key order even when several handles emit at once.
-    append: Mutex<AppendState>,
+    /// Test hook: the writer takes this lock around each commit, so a test holding it
+    /// stalls commits the way a slow disk does.
+    #[cfg(test)]
+    hold_commits: std::sync::Mutex<()>,
 }
 
-struct AppendState {
+/// One request to the writer thread.
+enum Write {
+    Append {
+        json: String,
+        /// Called with the event's key once it is committed (or the commit failed), in key
+        /// order: it hands the event to the emitter task.
+        enqueue: Enqueue,
+        done: oneshot::Sender<Result<(), OutboxError>>,
+    },
+    Delete {
+        through: u64,
+        done: oneshot::Sender<Result<usize, OutboxError>>,
+    },
+    /// Runs `before` once everything queued earlier is committed and handed on, then reads
+    /// every stored event, before anything queued later is committed.
+    Reload {
+        before: Box<dyn FnOnce() + Send>,
+        done: oneshot::Sender<Result<Vec<Stored>, OutboxError>>,
+    },
+}
+
+/// Hands a committed event on (to the emitter task).
+pub(super) type Enqueue = Box<dyn FnOnce(Appended) + Send>;
+
+/// The writer thread's own state.
+struct Writer {
+    store: Arc<Store>,
     next_seq: u64,
     /// Drops not yet reported, and when the latest report was logged.
     unreported_drops: u64,
@@ -159,6 +228,9 @@ pub(super) struct Appended {
     pub dropped_through: Option<u64>,
 }
 
+/// Most requests one commit takes (a burst of emits shares one `fsync`).
+const MAX_BATCH: usize = 512;
+
 impl Outbox {
     /// The conventional location under `PREFECT_HOME`: `<home>/cohort/events-outbox.redb`.
     pub fn default_path(prefect_home: &Path) -> PathBuf {
@@ -171,7 +243,7 @@ impl Outbox {
         Self::open_with(path, OutboxOptions::default())
     }
 
-    /// Opens (or creates) the outbox at `path`.
+    /// Opens (or creates) the outbox at `path`, and starts its writer thread.
     pub fn open_with(
         path: impl AsRef<Path>,
         options: OutboxOptions,
@@ -197,7 +269,7 @@ impl Outbox {
             })?;
         let store = |source: redb::Error| OutboxError::Store {
             path: path.clone(),
-            source: Box::new(source),
+            source: Arc::new(source),
         };
         // Create the table now, so an unwritable file fails here rather than at the first emit.
         #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
@@ -227,55 +299,167 @@ impl Outbox {
         } else {
             first_warning
         };
+        let store = Arc::new(Store {
+            db,
+            path,
+            options,
+            depth: AtomicUsize::new(depth),
+            warn_at: AtomicUsize::new(warn_at),
+            #[cfg(test)]
+            hold_commits: std::sync::Mutex::new(()),
+        });
+        let (writes, queue) = std_mpsc::channel();
+        let writer = Writer {
+            store: store.clone(),
+            next_seq,
+            unreported_drops: 0,
+            last_drop_report: None,
+        };
+        let writer = std::thread::Builder::new()
+            .name("cohort-outbox".to_owned())
+            .spawn(move || writer.run(queue))
+            .map_err(|source| OutboxError::Writer {
+                path: store.path.clone(),
+                source,
+            })?;
         Ok(Outbox {
             inner: Arc::new(Inner {
-                db,
-                path,
-                options,
-                depth: AtomicUsize::new(depth),
-                warn_at: AtomicUsize::new(warn_at),
-                append: Mutex::new(AppendState {
-                    next_seq,
-                    unreported_drops: 0,
-                    last_drop_report: None,
-                }),
+                store,
+                writes: Some(writes),
+                writer: Some(writer),
             }),
         })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        &self.inner.store.path
     }
 
     /// The bound and reporting options in force.
     pub fn options(&self) -> &OutboxOptions {
-        &self.inner.options
+        &self.inner.store.options
     }
 
     /// Events stored, as of the latest commit (no I/O).
     pub fn depth(&self) -> usize {
-        self.inner.depth.load(Ordering::Relaxed)
+        self.inner.store.depth.load(Ordering::Relaxed)
     }
 
     /// Depth and age of the oldest event, read from the store.
     pub fn stats(&self) -> Result<OutboxStats, OutboxError> {
-        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
-        let result = (|| -> Result<OutboxStats, redb::Error> {
-            let txn = self.inner.db.begin_read()?;
-            let table = txn.open_table(EVENTS)?;
-            let depth = usize::try_from(table.len()?).unwrap_or(usize::MAX);
-            let oldest_age = table.first()?.map(|(_, value)| age_of(value.value().0));
-            Ok(OutboxStats { depth, oldest_age })
-        })();
-        result.map_err(|source| self.store_error(source))
+        self.inner.store.stats()
     }
 
     /// Every stored event, oldest first.
     pub(super) fn load(&self) -> Result<Vec<Stored>, OutboxError> {
+        self.inner.store.load()
+    }
+
+    /// Calls `before` on the writer thread once every append queued earlier is committed and
+    /// handed on, then resolves to every stored event; appends queued later are committed
+    /// after. So a new emitter task that takes over the hand-on channel in `before` gets each
+    /// event exactly once: in the backlog, or handed on.
+    pub(super) fn reload(
+        &self,
+        before: Box<dyn FnOnce() + Send>,
+    ) -> impl Future<Output = Result<Vec<Stored>, OutboxError>> + Send + 'static {
+        let (done, loaded) = oneshot::channel();
+        self.send(Write::Reload { before, done });
+        let path = self.inner.store.path.clone();
+        async move {
+            loaded
+                .await
+                .unwrap_or(Err(OutboxError::WriterStopped { path }))
+        }
+    }
+
+    /// Queues `json` for the writer thread now, and returns a future that resolves once it is
+    /// committed durably. The writer assigns the next sequence number, commits (dropping the
+    /// oldest events past the bound in the same transaction), then calls `enqueue` with the
+    /// result; the writer is alone, so `enqueue` calls come in key order, and the call to
+    /// `append` fixes the order. The commit happens whether or not the future is awaited.
+    ///
+    /// When the commit fails, `enqueue` still gets the (reserved, unstored) sequence number,
+    /// so the event can be delivered from memory, and the future returns the error.
+    pub(super) fn append(
+        &self,
+        json: String,
+        enqueue: Enqueue,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send + 'static {
+        let (done, committed) = oneshot::channel();
+        self.send(Write::Append {
+            json,
+            enqueue,
+            done,
+        });
+        let path = self.inner.store.path.clone();
+        async move {
+            committed
+                .await
+                .unwrap_or(Err(OutboxError::WriterStopped { path }))
+        }
+    }
+
+    /// Deletes every event with a sequence number up to `through` (confirmed by the server)
+    /// on the writer thread; resolves to how many were deleted. The writer logs a failure.
+    pub(super) fn delete_through(
+        &self,
+        through: u64,
+    ) -> impl Future<Output = Result<usize, OutboxError>> + Send + 'static {
+        let (done, deleted) = oneshot::channel();
+        self.send(Write::Delete { through, done });
+        let path = self.inner.store.path.clone();
+        async move {
+            deleted
+                .await
+                .unwrap_or(Err(OutboxError::WriterStopped { path }))
+        }
+    }
+
+    /// Logs depth and oldest age (info) if the outbox is non-empty.
+    pub(super) fn log_report(&self) {
+        let store = &self.inner.store;
+        match store.stats() {
+            Ok(OutboxStats {
+                depth,
+                oldest_age: Some(age),
+            }) => tracing::info!(
+                path = %store.path.display(),
+                depth,
+                max = store.options.max_events,
+                oldest_age = ?Duration::from_secs(age.as_secs()),
+                "event outbox holds events not yet confirmed by the server"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "cannot read the event outbox's depth"),
+        }
+    }
+
+    /// Stalls every commit until the guard is dropped (a slow disk, for tests).
+    #[cfg(test)]
+    pub(super) fn hold_commits(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.store.hold_commits.lock().unwrap()
+    }
+
+    fn send(&self, write: Write) {
+        let sent = match &self.inner.writes {
+            Some(writes) => writes.send(write).map_err(|e| e.0),
+            None => Err(write),
+        };
+        // Only a panicked writer thread (a bug) gets here; the request's reply channel is
+        // dropped with it, so the caller sees `WriterStopped`.
+        if sent.is_err() {
+            tracing::error!(path = %self.inner.store.path.display(), "the event outbox's writer thread has stopped");
+        }
+    }
+}
+
+impl Store {
+    fn load(&self) -> Result<Vec<Stored>, OutboxError> {
         #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
         let result = (|| -> Result<Vec<Stored>, redb::Error> {
-            let txn = self.inner.db.begin_read()?;
+            let txn = self.db.begin_read()?;
             let table = txn.open_table(EVENTS)?;
             let mut stored = Vec::new();
             for row in table.iter()? {
@@ -290,167 +474,232 @@ impl Outbox {
         result.map_err(|source| self.store_error(source))
     }
 
-    /// Assigns `json` the next sequence number, commits it durably (dropping the oldest
-    /// events past the bound in the same transaction), then calls `enqueue` with the result
-    /// while still holding the append lock, so callers hand events on in key order.
-    ///
-    /// When the commit fails, `enqueue` still gets the (reserved, unstored) sequence number,
-    /// so the event can be delivered from memory, and the error is returned.
-    pub(super) fn append(
-        &self,
-        json: &str,
-        enqueue: impl FnOnce(Appended),
-    ) -> Result<(), OutboxError> {
-        let mut state = self.inner.append.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        let max = self.inner.options.max_events;
+    fn stats(&self) -> Result<OutboxStats, OutboxError> {
         #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
-        let written = (|| -> Result<(usize, u64, Option<u64>), redb::Error> {
-            let txn = self.inner.db.begin_write()?;
-            let result = {
-                let mut table = txn.open_table(EVENTS)?;
-                table.insert(seq, (now_millis(), json))?;
-                let mut dropped = 0;
-                let mut dropped_through = None;
-                while table.len()? > max as u64 {
-                    match table.pop_first()? {
-                        Some((key, _)) => {
-                            dropped += 1;
-                            dropped_through = Some(key.value());
-                        }
-                        None => break,
-                    }
-                }
-                let depth = usize::try_from(table.len()?).unwrap_or(usize::MAX);
-                (depth, dropped, dropped_through)
-            };
-            txn.commit()?;
-            Ok(result)
+        let result = (|| -> Result<OutboxStats, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(EVENTS)?;
+            let depth = usize::try_from(table.len()?).unwrap_or(usize::MAX);
+            let oldest_age = table.first()?.map(|(_, value)| age_of(value.value().0));
+            Ok(OutboxStats { depth, oldest_age })
         })();
-        match written {
-            Ok((depth, dropped, dropped_through)) => {
-                self.inner.depth.store(depth, Ordering::Relaxed);
-                enqueue(Appended {
-                    seq,
-                    dropped_through,
-                });
-                if dropped > 0 {
-                    self.report_drops(&mut state, dropped);
-                }
-                drop(state);
-                self.maybe_warn(depth);
-                Ok(())
-            }
-            Err(source) => {
-                enqueue(Appended {
-                    seq,
-                    dropped_through: None,
-                });
-                Err(self.store_error(source))
-            }
-        }
-    }
-
-    /// Deletes every event with a sequence number up to `through` (confirmed by the server);
-    /// returns how many were deleted.
-    pub(super) fn delete_through(&self, through: u64) -> Result<usize, OutboxError> {
-        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
-        let (deleted, depth) = (|| -> Result<(usize, usize), redb::Error> {
-            let txn = self.inner.db.begin_write()?;
-            let result = {
-                let mut table = txn.open_table(EVENTS)?;
-                let before = table.len()?;
-                table.retain_in(..=through, |_, _| false)?;
-                let after = table.len()?;
-                (
-                    usize::try_from(before - after).unwrap_or(usize::MAX),
-                    usize::try_from(after).unwrap_or(usize::MAX),
-                )
-            };
-            txn.commit()?;
-            Ok(result)
-        })()
-        .map_err(|source| self.store_error(source))?;
-        self.inner.depth.store(depth, Ordering::Relaxed);
-        let first = first_warning(self.inner.options.max_events);
-        if depth < first {
-            self.inner.warn_at.store(first, Ordering::Relaxed);
-        }
-        Ok(deleted)
-    }
-
-    /// Logs depth and oldest age (info) if the outbox is non-empty.
-    pub(super) fn log_report(&self) {
-        match self.stats() {
-            Ok(OutboxStats {
-                depth,
-                oldest_age: Some(age),
-            }) => tracing::info!(
-                path = %self.inner.path.display(),
-                depth,
-                max = self.inner.options.max_events,
-                oldest_age = ?Duration::from_secs(age.as_secs()),
-                "event outbox holds events not yet confirmed by the server"
-            ),
-            Ok(_) => {}
-            Err(error) => tracing::error!(%error, "cannot read the event outbox's depth"),
-        }
-    }
-
-    fn maybe_warn(&self, depth: usize) {
-        let warn_at = self.inner.warn_at.load(Ordering::Relaxed);
-        if depth < warn_at {
-            return;
-        }
-        let next = next_warning(depth, warn_at);
-        if self
-            .inner
-            .warn_at
-            .compare_exchange(warn_at, next, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            let max = self.inner.options.max_events;
-            let oldest_age = self
-                .stats()
-                .ok()
-                .and_then(|s| s.oldest_age)
-                .map(|age| Duration::from_secs(age.as_secs()));
-            tracing::warn!(
-                path = %self.inner.path.display(),
-                depth,
-                max,
-                percent = depth.saturating_mul(100) / max,
-                ?oldest_age,
-                "event outbox is growing: events are not being confirmed by the server; \
-                 past the bound the oldest are dropped"
-            );
-        }
-    }
-
-    fn report_drops(&self, state: &mut AppendState, dropped: u64) {
-        state.unreported_drops += dropped;
-        let now = Instant::now();
-        let due = state
-            .last_drop_report
-            .is_none_or(|last| now.duration_since(last) >= self.inner.options.report_interval);
-        if due {
-            tracing::error!(
-                path = %self.inner.path.display(),
-                dropped = state.unreported_drops,
-                max = self.inner.options.max_events,
-                "event outbox is full: dropped the oldest unconfirmed event(s); they will never \
-                 reach the server"
-            );
-            state.unreported_drops = 0;
-            state.last_drop_report = Some(now);
-        }
+        result.map_err(|source| self.store_error(source))
     }
 
     fn store_error(&self, source: redb::Error) -> OutboxError {
         OutboxError::Store {
-            path: self.inner.path.clone(),
-            source: Box::new(source),
+            path: self.path.clone(),
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// What one request turned into inside a batch's transaction.
+enum Done {
+    Appended {
+        appended: Appended,
+        enqueue: Enqueue,
+        done: oneshot::Sender<Result<(), OutboxError>>,
+    },
+    Deleted {
+        deleted: usize,
+        done: oneshot::Sender<Result<usize, OutboxError>>,
+    },
+}
+
+impl Writer {
+    /// Serves requests until every [`Outbox`] handle is gone: whatever is queued when a commit
+    /// ends goes into the next one, so a burst of emits costs one `fsync`, not one each, and
+    /// no async runtime thread ever waits for the disk.
+    fn run(mut self, queue: std_mpsc::Receiver<Write>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            while let Some(write) = next.take() {
+                match write {
+                    Write::Reload { before, done } => {
+                        self.commit(std::mem::take(&mut batch));
+                        before();
+                        let _ = done.send(self.store.load());
+                    }
+                    write => batch.push(write),
+                }
+                if batch.len() < MAX_BATCH {
+                    next = queue.try_recv().ok();
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Write>) {
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let max = store.options.max_events as u64;
+        let mut done = Vec::with_capacity(batch.len());
+        let mut dropped = 0u64;
+        #[cfg(test)]
+        let _held = store.hold_commits.lock().unwrap_or_else(|p| p.into_inner());
+        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
+        let written = (|| -> Result<usize, redb::Error> {
+            let txn = store.db.begin_write()?;
+            let depth = {
+                let mut table = txn.open_table(EVENTS)?;
+                for write in batch {
+                    match write {
+                        Write::Append {
+                            json,
+                            enqueue,
+                            done: reply,
+                        } => {
+                            let seq = self.next_seq;
+                            self.next_seq += 1;
+                            // Reserved before the insert, so a failed batch still hands each
+                            // event on with its own key.
+                            done.push(Done::Appended {
+                                appended: Appended {
+                                    seq,
+                                    dropped_through: None,
+                                },
+                                enqueue,
+                                done: reply,
+                            });
+                            table.insert(seq, (now_millis(), json.as_str()))?;
+                            let mut dropped_through = None;
+                            while table.len()? > max {
+                                match table.pop_first()? {
+                                    Some((key, _)) => {
+                                        dropped += 1;
+                                        dropped_through = Some(key.value());
+                                    }
+                                    None => break,
+                                }
+                            }
+                            if let Some(Done::Appended { appended, .. }) = done.last_mut() {
+                                appended.dropped_through = dropped_through;
+                            }
+                        }
+                        Write::Reload { .. } => unreachable!("run() takes reloads out"),
+                        Write::Delete {
+                            through,
+                            done: reply,
+                        } => {
+                            let before = table.len()?;
+                            table.retain_in(..=through, |_, _| false)?;
+                            let deleted = before - table.len()?;
+                            done.push(Done::Deleted {
+                                deleted: usize::try_from(deleted).unwrap_or(usize::MAX),
+                                done: reply,
+                            });
+                        }
+                    }
+                }
+                usize::try_from(table.len()?).unwrap_or(usize::MAX)
+            };
+            txn.commit()?;
+            Ok(depth)
+        })();
+        match written {
+            Ok(depth) => {
+                store.depth.store(depth, Ordering::Relaxed);
+                let first = first_warning(store.options.max_events);
+                if depth < first {
+                    store.warn_at.store(first, Ordering::Relaxed);
+                }
+                self.maybe_warn(depth);
+                for done in done {
+                    match done {
+                        Done::Appended {
+                            appended,
+                            enqueue,
+                            done,
+                        } => {
+                            enqueue(appended);
+                            let _ = done.send(Ok(()));
+                        }
+                        Done::Deleted { deleted, done } => {
+                            let _ = done.send(Ok(deleted));
+                        }
+                    }
+                }
+                if dropped > 0 {
+                    self.report_drops(dropped);
+                }
+            }
+            Err(source) => {
+                let source = Arc::new(source);
+                let error = || OutboxError::Store {
+                    path: store.path.clone(),
+                    source: source.clone(),
+                };
+                for done in done {
+                    match done {
+                        Done::Appended {
+                            mut appended,
+                            enqueue,
+                            done,
+                        } => {
+                            appended.dropped_through = None;
+                            enqueue(appended);
+                            let _ = done.send(Err(error()));
+                        }
+                        Done::Deleted { done, .. } => {
+                            // These events are re-sent after the next start, which the
+                            // server's de-duplication makes harmless.
+                            let error = error();
+                            tracing::error!(%error, "could not delete confirmed events from the outbox; they will be re-sent after a restart");
+                            let _ = done.send(Err(error));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn maybe_warn(&self, depth: usize) {
+        let store = &self.store;
+        let warn_at = store.warn_at.load(Ordering::Relaxed);
+        if depth < warn_at {
+            return;
+        }
+        store
+            .warn_at
+            .store(next_warning(depth, warn_at), Ordering::Relaxed);
+        let max = store.options.max_events;
+        let oldest_age = store
+            .stats()
+            .ok()
+            .and_then(|s| s.oldest_age)
+            .map(|age| Duration::from_secs(age.as_secs()));
+        tracing::warn!(
+            path = %store.path.display(),
+            depth,
+            max,
+            percent = depth.saturating_mul(100) / max,
+            ?oldest_age,
+            "event outbox is growing: events are not being confirmed by the server; \
+             past the bound the oldest are dropped"
+        );
+    }
+
+    fn report_drops(&mut self, dropped: u64) {
+        self.unreported_drops += dropped;
+        let now = Instant::now();
+        let due = self
+            .last_drop_report
+            .is_none_or(|last| now.duration_since(last) >= self.store.options.report_interval);
+        if due {
+            tracing::error!(
+                path = %self.store.path.display(),
+                dropped = self.unreported_drops,
+                max = self.store.options.max_events,
+                "event outbox is full: dropped the oldest unconfirmed event(s); they will never \
+                 reach the server"
+            );
+            self.unreported_drops = 0;
+            self.last_drop_report = Some(now);
         }
     }
 }
@@ -494,22 +743,29 @@ mod tests {
         assert_eq!(next_warning(45_000, 10_000), 80_000);
     }
 
-    #[test]
-    fn warnings_rearm_once_the_outbox_drains() {
+    #[tokio::test]
+    async fn warnings_rearm_once_the_outbox_drains() {
         let dir = tempfile::tempdir().unwrap();
         let options = OutboxOptions {
             max_events: 20,
             ..OutboxOptions::default()
         };
         let outbox = Outbox::open_with(dir.path().join("o.redb"), options).unwrap();
-        let mut last = 0;
+        let (seqs, mut appended) = tokio::sync::mpsc::unbounded_channel();
         for _ in 0..5 {
-            outbox.append("{}", |appended| last = appended.seq).unwrap();
+            let seqs = seqs.clone();
+            let enqueue: Enqueue = Box::new(move |a: Appended| seqs.send(a.seq).unwrap());
+            outbox.append("{}".to_owned(), enqueue).await.unwrap();
+        }
+        let mut last = 0;
+        for expected in 0..5 {
+            last = appended.recv().await.unwrap();
+            assert_eq!(last, expected, "handed on in key order");
         }
         // 10 % of 20 is 2; warned at 2 and 4, next at 8.
-        assert_eq!(outbox.inner.warn_at.load(Ordering::Relaxed), 8);
-        assert_eq!(outbox.delete_through(last).unwrap(), 5);
+        assert_eq!(outbox.inner.store.warn_at.load(Ordering::Relaxed), 8);
+        assert_eq!(outbox.delete_through(last).await.unwrap(), 5);
         assert_eq!(outbox.depth(), 0);
-        assert_eq!(outbox.inner.warn_at.load(Ordering::Relaxed), 2);
+        assert_eq!(outbox.inner.store.warn_at.load(Ordering::Relaxed), 2);
     }
 }

@@ -172,9 +172,11 @@ impl EmitterTask {
                 outgoing,
             });
         }
+        // Added, not stored: after a restart, events emitted since the channel was taken
+        // over are counted already.
         self.shared
             .unconfirmed
-            .store(self.pending.len(), Ordering::Relaxed);
+            .fetch_add(self.pending.len(), Ordering::Relaxed);
     }
 
     pub(super) async fn run(mut self) {
@@ -390,11 +392,11 @@ impl EmitterTask {
             .unconfirmed
             .fetch_sub(confirmed, Ordering::Relaxed);
         if let Some(outbox) = &self.outbox {
-            // A failure only means these events are re-sent after the next start, which the
+            // Committed on the outbox's writer thread; waited for so that a flush answered
+            // below finds the outbox without what it confirmed. A failure (logged by the
+            // writer) only means these events are re-sent after the next start, which the
             // server's de-duplication makes harmless.
-            if let Err(error) = outbox.delete_through(ping.through) {
-                tracing::error!(%error, "could not delete confirmed events from the outbox; they will be re-sent after a restart");
-            }
+            let _ = outbox.delete_through(ping.through).await;
         }
         self.answer_waiters();
         self.write_and_checkpoint().await;

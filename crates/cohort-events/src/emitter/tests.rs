@@ -64,7 +64,7 @@ async fn events_arrive_in_order_after_prefects_handshake() {
 
     let events: Vec<Event> = (0..25).map(numbered).collect();
     for event in &events {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
 
@@ -90,7 +90,7 @@ async fn token_auth_sends_the_token_frame_and_a_basic_header() {
     let server = FakeEventsServer::start(|_| Script::serve()).await;
     let auth = EventsAuth::Token(Some("user:pass".to_owned()));
     let (emitter, _task) = Emitter::spawn_with(config(server.api_url(), auth), tuning());
-    emitter.emit(numbered(1));
+    emitter.emit(numbered(1)).await;
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
 
     let connection = &server.connections()[0];
@@ -111,7 +111,7 @@ async fn cloud_bearer_auth_uses_the_header_and_no_auth_frame() {
     let auth = EventsAuth::Bearer("pnu_key".to_owned());
     let (emitter, _task) = Emitter::spawn_with(config(server.api_url(), auth), tuning());
     let event = numbered(1);
-    emitter.emit(event.clone());
+    emitter.emit(event.clone()).await;
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
 
     let connection = &server.connections()[0];
@@ -141,7 +141,7 @@ async fn fake_events_server_drops_connection_and_every_unconfirmed_event_is_rese
 
     let events: Vec<Event> = (0..10).map(numbered).collect();
     for event in &events {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     emitter
         .flush(Duration::from_secs(5))
@@ -186,13 +186,13 @@ async fn recently_confirmed_events_are_resent_after_a_reconnect() {
     let (emitter, _task) =
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), tuning);
     let events: Vec<Event> = (0..3).map(numbered).collect();
-    emitter.emit(events[0].clone());
-    emitter.emit(events[1].clone());
+    emitter.emit(events[0].clone()).await;
+    emitter.emit(events[1].clone()).await;
     emitter
         .flush(Duration::from_secs(5))
         .await
         .expect("the first two are confirmed");
-    emitter.emit(events[2].clone());
+    emitter.emit(events[2].clone()).await;
     emitter
         .flush(Duration::from_secs(5))
         .await
@@ -222,14 +222,14 @@ async fn events_emitted_while_disconnected_are_sent_after_reconnect_in_order() {
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), slow);
 
     let first = numbered(0);
-    emitter.emit(first.clone());
+    emitter.emit(first.clone()).await;
     eventually("the drop", || {
         !emitter.is_connected() && server.connections().len() == 1
     })
     .await;
     let later: Vec<Event> = (1..5).map(numbered).collect();
     for event in &later {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
 
@@ -244,7 +244,7 @@ async fn flush_resolves_once_the_pong_confirms_and_clears_the_buffer() {
     let (emitter, _task) =
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), tuning());
     for n in 0..3 {
-        emitter.emit(numbered(n));
+        emitter.emit(numbered(n)).await;
     }
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
     assert_eq!(emitter.unconfirmed(), 0);
@@ -270,11 +270,11 @@ async fn count_based_checkpoint_pings_every_n_events() {
     );
 
     for n in 0..5 {
-        emitter.emit(numbered(n));
+        emitter.emit(numbered(n)).await;
     }
     eventually("the count checkpoint", || emitter.unconfirmed() == 0).await;
     for n in 5..8 {
-        emitter.emit(numbered(n));
+        emitter.emit(numbered(n)).await;
     }
     eventually("three events on the wire", || {
         server.connections()[0].events.len() == 8
@@ -300,7 +300,7 @@ async fn time_based_checkpoint_confirms_idle_events() {
     often.checkpoint_interval = Duration::from_millis(100);
     let (emitter, _task) =
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), often);
-    emitter.emit(numbered(1));
+    emitter.emit(numbered(1)).await;
     eventually("the time checkpoint", || emitter.unconfirmed() == 0).await;
 }
 
@@ -313,8 +313,8 @@ async fn flush_times_out_clearly_when_the_server_never_answers_pings() {
     .await;
     let (emitter, _task) =
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), tuning());
-    emitter.emit(numbered(1));
-    emitter.emit(numbered(2));
+    emitter.emit(numbered(1)).await;
+    emitter.emit(numbered(2)).await;
 
     let error = emitter.flush(Duration::from_millis(300)).await.unwrap_err();
     match &error {
@@ -352,7 +352,7 @@ async fn an_unanswered_ping_counts_as_a_dead_connection_and_events_are_resent() 
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), impatient);
     let events: Vec<Event> = (0..3).map(numbered).collect();
     for event in &events {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     emitter
         .flush(Duration::from_secs(5))
@@ -374,7 +374,7 @@ async fn auth_rejection_is_a_clear_error_and_is_not_retried_in_a_hot_loop() {
     paced.backoff_cap = Duration::from_secs(2);
     let auth = EventsAuth::Token(Some("wrong".to_owned()));
     let (emitter, _task) = Emitter::spawn_with(config(server.api_url(), auth), paced);
-    emitter.emit(numbered(1));
+    emitter.emit(numbered(1)).await;
 
     let error = emitter.flush(Duration::from_millis(500)).await.unwrap_err();
     let FlushError::Timeout {
@@ -418,9 +418,11 @@ async fn invalid_events_are_dropped_and_never_sent() {
     let server = FakeEventsServer::start(|_| Script::serve()).await;
     let (emitter, _task) =
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), tuning());
-    emitter.emit(Event::new("cohort.test.bad", Resource::default(), vec![]));
+    emitter
+        .emit(Event::new("cohort.test.bad", Resource::default(), vec![]))
+        .await;
     let good = numbered(1);
-    emitter.emit(good.clone());
+    emitter.emit(good.clone()).await;
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
     assert_eq!(server.connections()[0].event_ids(), ids(&[good]));
 }
@@ -432,7 +434,7 @@ async fn close_confirms_pending_events_then_ends_the_task() {
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), tuning());
     let events: Vec<Event> = (0..3).map(numbered).collect();
     for event in &events {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     emitter.close();
     tokio::time::timeout(Duration::from_secs(5), task)
@@ -458,7 +460,7 @@ async fn close_gives_up_after_the_grace_period_when_the_server_is_unreachable() 
     let mut short = tuning();
     short.close_grace = Duration::from_millis(200);
     let (emitter, task) = Emitter::spawn_with(config(api_url, EventsAuth::Token(None)), short);
-    emitter.emit(numbered(1));
+    emitter.emit(numbered(1)).await;
     let error = emitter.flush(Duration::from_millis(100)).await.unwrap_err();
     assert!(
         error
@@ -478,7 +480,7 @@ async fn dropping_every_handle_ends_the_task() {
     let server = FakeEventsServer::start(|_| Script::serve()).await;
     let (emitter, task) =
         Emitter::spawn_with(config(server.api_url(), EventsAuth::Token(None)), tuning());
-    emitter.emit(numbered(1));
+    emitter.emit(numbered(1)).await;
     drop(emitter);
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -499,7 +501,7 @@ async fn wss_against_a_plain_tcp_server_fails_without_panicking() {
     });
     let api_url = url::Url::parse(&format!("https://127.0.0.1:{port}/api")).unwrap();
     let (emitter, task) = Emitter::spawn_with(config(api_url, EventsAuth::Token(None)), tuning());
-    emitter.emit(numbered(1));
+    emitter.emit(numbered(1)).await;
     eventually("a connection error", || emitter.last_error().is_some()).await;
     let error = emitter.last_error().unwrap();
     assert!(
@@ -548,7 +550,7 @@ async fn durable_events_emitted_while_the_server_is_down_are_delivered_when_it_c
     .unwrap();
     let events: Vec<Event> = (0..5).map(numbered).collect();
     for event in &events {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     assert_eq!(
         emitter.outbox_depth(),
@@ -583,7 +585,7 @@ async fn durable_events_survive_a_crash_and_are_delivered_by_the_next_emitter_in
     .unwrap();
     let before: Vec<Event> = (0..4).map(numbered).collect();
     for event in &before {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     crash(emitter, task).await;
 
@@ -603,7 +605,7 @@ async fn durable_events_survive_a_crash_and_are_delivered_by_the_next_emitter_in
     );
     let after: Vec<Event> = (4..6).map(numbered).collect();
     for event in &after {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
 
@@ -638,7 +640,7 @@ async fn confirmed_events_are_deleted_from_the_outbox() {
     )
     .unwrap();
     for n in 0..10 {
-        emitter.emit(numbered(n));
+        emitter.emit(numbered(n)).await;
     }
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
     assert_eq!(emitter.outbox_depth(), Some(0));
@@ -679,8 +681,8 @@ async fn a_pong_deletes_only_what_it_confirms() {
         outbox_in(&dir),
     )
     .unwrap();
-    emitter.emit(numbered(1));
-    emitter.emit(numbered(2));
+    emitter.emit(numbered(1)).await;
+    emitter.emit(numbered(2)).await;
     assert!(emitter.flush(Duration::from_millis(300)).await.is_err());
     let stats = emitter.outbox().unwrap().stats().unwrap();
     assert_eq!(stats.depth, 2, "sent but unconfirmed events stay stored");
@@ -704,7 +706,7 @@ async fn the_outbox_bound_drops_the_oldest_events() {
     .unwrap();
     let events: Vec<Event> = (0..8).map(numbered).collect();
     for event in &events {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     assert_eq!(emitter.outbox_depth(), Some(5));
     eventually("the task forgets the dropped events", || {
@@ -750,7 +752,7 @@ async fn the_bound_also_applies_to_events_already_on_the_wire() {
     eventually("connected", || emitter.is_connected()).await;
     let events: Vec<Event> = (0..6).map(numbered).collect();
     for event in &events {
-        emitter.emit(event.clone());
+        emitter.emit(event.clone()).await;
     }
     emitter.flush(Duration::from_secs(5)).await.expect("flush");
     let connections = server.connections();
@@ -817,4 +819,138 @@ fn open_creates_parent_directories_and_the_default_path_is_under_prefect_home() 
     let outbox = Outbox::open(&path).unwrap();
     assert!(path.is_file());
     assert_eq!(outbox.depth(), 0);
+}
+
+/// Regression: every durable emit used to commit (with an `fsync`) on the calling runtime
+/// thread while holding a std mutex, so two concurrent emits on the worker's 2-thread runtime
+/// stalled it whole. With commits stalled (the test hook stands in for a slow disk), the
+/// runtime must keep running other tasks, no emit may resolve before its event is on disk,
+/// and the events must be stored and handed on in the order `emit` was called.
+#[test]
+fn concurrent_durable_emits_never_block_the_runtime_threads() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc as std_mpsc;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let down = api_url_on(free_port());
+    let (emitter, _task) = {
+        let _entered = runtime.enter();
+        Emitter::spawn_durable(
+            config(down, EventsAuth::Token(None)),
+            tuning(),
+            outbox_in(&dir),
+        )
+        .unwrap()
+    };
+    let outbox = emitter.outbox().unwrap().clone();
+    let hold = outbox.hold_commits();
+
+    let events: Vec<Event> = (0..16).map(numbered).collect();
+    let (done_tx, done) = std_mpsc::channel();
+    for (n, event) in events.iter().enumerate() {
+        // Queued here, in this order; awaited concurrently on the runtime.
+        let emitted = emitter.emit(event.clone());
+        let done_tx = done_tx.clone();
+        runtime.spawn(async move {
+            emitted.await;
+            let _ = done_tx.send(n);
+        });
+    }
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let (ticked_tx, ticked) = std_mpsc::channel();
+    runtime.spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                if ticks.fetch_add(1, Ordering::Relaxed) == 50 {
+                    let _ = ticked_tx.send(());
+                }
+            }
+        }
+    });
+    // This thread is not one of the runtime's: it can wait even if both of those are stuck.
+    ticked
+        .recv_timeout(Duration::from_secs(60))
+        .expect("another task kept running while commits were stalled");
+    assert!(
+        done.try_recv().is_err(),
+        "no emit resolves before its event is committed"
+    );
+    assert_eq!(
+        emitter.unconfirmed(),
+        0,
+        "nothing is sent before it is committed"
+    );
+    assert_eq!(outbox.depth(), 0);
+
+    drop(hold);
+    let mut resolved: Vec<usize> = (0..events.len())
+        .map(|_| {
+            done.recv_timeout(Duration::from_secs(60))
+                .expect("every emit resolves")
+        })
+        .collect();
+    resolved.sort_unstable();
+    assert_eq!(resolved, (0..events.len()).collect::<Vec<_>>());
+    assert_eq!(outbox.depth(), events.len());
+    assert_eq!(emitter.unconfirmed(), events.len());
+    let stored: Vec<String> = outbox
+        .load()
+        .unwrap()
+        .iter()
+        .map(|s| Outgoing::from_stored(&s.json).unwrap().id.to_string())
+        .collect();
+    assert_eq!(stored, ids(&events), "stored in the order emit was called");
+    drop(emitter);
+    drop(outbox);
+    runtime.shutdown_background();
+}
+
+#[tokio::test]
+async fn a_restarted_emitter_task_sends_everything_the_outbox_holds_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeEventsServer::start(|_| Script::serve()).await;
+    let (emitter, task) = Emitter::spawn_durable(
+        config(server.api_url(), EventsAuth::Token(None)),
+        tuning(),
+        outbox_in(&dir),
+    )
+    .unwrap();
+    let events: Vec<Event> = (0..6).map(numbered).collect();
+    for event in &events[..3] {
+        emitter.emit(event.clone()).await;
+    }
+    // The task dies (as by a panic) with events unconfirmed; more are emitted meanwhile.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    for event in &events[3..5] {
+        emitter.emit(event.clone()).await;
+    }
+    assert_eq!(emitter.outbox_depth(), Some(5), "kept while no task runs");
+
+    let run = emitter.restart().await.expect("restart from the outbox");
+    let _task = tokio::spawn(run);
+    assert_eq!(
+        emitter.unconfirmed(),
+        5,
+        "the backlog counts as unconfirmed"
+    );
+    emitter.emit(events[5].clone()).await;
+    emitter.flush(Duration::from_secs(5)).await.expect("flush");
+
+    let connections = server.connections();
+    let last = connections.last().expect("a connection");
+    assert_eq!(
+        last.event_ids(),
+        ids(&events),
+        "the new task sends the whole backlog, in order, once, then new events"
+    );
+    assert_eq!(emitter.outbox_depth(), Some(0));
+    assert_eq!(emitter.unconfirmed(), 0);
 }
