@@ -91,7 +91,8 @@ fn flow_runs_of_deployment(s: &PrefectServer, deployment_id: &str) -> Vec<Value>
 
 /// `POST /deployment/{id}/run` on the runner's webserver, whose create the proxy forwards and
 /// then answers 504: the client's retry carries the same idempotency key, the server hands back
-/// the run the first copy made, and the deployment has exactly one run, which completes.
+/// the run the first copy made, and the deployment has exactly one run, which completes. A
+/// caller's own `idempotency_key` is honoured the same way.
 #[test]
 fn runner_create_answered_504_after_the_server_acted_makes_one_run() {
     let s = server();
@@ -151,6 +152,23 @@ fn runner_create_answered_504_after_the_server_acted_makes_one_run() {
     let state = s.wait_for_final_state(ids[0], TIMEOUT);
     assert_eq!(state["type"], "COMPLETED", "{state}\n{}", runner.output());
     assert_eq!(flow_runs_of_deployment(s, &deployment_id).len(), 1);
+
+    // A caller repeating its own request passes its own key: the same run comes back.
+    let key = unique("caller-key");
+    let run_with_key = || -> Value {
+        reqwest::blocking::Client::new()
+            .post(format!("{base}/deployment/{deployment_id}/run"))
+            .json(&json!({"parameters": {"name": "keyed"}, "idempotency_key": key}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let first = run_with_key();
+    let again = run_with_key();
+    assert!(first["flow_run_id"].is_string(), "{first}");
+    assert_eq!(first["flow_run_id"], again["flow_run_id"]);
+    assert_eq!(flow_runs_of_deployment(s, &deployment_id).len(), 2);
 }
 
 /// A worker behind a gateway that answers 504 after the server acted, on its claim (the
