@@ -1,7 +1,8 @@
 //! Retries that must not act twice, against a real Prefect 3.8.8 server behind the fault proxy
 //! answering 504 *after* forwarding: the server acted, the client only hears a gateway
 //! timeout. A flow-run create through the runner's webserver makes one run, a claim (Pending)
-//! answered 504 is still the worker's, and the worker's flow-run log lines are not doubled.
+//! answered 504 is still the worker's, a forced state is made once, and the worker's flow-run
+//! log lines are not doubled.
 
 // End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -200,18 +201,12 @@ fn worker_behind_a_gateway_504_after_acting_claims_once_and_logs_once() {
 
     let state = s.wait_for_final_state(&run.id, TIMEOUT);
     assert_eq!(state["type"], "COMPLETED", "{state}\n{}", worker.output());
-    let states = s.request(
-        Method::GET,
-        &format!("/flow_run_states/?flow_run_id={}", run.id),
-        None,
-    );
+    let states = state_history(s, &run.id);
     let pendings = states
-        .as_array()
-        .unwrap()
         .iter()
         .filter(|st| st["type"] == "PENDING" && st["name"] == "Pending")
         .count();
-    assert_eq!(pendings, 1, "one claim: {states}");
+    assert_eq!(pendings, 1, "one claim: {states:#?}");
 
     // The worker's own lines (`prefect.flow_runs.worker`) arrive after the run ends; a
     // repeat would follow within the client's first retry delay (about 1 s).
@@ -245,5 +240,71 @@ fn worker_behind_a_gateway_504_after_acting_claims_once_and_logs_once() {
         proxy.stats().failed >= 2,
         "the 504s were not injected: {:?}",
         proxy.stats()
+    );
+}
+
+/// The states a flow run went through, oldest first (`GET /flow_run_states/`).
+fn state_history(s: &PrefectServer, run_id: &str) -> Vec<Value> {
+    s.request(
+        Method::GET,
+        &format!("/flow_run_states/?flow_run_id={run_id}"),
+        None,
+    )
+    .as_array()
+    .cloned()
+    .unwrap_or_default()
+}
+
+/// `PrefectClient::set_flow_run_state` through a gateway answering 504 after the server
+/// acted, with both kinds of proposal: the orchestrated one is REJECTed on its repeat as a
+/// duplicate transition and reported as accepted; the forced one (no orchestration to catch a
+/// repeat) is read back instead of repeated. Each leaves exactly one state behind.
+#[test]
+fn state_proposals_answered_504_after_the_server_acted_are_made_once() {
+    use cohort_api::models::{SetStateStatus, StateCreate, StateType};
+    use cohort_api::{ClientConfig, PrefectClient};
+
+    let s = server();
+    let proxy = proxy_for(s);
+    let pool = unique("gateway-state");
+    s.create_work_pool(&pool, "process");
+    let deployment = s.deploy(&DeploySpec::new(&pool, "hello"));
+    let run = s.create_flow_run(&deployment.id, &[], json!({}), json!({}));
+    let id: uuid::Uuid = run.id.parse().unwrap();
+    let client = PrefectClient::new(ClientConfig {
+        api_url: format!("{}/api", proxy.url()).parse().unwrap(),
+        api_key: None,
+        auth_string: None,
+        max_retries: 5,
+        request_timeout: Duration::from_secs(30),
+        retry_base_delay: Duration::from_millis(200),
+    })
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    proxy.fail_next_after_forwarding(1, 504, Some("/set_state"));
+    let pending = StateCreate::new(StateType::Pending, "Pending");
+    let claimed = runtime
+        .block_on(client.set_flow_run_state(id, &pending, false))
+        .unwrap();
+    assert_eq!(claimed.status, SetStateStatus::Accept, "{claimed:?}");
+
+    proxy.fail_next_after_forwarding(1, 504, Some("/set_state"));
+    let cancelled = StateCreate::new(StateType::Cancelled, "Cancelled").with_message("once");
+    let forced = runtime
+        .block_on(client.set_flow_run_state(id, &cancelled, true))
+        .unwrap();
+    assert_eq!(forced.status, SetStateStatus::Accept, "{forced:?}");
+    assert_eq!(proxy.stats().failed, 2, "the 504s were not injected");
+
+    let history = state_history(s, &run.id);
+    let count = |kind: &str| history.iter().filter(|st| st["type"] == kind).count();
+    assert_eq!(
+        (count("PENDING"), count("CANCELLED")),
+        (1, 1),
+        "one state per proposal: {history:#?}"
     );
 }
