@@ -11,13 +11,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::error::{is_transient_status, ApiError};
+use crate::error::ApiError;
 use crate::models::*;
-use crate::retry::{jittered, Backoff};
+use crate::retry::{jittered, Backoff, Retry};
 use crate::settings::{Settings, SettingsError};
 
-/// How to reach and authenticate with the Prefect API.
-#[derive(Debug, Clone)]
+/// How to reach and authenticate with the Prefect API. Its `Debug` leaves the credentials out.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// e.g. `http://127.0.0.1:4200/api`
     pub api_url: url::Url,
@@ -31,6 +31,20 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// First retry delay; doubled each retry, capped at 30 s.
     pub retry_base_delay: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ClientConfig")
+            .field("api_url", &self.api_url.as_str())
+            .field("api_key", &redacted(&self.api_key))
+            .field("auth_string", &redacted(&self.auth_string))
+            .field("max_retries", &self.max_retries)
+            .field("request_timeout", &self.request_timeout)
+            .field("retry_base_delay", &self.retry_base_delay)
+            .finish()
+    }
 }
 
 impl ClientConfig {
@@ -147,19 +161,22 @@ impl PrefectClient {
         method: Method,
         segments: &[&str],
         body: Option<&Value>,
+        retry: Retry,
     ) -> Result<Response, ApiError> {
         // Boxed: a request in flight (reqwest's future, the retry loop) is a few KiB, and
         // every caller that awaits one — each supervised run's task — would carry that much
         // for its whole life.
-        Box::pin(self.send_query(method, segments, &[], body)).await
+        Box::pin(self.send_query(method, segments, &[], body, retry)).await
     }
 
+    /// One request, sent again after a transient failure as far as `retry` allows.
     async fn send_query(
         &self,
         method: Method,
         segments: &[&str],
         query: &[(&str, &str)],
         body: Option<&Value>,
+        retry: Retry,
     ) -> Result<Response, ApiError> {
         let mut url = self.url(segments);
         if !query.is_empty() {
@@ -177,12 +194,14 @@ impl PrefectClient {
             // launches would otherwise open a connection per run, each with its buffers, on a
             // server that serializes its writes anyway.
             let permit = self.in_flight.acquire().await.expect("never closed");
+            tracing::trace!(%method, %path, ?retry, "sending request");
             let sent = req.send().await;
             match sent {
                 Err(source) => {
                     drop(permit);
-                    let may_retry =
-                        self.has_connected.load(Ordering::Relaxed) || source.is_timeout();
+                    let may_retry = (self.has_connected.load(Ordering::Relaxed)
+                        || source.is_timeout())
+                        && retry.retries_unanswered(source.is_connect());
                     let err = ApiError::Transport {
                         method: method.to_string(),
                         url: url.to_string(),
@@ -214,7 +233,7 @@ impl PrefectClient {
                         status,
                         body: String::from_utf8_lossy(&body).chars().take(500).collect(),
                     };
-                    if !(is_transient_status(status) && retries_left) {
+                    if !(retry.retries_status(status) && retries_left) {
                         return Err(err);
                     }
                     let backoff_delay = backoff.next_delay();
@@ -234,8 +253,9 @@ impl PrefectClient {
         method: Method,
         segments: &[&str],
         body: Option<&Value>,
+        retry: Retry,
     ) -> Result<T, ApiError> {
-        let resp = self.send(method, segments, body).await?;
+        let resp = self.send(method, segments, body, retry).await?;
         serde_json::from_slice(&resp.body).map_err(|source| ApiError::Decode {
             path: segments.join("/"),
             source,
@@ -244,19 +264,25 @@ impl PrefectClient {
 
     /// `GET /admin/version`: the server's Prefect version, e.g. `3.8.8`.
     pub async fn server_version(&self) -> Result<String, ApiError> {
-        self.json(Method::GET, &["admin", "version"], None).await
+        self.json(Method::GET, &["admin", "version"], None, Retry::Idempotent)
+            .await
     }
 
     /// `GET /work_pools/{name}`; `None` when it does not exist.
     pub async fn read_work_pool(&self, name: &str) -> Result<Option<WorkPool>, ApiError> {
-        match self.json(Method::GET, &["work_pools", name], None).await {
+        match self
+            .json(Method::GET, &["work_pools", name], None, Retry::Idempotent)
+            .await
+        {
             Ok(pool) => Ok(Some(pool)),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// `POST /work_pools/`; a concurrent creation (409) reads the winner's pool instead.
+    /// `POST /work_pools/`; a concurrent creation (409) reads the winner's pool instead. So
+    /// does a retry whose first copy created the pool before its answer was lost: the create is
+    /// idempotent through that read-back.
     pub async fn create_work_pool(
         &self,
         name: &str,
@@ -268,7 +294,12 @@ impl PrefectClient {
             body["base_job_template"] = t.clone();
         }
         match self
-            .json(Method::POST, &["work_pools", ""], Some(&body))
+            .json(
+                Method::POST,
+                &["work_pools", ""],
+                Some(&body),
+                Retry::Idempotent,
+            )
             .await
         {
             Ok(pool) => Ok(pool),
@@ -289,6 +320,7 @@ impl PrefectClient {
             Method::PATCH,
             &["work_pools", name],
             Some(&json!({"base_job_template": base_job_template})),
+            Retry::Idempotent,
         )
         .await
         .map(drop)
@@ -300,6 +332,7 @@ impl PrefectClient {
             Method::POST,
             &["work_pools", pool, "queues", "filter"],
             Some(&json!({})),
+            Retry::Idempotent,
         )
         .await
     }
@@ -321,6 +354,7 @@ impl PrefectClient {
                 Method::POST,
                 &["work_pools", pool, "get_scheduled_flow_runs"],
                 Some(&body),
+                Retry::Idempotent,
             )
             .await
         {
@@ -342,6 +376,7 @@ impl PrefectClient {
             Method::POST,
             &["work_pools", pool, "workers", "heartbeat"],
             Some(&body),
+            Retry::Idempotent,
         )
         .await
         .map(drop)
@@ -349,7 +384,12 @@ impl PrefectClient {
 
     pub async fn read_deployment(&self, id: Uuid) -> Result<Option<Deployment>, ApiError> {
         match self
-            .json(Method::GET, &["deployments", &id.to_string()], None)
+            .json(
+                Method::GET,
+                &["deployments", &id.to_string()],
+                None,
+                Retry::Idempotent,
+            )
             .await
         {
             Ok(d) => Ok(Some(d)),
@@ -359,37 +399,99 @@ impl PrefectClient {
     }
 
     pub async fn read_flow(&self, id: Uuid) -> Result<Flow, ApiError> {
-        self.json(Method::GET, &["flows", &id.to_string()], None)
-            .await
+        self.json(
+            Method::GET,
+            &["flows", &id.to_string()],
+            None,
+            Retry::Idempotent,
+        )
+        .await
     }
 
     pub async fn read_flow_run(&self, id: Uuid) -> Result<FlowRun, ApiError> {
-        self.json(Method::GET, &["flow_runs", &id.to_string()], None)
-            .await
+        self.json(
+            Method::GET,
+            &["flow_runs", &id.to_string()],
+            None,
+            Retry::Idempotent,
+        )
+        .await
     }
 
     /// `POST /flow_runs/{id}/set_state`. A WAIT answer is honoured and re-proposed, as
     /// `prefect/utilities/engine: propose_state` does.
+    ///
+    /// Each proposal carries a fresh `transition_id`, repeated by its retries. An orchestrated
+    /// proposal (`force: false`) whose first copy was accepted before its answer was lost is
+    /// REJECTed on the repeat, with the state the first copy made
+    /// (`prefect/server/orchestration/core_policy.py: PreventDuplicateTransitions`): that
+    /// answer is read as the ACCEPT it stands for, so a claim (Pending) is neither lost nor
+    /// made twice. A forced proposal skips orchestration, so it is repeated only after a
+    /// read-back of the run shows its transition did not happen.
     pub async fn set_flow_run_state(
         &self,
         id: Uuid,
         state: &StateCreate,
         force: bool,
     ) -> Result<OrchestrationResult, ApiError> {
+        let segments = ["flow_runs", &id.to_string(), "set_state"];
         loop {
-            let body = json!({"state": state.to_json(id), "force": force});
-            let result: OrchestrationResult = self
-                .json(
+            let transition_id = Uuid::new_v4();
+            let body = json!({"state": state.to_json(id, transition_id), "force": force});
+            let result = if force {
+                self.propose_forced(id, &body, transition_id).await?
+            } else {
+                self.json::<OrchestrationResult>(
                     Method::POST,
-                    &["flow_runs", &id.to_string(), "set_state"],
+                    &segments,
                     Some(&body),
+                    Retry::Idempotent,
                 )
-                .await?;
+                .await?
+                .acknowledging(transition_id)
+            };
             match (result.status, result.delay_seconds()) {
                 (SetStateStatus::Wait, Some(delay)) => {
                     tokio::time::sleep(Duration::from_secs_f64(delay.clamp(0.0, 300.0))).await;
                 }
                 _ => return Ok(result),
+            }
+        }
+    }
+
+    /// A forced `set_state`: sent again only when the server cannot have acted
+    /// ([`Retry::UnlessActed`]) or when a read-back of the run shows that it did not.
+    async fn propose_forced(
+        &self,
+        id: Uuid,
+        body: &Value,
+        transition_id: Uuid,
+    ) -> Result<OrchestrationResult, ApiError> {
+        let segments = ["flow_runs", &id.to_string(), "set_state"];
+        let mut backoff = Backoff::new(self.config.retry_base_delay, Duration::from_secs(30));
+        loop {
+            match self
+                .json::<OrchestrationResult>(
+                    Method::POST,
+                    &segments,
+                    Some(body),
+                    Retry::UnlessActed,
+                )
+                .await
+            {
+                Err(e) if e.is_transient() && backoff.attempts() < self.config.max_retries => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "forced state proposal got no answer; reading the run back before repeating it");
+                    tokio::time::sleep(delay).await;
+                    let run = self.read_flow_run(id).await?;
+                    if let Some(state) = run
+                        .state
+                        .filter(|s| s.transition_id() == Some(transition_id))
+                    {
+                        return Ok(OrchestrationResult::accepted(state));
+                    }
+                }
+                other => return other,
             }
         }
     }
@@ -404,14 +506,24 @@ impl PrefectClient {
         let body = json!({
             "flow_runs": {"id": {"any_": ids}, "state": {"type": {"any_": states}}},
         });
-        self.json(Method::POST, &["flow_runs", "filter"], Some(&body))
-            .await
+        self.json(
+            Method::POST,
+            &["flow_runs", "filter"],
+            Some(&body),
+            Retry::Idempotent,
+        )
+        .await
     }
 
     /// `POST /flows/`: the flow's id, creating the flow when it does not exist.
     pub async fn create_flow(&self, name: &str) -> Result<Uuid, ApiError> {
         let flow: Flow = self
-            .json(Method::POST, &["flows", ""], Some(&json!({"name": name})))
+            .json(
+                Method::POST,
+                &["flows", ""],
+                Some(&json!({"name": name})),
+                Retry::Idempotent,
+            )
             .await?;
         Ok(flow.id)
     }
@@ -427,6 +539,7 @@ impl PrefectClient {
                 Method::GET,
                 &["deployments", "name", flow_name, deployment_name],
                 None,
+                Retry::Idempotent,
             )
             .await
         {
@@ -439,16 +552,26 @@ impl PrefectClient {
     /// `POST /deployments/` (the server upserts by flow and name); returns the id.
     pub async fn create_deployment(&self, body: &Value) -> Result<Uuid, ApiError> {
         let d: Deployment = self
-            .json(Method::POST, &["deployments", ""], Some(body))
+            .json(
+                Method::POST,
+                &["deployments", ""],
+                Some(body),
+                Retry::Idempotent,
+            )
             .await?;
         Ok(d.id)
     }
 
     /// `PATCH /deployments/{id}`.
     pub async fn update_deployment(&self, id: Uuid, body: &Value) -> Result<(), ApiError> {
-        self.send(Method::PATCH, &["deployments", &id.to_string()], Some(body))
-            .await
-            .map(drop)
+        self.send(
+            Method::PATCH,
+            &["deployments", &id.to_string()],
+            Some(body),
+            Retry::Idempotent,
+        )
+        .await
+        .map(drop)
     }
 
     /// `POST /deployments/get_scheduled_flow_runs`: what a runner polls.
@@ -465,20 +588,33 @@ impl PrefectClient {
             Method::POST,
             &["deployments", "get_scheduled_flow_runs"],
             Some(&body),
+            Retry::Idempotent,
         )
         .await
     }
 
-    /// `POST /deployments/{id}/create_flow_run` with parameters; the new run's id.
+    /// `POST /deployments/{id}/create_flow_run` with `body` (a `DeploymentFlowRunCreate`);
+    /// the new run. Each call is one logical create: it carries an `idempotency_key` (a fresh
+    /// one unless `body` has its own) that every retry repeats, and the server answers a repeat
+    /// with the run the first copy created (`prefect/server/models/flow_runs.py:
+    /// create_flow_run`, unique on flow and idempotency key), so a create whose answer was lost
+    /// still makes one run.
     pub async fn create_flow_run_from_deployment(
         &self,
         id: Uuid,
         body: &Value,
     ) -> Result<FlowRun, ApiError> {
+        let mut body = body.clone();
+        if let Some(fields) = body.as_object_mut() {
+            fields
+                .entry("idempotency_key")
+                .or_insert_with(|| Value::String(Uuid::new_v4().to_string()));
+        }
         self.json(
             Method::POST,
             &["deployments", &id.to_string(), "create_flow_run"],
-            Some(body),
+            Some(&body),
+            Retry::Idempotent,
         )
         .await
     }
@@ -489,6 +625,7 @@ impl PrefectClient {
             Method::PATCH,
             &["flow_runs", &id.to_string(), "labels"],
             Some(&Value::Object(labels.clone())),
+            Retry::Idempotent,
         )
         .await
         .map(drop)
@@ -500,6 +637,7 @@ impl PrefectClient {
             Method::PATCH,
             &["flow_runs", &id.to_string()],
             Some(&json!({"infrastructure_pid": pid})),
+            Retry::Idempotent,
         )
         .await
         .map(drop)
@@ -508,7 +646,12 @@ impl PrefectClient {
     /// `GET /variables/name/{name}`; `None` when unset.
     pub async fn read_variable(&self, name: &str) -> Result<Option<Value>, ApiError> {
         match self
-            .json::<Value>(Method::GET, &["variables", "name", name], None)
+            .json::<Value>(
+                Method::GET,
+                &["variables", "name", name],
+                None,
+                Retry::Idempotent,
+            )
             .await
         {
             Ok(v) => Ok(v.get("value").cloned()),
@@ -543,7 +686,13 @@ impl PrefectClient {
 
     async fn block_data(&self, segments: &[&str]) -> Result<Option<Map>, ApiError> {
         let resp = match self
-            .send_query(Method::GET, segments, &[("include_secrets", "true")], None)
+            .send_query(
+                Method::GET,
+                segments,
+                &[("include_secrets", "true")],
+                None,
+                Retry::Idempotent,
+            )
             .await
         {
             Ok(r) => r,
@@ -563,19 +712,24 @@ impl PrefectClient {
             Method::POST,
             &["logs", ""],
             Some(&Value::Array(logs.to_vec())),
+            // The server stores every copy (`prefect/server/models/logs.py: create_logs` has
+            // no key to tell a repeat): a lost line is preferred to a doubled one.
+            Retry::UnlessActed,
         )
         .await
         .map(drop)
     }
 
-    /// An arbitrary JSON request, for callers with needs this client has no method for.
+    /// An arbitrary JSON request, for callers with needs this client has no method for; the
+    /// caller says what a repeat of it would do.
     pub async fn request_json(
         &self,
         method: Method,
         segments: &[&str],
         body: Option<&Value>,
+        retry: Retry,
     ) -> Result<Value, ApiError> {
-        let resp = self.send(method, segments, body).await?;
+        let resp = self.send(method, segments, body, retry).await?;
         if resp.status == StatusCode::NO_CONTENT || resp.body.is_empty() {
             return Ok(Value::Null);
         }
@@ -659,6 +813,21 @@ mod tests {
             client.url(&["logs", ""]).as_str(),
             "http://127.0.0.1:4200/api/logs/"
         );
+    }
+
+    #[test]
+    fn debug_of_the_config_leaves_credentials_out() {
+        let c = ClientConfig {
+            api_url: "http://x/api".parse().unwrap(),
+            api_key: Some("pnu_s3cret".into()),
+            auth_string: Some("admin:s3cret".into()),
+            max_retries: 0,
+            request_timeout: Duration::from_secs(1),
+            retry_base_delay: Duration::from_millis(1),
+        };
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
     }
 
     #[test]

@@ -85,7 +85,8 @@ impl ApiError {
 
 /// Statuses a busy or restarting server answers. Prefect's client retries 408, 429, 502 and 503
 /// (`prefect/client/base.py: PrefectHttpxAsyncClient.send`); Cohort adds 500 and 504 because a
-/// SQLite-backed server under load answers those too and the request is safe to repeat.
+/// SQLite-backed server under load answers those too. Whether a request is actually repeated
+/// also depends on what a repeat would do: [`crate::retry::Retry`].
 pub(crate) fn is_transient_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+    crate::retry::Retry::Idempotent.retries_status(status)
 }

@@ -43,6 +43,23 @@ pub struct State {
     pub message: Option<String>,
     #[serde(default)]
     pub timestamp: Option<DateTime<Utc>>,
+    /// Read for its `transition_id` only; not written back.
+    #[serde(default, skip_serializing)]
+    pub state_details: StateDetails,
+}
+
+impl State {
+    /// The `transition_id` of the proposal that made this state, when it had one.
+    pub fn transition_id(&self) -> Option<Uuid> {
+        self.state_details.transition_id
+    }
+}
+
+/// The part of a state's `state_details` Cohort reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StateDetails {
+    #[serde(default)]
+    pub transition_id: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,6 +161,30 @@ impl OrchestrationResult {
         self.details.get("delay_seconds").and_then(|d| d.as_f64())
     }
 
+    /// A REJECT that hands back the very transition proposed (the same `transition_id`)
+    /// means an earlier copy of the proposal was accepted and only its answer was lost
+    /// (`prefect/server/orchestration/core_policy.py: PreventDuplicateTransitions`): it is
+    /// the ACCEPT of that copy.
+    pub(crate) fn acknowledging(mut self, transition_id: Uuid) -> Self {
+        let own = self
+            .state
+            .as_ref()
+            .is_some_and(|s| s.transition_id() == Some(transition_id));
+        if self.status == SetStateStatus::Reject && own {
+            self.status = SetStateStatus::Accept;
+        }
+        self
+    }
+
+    /// The ACCEPT of a proposal whose `state` a read-back found in place.
+    pub(crate) fn accepted(state: State) -> Self {
+        Self {
+            state: Some(state),
+            status: SetStateStatus::Accept,
+            details: serde_json::json!({}),
+        }
+    }
+
     /// The server's reason, for ABORT/REJECT.
     pub fn reason(&self) -> Option<&str> {
         self.details.get("reason").and_then(|r| r.as_str())
@@ -174,7 +215,8 @@ impl StateCreate {
         self
     }
 
-    pub(crate) fn to_json(&self, flow_run_id: Uuid) -> serde_json::Value {
+    /// The body's `state`; every copy of one proposal carries the same `transition_id`.
+    pub(crate) fn to_json(&self, flow_run_id: Uuid, transition_id: Uuid) -> serde_json::Value {
         serde_json::json!({
             "type": self.state_type,
             "name": self.name,
@@ -194,7 +236,7 @@ impl StateCreate {
                 "run_input_keyset": null,
                 "refresh_cache": null,
                 "retriable": null,
-                "transition_id": Uuid::new_v4(),
+                "transition_id": transition_id,
                 "task_parameters_id": null,
                 "traceparent": null,
                 "deployment_concurrency_lease_id": null,
@@ -225,13 +267,42 @@ mod tests {
         assert!(run.job_variables.is_none());
     }
 
+    fn answer(status: &str, transition_id: Uuid) -> OrchestrationResult {
+        serde_json::from_value(serde_json::json!({
+            "status": status,
+            "state": {"type": "PENDING", "name": "Pending",
+                      "state_details": {"transition_id": transition_id}},
+            "details": {"reason": "This run has already made this state transition."},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reject_of_the_same_transition_is_the_lost_accept() {
+        let ours = Uuid::new_v4();
+        let theirs = Uuid::new_v4();
+        assert_eq!(
+            answer("REJECT", ours).acknowledging(ours).status,
+            SetStateStatus::Accept
+        );
+        assert_eq!(
+            answer("REJECT", theirs).acknowledging(ours).status,
+            SetStateStatus::Reject
+        );
+        assert_eq!(
+            answer("ABORT", ours).acknowledging(ours).status,
+            SetStateStatus::Abort
+        );
+    }
+
     #[test]
     fn state_create_has_prefect_shape() {
         let id = Uuid::new_v4();
-        let v = StateCreate::new(StateType::Pending, "Submitting").to_json(id);
+        let transition = Uuid::new_v4();
+        let v = StateCreate::new(StateType::Pending, "Submitting").to_json(id, transition);
         assert_eq!(v["type"], "PENDING");
         assert_eq!(v["name"], "Submitting");
         assert_eq!(v["state_details"]["flow_run_id"], id.to_string());
-        assert!(v["state_details"]["transition_id"].is_string());
+        assert_eq!(v["state_details"]["transition_id"], transition.to_string());
     }
 }

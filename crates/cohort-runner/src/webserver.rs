@@ -81,14 +81,15 @@ async fn run_deployment(
             Json(json!({"detail": format!("deployment {id} is not served by this runner")})),
         );
     }
-    let parameters = body
-        .and_then(|Json(b)| b.get("parameters").cloned())
-        .unwrap_or_else(|| json!({}));
-    match s
-        .client
-        .create_flow_run_from_deployment(id, &json!({"parameters": parameters}))
-        .await
-    {
+    let body = body.map(|Json(b)| b).unwrap_or_else(|| json!({}));
+    let mut create =
+        json!({"parameters": body.get("parameters").cloned().unwrap_or_else(|| json!({}))});
+    // A caller that repeats its own request (after a timeout) can pass a key of its own; without
+    // one, the client makes one per request, repeated only by its own retries.
+    if let Some(key) = body.get("idempotency_key").filter(|k| k.is_string()) {
+        create["idempotency_key"] = key.clone();
+    }
+    match s.client.create_flow_run_from_deployment(id, &create).await {
         Ok(run) => (
             StatusCode::CREATED,
             Json(json!({"flow_run_id": run.id, "name": run.name})),

@@ -27,8 +27,8 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Who this worker is on the channel.
-#[derive(Debug, Clone)]
+/// Who this worker is on the channel. Its `Debug` leaves the credentials out.
+#[derive(Clone)]
 pub struct ChannelConfig {
     pub pool_name: String,
     pub worker_name: String,
@@ -40,6 +40,21 @@ pub struct ChannelConfig {
     pub auth_token: Option<String>,
     /// `Authorization` header for the upgrade request (Cloud, or proxies in front of a server).
     pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for ChannelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ChannelConfig")
+            .field("pool_name", &self.pool_name)
+            .field("worker_name", &self.worker_name)
+            .field("worker_type", &self.worker_type)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("work_queue_names", &self.work_queue_names)
+            .field("auth_token", &redacted(&self.auth_token))
+            .field("authorization", &redacted(&self.authorization))
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

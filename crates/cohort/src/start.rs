@@ -70,17 +70,38 @@ pub(crate) fn init_logging(settings: &Settings) {
     } else {
         "info"
     };
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("COHORT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Applied after `COHORT_LOG`, so no directive (`trace`, `tungstenite=trace`) gets past it.
+    let no_dependency_traces = tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() != tracing::Level::TRACE || is_own_target(meta.target())
+    });
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         // A log line that cannot be written (stderr on a full disk) is lost, and that is all:
         // the default reports it with `eprintln!`, which panics when stderr fails too.
         .log_internal_errors(false)
-        .init();
+        .with_filter(filter.and(no_dependency_traces));
+    tracing_subscriber::registry().with(stderr).init();
+}
+
+/// Whether a log target is Cohort's own code, the only code allowed to log at TRACE.
+/// Dependencies trace what goes over the wire: tungstenite each websocket frame (the events
+/// socket's `{"type":"auth","token":…}`) and each handshake's request headers
+/// (`Authorization`), hyper and h2 headers and bodies. Logs get shipped to aggregators, so
+/// no log level may print a credential: their TRACE is dropped whatever `COHORT_LOG` says.
+fn is_own_target(target: &str) -> bool {
+    target
+        .split("::")
+        .next()
+        .is_some_and(|krate| krate == "cohort" || krate.starts_with("cohort_"))
 }
 
 /// Phase two: validated values become the worker, the emitter and the signal handling.

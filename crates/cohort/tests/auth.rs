@@ -334,3 +334,158 @@ fn auth_string_works_end_to_end() {
         );
     }
 }
+
+/// Every way the credential could be spelled in a log: the auth string (also the events
+/// socket's `{"type":"auth","token":…}`), its password, its base64 and the whole
+/// `Authorization: Basic …` value.
+fn credential_spellings() -> Vec<String> {
+    use base64::Engine as _;
+    let password = AUTH_STRING.split_once(':').expect("user:pass").1;
+    vec![
+        AUTH_STRING.to_owned(),
+        password.to_owned(),
+        base64::engine::general_purpose::STANDARD.encode(AUTH_STRING),
+        basic_authorization(AUTH_STRING),
+    ]
+}
+
+/// Fails when `output` spells the credential, or is not verbose enough for its absence to
+/// mean anything (no TRACE lines).
+fn assert_no_credential(what: &str, output: &str) {
+    for secret in credential_spellings() {
+        let at: Vec<&str> = output.lines().filter(|l| l.contains(&secret)).collect();
+        assert!(
+            at.is_empty(),
+            "{what} printed the credential ({} lines), e.g.:\n{}",
+            at.len(),
+            at.iter().take(5).copied().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let traces = output.lines().filter(|l| l.contains(" TRACE ")).count();
+    assert!(
+        traces >= 5,
+        "{what}: expected a TRACE-level log, got {traces} TRACE lines:\n{output}"
+    );
+}
+
+/// Cohort-specific: at the most verbose log level — `COHORT_LOG=trace`, and a hostile
+/// filter naming the dependencies that trace websocket frames and HTTP headers — a worker
+/// authenticating with an auth string runs a flow to Completed (its events and worker
+/// channel go over the authenticated websockets), and neither its output nor the flow's
+/// (inherited) spells the credential in any form.
+#[test]
+fn no_log_level_prints_the_credential() {
+    let s = server();
+    let filters = [
+        "trace",
+        "trace,tungstenite=trace,tokio_tungstenite=trace,hyper=trace,hyper_util=trace,reqwest=trace,h2=trace,rustls=trace",
+    ];
+    let mut started = Vec::new();
+    for filter in filters {
+        let pool = unique("e2e-auth-trace");
+        s.create_work_pool(&pool, "process");
+        let dep = s.deploy(&DeploySpec::new(&pool, "hello").parameters(json!({"name": "Trace"})));
+        let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+        let name = worker_name("Trace");
+        let worker = Worker::builder(WorkerKind::Cohort, &worker_args(&pool, &name))
+            .env("PREFECT_API_AUTH_STRING", AUTH_STRING)
+            .env("COHORT_LOG", filter)
+            .spawn();
+        started.push((filter, run, name, worker));
+    }
+    for (filter, run, name, mut worker) in started {
+        let state = wait_final(s, &mut worker, &run.id);
+        assert_eq!(state["type"], "COMPLETED", "COHORT_LOG={filter}: {state}");
+        // The websockets authenticated: the events arrived over one of them.
+        let events = s.wait_for_events(worker_events_filter(&name), 3, EVENTS_TIMEOUT);
+        only(&events, EXECUTED);
+        worker.sigterm();
+        let status = worker.wait_timeout(STOP_TIMEOUT);
+        assert_eq!(status.code(), Some(0), "COHORT_LOG={filter}: exit {status}");
+        let output = worker.output();
+        assert!(
+            output.contains("Hello, Trace!"),
+            "COHORT_LOG={filter}: the flow's output is not in the worker's:\n{output}"
+        );
+        assert_no_credential(&format!("the worker with COHORT_LOG={filter}"), &output);
+    }
+}
+
+/// The same for the runner: `cohort flow serve` at `COHORT_LOG=trace` runs a flow to
+/// Completed without spelling the credential.
+#[test]
+fn the_runner_at_trace_does_not_print_the_credential() {
+    use std::os::unix::process::CommandExt as _;
+    use std::process::{Command, Stdio};
+
+    let s = server();
+    let name = unique("trace-served");
+    let output = tempfile::NamedTempFile::new().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let repo = util::examples_flows_dir()
+        .join("../..")
+        .canonicalize()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        s.venv_bin().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args([
+            "flow",
+            "serve",
+            "examples/flows/flows.py:hello",
+            "--name",
+            &name,
+        ])
+        .current_dir(&repo)
+        .env("PREFECT_API_URL", s.api_url())
+        .env("PREFECT_API_AUTH_STRING", AUTH_STRING)
+        .env("PREFECT_HOME", home.path())
+        .env("PATH", path)
+        .env("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env(
+            "COHORT_LOG",
+            "trace,tungstenite=trace,tokio_tungstenite=trace",
+        )
+        .stdin(Stdio::null())
+        .stdout(output.reopen().unwrap())
+        .stderr(output.reopen().unwrap())
+        .process_group(0)
+        .spawn()
+        .expect("start cohort flow serve");
+    let read_output = || std::fs::read_to_string(output.path()).unwrap_or_default();
+    let stop = |child: &mut std::process::Child| {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = child.wait();
+    };
+    let deployment = util::poll(
+        "the served deployment",
+        FLOW_RUN_TIMEOUT,
+        Duration::from_millis(500),
+        || {
+            let (status, body) = s.try_request(
+                Method::GET,
+                &format!("/deployments/name/hello/{}", util::encode(&name)),
+                None,
+            );
+            status.is_success().then_some(body)
+        },
+    );
+    let run = s.create_flow_run(
+        deployment["id"].as_str().unwrap(),
+        &[],
+        json!({}),
+        json!({"name": "Served Trace"}),
+    );
+    let state = s.wait_for_final_state(&run.id, FLOW_RUN_TIMEOUT);
+    let out = read_output();
+    stop(&mut child);
+    assert_eq!(state["type"], "COMPLETED", "{state}\n{out}");
+    assert_no_credential("the runner with COHORT_LOG=trace", &read_output());
+}

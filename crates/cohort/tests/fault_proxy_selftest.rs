@@ -97,6 +97,9 @@ async fn route(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>, 
         return Ok(response);
     }
 
+    if request.uri().path() == ACTED_PATH {
+        ACTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
     let path = request.uri().to_string();
     let method = request.method().to_string();
     let host = request.headers().get(HOST).cloned();
@@ -114,6 +117,10 @@ async fn route(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>, 
     }
     Ok(response.body(Full::new(body)).unwrap())
 }
+
+/// Requests to [`ACTED_PATH`] the upstream received (one test uses that path).
+static ACTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+const ACTED_PATH: &str = "/api/acted";
 
 fn new_client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
@@ -166,6 +173,39 @@ fn forwards_requests_over_one_keep_alive_connection() {
     assert_eq!(stats.forwarded, 4);
     assert_eq!(stats.failed, 0);
     assert_eq!(stats.connections, 1, "client kept its connection alive");
+}
+
+#[test]
+fn fail_next_after_forwarding_answers_the_failure_once_upstream_acted() {
+    let upstream = start_upstream();
+    let proxy = FaultProxy::start(&upstream.url);
+    let api = format!("{}/api", proxy.url());
+    let client = new_client();
+
+    proxy.fail_next_after_forwarding(2, 504, Some("/acted"));
+    for expected_acts in 1..=2 {
+        let response = client
+            .post(format!("{api}/acted"))
+            .body("x")
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 504);
+        assert_eq!(response.headers()["x-fault-proxy"], "injected");
+        assert_eq!(
+            ACTED.load(std::sync::atomic::Ordering::SeqCst),
+            expected_acts,
+            "the request reached upstream before the 504"
+        );
+    }
+    let response = client
+        .post(format!("{api}/acted"))
+        .body("x")
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 201, "the rule is used up");
+    assert_eq!(ACTED.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let stats = proxy.stats();
+    assert_eq!((stats.forwarded, stats.failed), (1, 2));
 }
 
 #[test]

@@ -40,7 +40,8 @@ pub struct ProxyStats {
     pub connections: u64,
     /// HTTP requests forwarded to upstream and answered with upstream's response.
     pub forwarded: u64,
-    /// HTTP requests answered with an injected failure instead of being forwarded.
+    /// HTTP requests answered with an injected failure, instead of being forwarded or (see
+    /// [`FaultProxy::fail_next_after_forwarding`]) after being forwarded.
     pub failed: u64,
     /// Websocket connections seen (upgrade requests tunnelled to upstream or refused).
     pub websockets: u64,
@@ -161,6 +162,21 @@ impl FaultProxy {
             remaining: n,
             status,
             path_contains: path_contains.map(str::to_owned),
+            after_forwarding: false,
+        });
+    }
+
+    /// Like [`Self::fail_next`], but each matching request is first forwarded to the server,
+    /// which acts on it, and only its answer is replaced by `status`: a gateway timing out
+    /// (504) after the upstream did the work, so the client cannot tell it succeeded. Rules of
+    /// both kinds share one queue, used in the order given.
+    pub fn fail_next_after_forwarding(&self, n: usize, status: u16, path_contains: Option<&str>) {
+        check_status(status);
+        lock(&self.shared.faults).next.push(FailNext {
+            remaining: n,
+            status,
+            path_contains: path_contains.map(str::to_owned),
+            after_forwarding: true,
         });
     }
 
@@ -290,6 +306,15 @@ struct FailNext {
     remaining: usize,
     status: u16,
     path_contains: Option<String>,
+    /// Forward first, then answer `status` in place of upstream's response.
+    after_forwarding: bool,
+}
+
+/// What to do with one request.
+#[derive(Clone, Copy)]
+struct Injected {
+    status: u16,
+    after_forwarding: bool,
 }
 
 struct HoldRule {
@@ -305,8 +330,8 @@ struct Faults {
 }
 
 impl Faults {
-    /// The status to inject for this request, if any.
-    fn decide(&mut self, path_and_query: &str) -> Option<u16> {
+    /// The failure to inject for this request, if any.
+    fn decide(&mut self, path_and_query: &str) -> Option<Injected> {
         if let Some(rule) = self.next.iter_mut().find(|r| {
             r.remaining > 0
                 && r.path_contains
@@ -314,12 +339,18 @@ impl Faults {
                     .is_none_or(|p| path_and_query.contains(p))
         }) {
             rule.remaining -= 1;
-            let status = rule.status;
+            let injected = Injected {
+                status: rule.status,
+                after_forwarding: rule.after_forwarding,
+            };
             self.next.retain(|r| r.remaining > 0);
-            return Some(status);
+            return Some(injected);
         }
         if self.random_p > 0.0 && self.next_unit() < self.random_p {
-            return Some(self.random_status);
+            return Some(Injected {
+                status: self.random_status,
+                after_forwarding: false,
+            });
         }
         None
     }
@@ -676,7 +707,11 @@ async fn handle(
     }
 
     let injected = lock(&shared.faults).decide(&path_and_query);
-    if let Some(status) = injected {
+    if let Some(Injected {
+        status,
+        after_forwarding: false,
+    }) = injected
+    {
         shared.failed.fetch_add(1, Ordering::SeqCst);
         return Ok(injected_response(status));
     }
@@ -695,6 +730,11 @@ async fn handle(
     let status = upstream_response.status();
     let headers = upstream_response.headers().clone();
     let body = upstream_response.bytes().await?;
+    if let Some(Injected { status, .. }) = injected {
+        // The server has acted; the client only hears the injected failure.
+        shared.failed.fetch_add(1, Ordering::SeqCst);
+        return Ok(injected_response(status));
+    }
 
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
