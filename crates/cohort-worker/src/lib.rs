@@ -10,10 +10,12 @@ pub mod health;
 pub mod job;
 pub mod journal;
 mod recover;
+pub mod state;
 mod submit;
 mod wake;
 mod worker;
 
 pub use execution::Shims;
 pub use journal::{Journal, JournalError};
+pub use state::LegacyState;
 pub use worker::{StartError, Worker, WorkerOptions, WorkerState, PROCESS};

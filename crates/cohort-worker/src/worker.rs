@@ -383,6 +383,9 @@ impl Worker {
             last_polled,
             loop_turned,
         };
+        if let Some(legacy) = &state.legacy {
+            crate::state::take_over(&poller.ctx, legacy).await;
+        }
         poller.recover().await;
         poller.serve(&shutdown).await;
         poller.drain(&force).await;
@@ -408,6 +411,9 @@ impl Worker {
 pub struct WorkerState {
     pub journal: Journal,
     pub shims: Option<Shims>,
+    /// What a worker of the same name left in an earlier release's layout, to take over before
+    /// recovery (see [`crate::state`]).
+    pub legacy: Option<crate::state::LegacyState>,
 }
 
 /// The poll loop's state; owned by one task.

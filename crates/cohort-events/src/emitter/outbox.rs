@@ -243,6 +243,87 @@ impl Outbox {
         })
     }
 
+    /// Moves every event stored in the outbox file at `other` (one an earlier release named
+    /// differently) into this one, oldest first and after this one's own, then deletes that
+    /// file; returns how many moved. Call it before the emitter loads this outbox. `Ok(0)`
+    /// when there is no such file; [`OutboxError::AlreadyOpen`] when another process has it
+    /// open (and so sends its events itself). A crash between the commit here and the
+    /// deletion there sends those events twice, which the server's de-duplication by event id
+    /// absorbs.
+    pub fn take_over(&self, other: &Path) -> Result<usize, OutboxError> {
+        let opened = Database::builder().set_cache_size(CACHE_BYTES).open(other);
+        let db = match opened {
+            Ok(db) => db,
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(0)
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(OutboxError::AlreadyOpen {
+                    path: other.to_path_buf(),
+                })
+            }
+            Err(source) => {
+                return Err(OutboxError::Open {
+                    path: other.to_path_buf(),
+                    source: Box::new(source),
+                })
+            }
+        };
+        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
+        let events = (|| -> Result<Vec<(i64, String)>, redb::Error> {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(EVENTS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut events = Vec::new();
+            for row in table.iter()? {
+                let (_, value) = row?;
+                let (enqueued, json) = value.value();
+                events.push((enqueued, json.to_owned()));
+            }
+            Ok(events)
+        })()
+        .map_err(|source| OutboxError::Store {
+            path: other.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        if !events.is_empty() {
+            let mut state = self.inner.append.lock().unwrap_or_else(|p| p.into_inner());
+            let max = self.inner.options.max_events as u64;
+            let first_seq = state.next_seq;
+            #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
+            let depth = (|| -> Result<usize, redb::Error> {
+                let txn = self.inner.db.begin_write()?;
+                let depth = {
+                    let mut table = txn.open_table(EVENTS)?;
+                    for (i, (enqueued, json)) in events.iter().enumerate() {
+                        table.insert(first_seq + i as u64, (*enqueued, json.as_str()))?;
+                    }
+                    // The bound holds here too: the oldest go first.
+                    while table.len()? > max {
+                        if table.pop_first()?.is_none() {
+                            break;
+                        }
+                    }
+                    usize::try_from(table.len()?).unwrap_or(usize::MAX)
+                };
+                txn.commit()?;
+                Ok(depth)
+            })()
+            .map_err(|source| self.store_error(source))?;
+            state.next_seq = first_seq + events.len() as u64;
+            self.inner.depth.store(depth, Ordering::Relaxed);
+        }
+        // Deleted while still open (and locked), so no other process takes these events too.
+        let _ = std::fs::remove_file(other);
+        drop(db);
+        Ok(events.len())
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
@@ -484,6 +565,43 @@ fn age_of(enqueued_millis: i64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_over_moves_the_events_of_another_file_after_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_path = dir.path().join("old.redb");
+        {
+            let old = Outbox::open(&old_path).unwrap();
+            old.append("{\"n\":1}", |_| ()).unwrap();
+            old.append("{\"n\":2}", |_| ()).unwrap();
+        }
+        let outbox = Outbox::open(dir.path().join("new.redb")).unwrap();
+        outbox.append("{\"n\":0}", |_| ()).unwrap();
+        assert_eq!(outbox.take_over(&old_path).unwrap(), 2);
+        assert!(!old_path.exists());
+        let json: Vec<_> = outbox.load().unwrap().into_iter().map(|s| s.json).collect();
+        assert_eq!(json, ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"]);
+        assert_eq!(outbox.depth(), 3);
+        let mut seq = 0;
+        outbox.append("{\"n\":3}", |a| seq = a.seq).unwrap();
+        assert_eq!(seq, 3, "appends continue after what was taken over");
+        // Nothing there: nothing moves, nothing is created.
+        assert_eq!(outbox.take_over(&old_path).unwrap(), 0);
+        assert!(!old_path.exists());
+    }
+
+    #[test]
+    fn take_over_leaves_a_file_another_opener_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_path = dir.path().join("old.redb");
+        let old = Outbox::open(&old_path).unwrap();
+        old.append("{}", |_| ()).unwrap();
+        let outbox = Outbox::open(dir.path().join("new.redb")).unwrap();
+        let err = outbox.take_over(&old_path).unwrap_err();
+        assert!(matches!(err, OutboxError::AlreadyOpen { .. }), "{err}");
+        assert!(old_path.exists());
+        assert_eq!(outbox.depth(), 0);
+    }
 
     #[test]
     fn warnings_start_at_ten_percent_and_double() {
