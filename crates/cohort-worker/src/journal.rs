@@ -105,7 +105,6 @@ impl std::fmt::Debug for Journal {
 impl Journal {
     /// Opens (or creates, with its directory) the journal at `path`, failing now rather than
     /// at the first claim when it cannot be written.
-    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
     pub fn open(path: impl AsRef<Path>) -> Result<Self, JournalError> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -122,7 +121,6 @@ impl Journal {
 
     /// Opens the journal at `path` if there is one (never creating it): `Ok(None)` when the
     /// file does not exist.
-    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
     pub fn open_existing(path: impl AsRef<Path>) -> Result<Option<Self>, JournalError> {
         let path = path.as_ref().to_path_buf();
         match Self::builder().open(&path) {
@@ -156,6 +154,7 @@ impl Journal {
         }
     }
 
+    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
     fn with_db(db: Database, path: PathBuf) -> Result<Self, JournalError> {
         let journal = Self {
             inner: Arc::new(Inner {
