@@ -244,8 +244,6 @@ fn a_worker_takes_over_the_state_of_an_earlier_release() {
     let mut first = Worker::builder(WorkerKind::Cohort, &args(&pool, &name))
         .api_url(&format!("{}/api", proxy.url()))
         .home(home.path())
-        // "flow run finished" (debug) says the run's executed event is in the outbox.
-        .env("COHORT_LOG", "info,cohort_worker=debug")
         .spawn();
     // Both launched and their submitted events stored, before the server "goes away".
     poll(
@@ -274,18 +272,25 @@ fn a_worker_takes_over_the_state_of_an_earlier_release() {
         },
     );
     proxy.set_down(true);
+    // The supervisor removes a run's shim status file once it has its exit code, and then,
+    // with no request in between (the engine reported its outcome over the control channel),
+    // commits `executed-flow-run` to the outbox: a moment later the event is there. (Were it
+    // not, the run would be missing its executed event below: this cannot pass by accident.)
+    let runs_dir = home.path().join("cohort").join("runs");
     poll(
-        "the quick run's executed event in the outbox",
+        "the quick run's process to be reported",
         RUN_TIMEOUT,
-        Duration::from_millis(200),
+        Duration::from_millis(100),
         || {
-            first
-                .stderr()
-                .lines()
-                .any(|l| l.contains("flow run finished") && l.contains(&quick_run))
-                .then_some(())
+            let key = state_entries(home.path(), "runs").pop()?;
+            (!runs_dir
+                .join(key)
+                .join(format!("{quick_run}.json"))
+                .exists())
+            .then_some(())
         },
     );
+    sleep(Duration::from_secs(2));
     let slow_alive_at_kill = !orphans(std::slice::from_ref(&slow_run)).is_empty();
     first.sigkill();
     let first_output = first.output();
@@ -337,6 +342,22 @@ fn a_worker_takes_over_the_state_of_an_earlier_release() {
         (SUBMITTED, Some(&slow_run)),
         (EXECUTED, Some(&slow_run)),
     ];
+    // Both runs ended before it started: wait for what it sends (the old outbox's event, the
+    // taken-over run's report), then for its own start and stop.
+    collect_events(s, &name, &expected[2..], EVENTS_TIMEOUT, Duration::ZERO);
+    poll(
+        "the second worker's start",
+        EVENTS_TIMEOUT,
+        Duration::from_millis(500),
+        || {
+            (worker_events(s, &name)
+                .iter()
+                .filter(|e| e["event"] == STARTED)
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
     stop(&mut second);
     let mut events = collect_events(s, &name, &expected, EVENTS_TIMEOUT, EVENTS_SETTLE);
     // One `started` per worker process (the killed one sent no `stopped`).
