@@ -105,7 +105,13 @@ fn one_name_on_two_pools_shares_a_prefect_home() {
     // Both workers share one worker resource (Prefect's is `prefect.worker.process.<slug>`):
     // each event tells its pool by its related work pool.
     for (pool, run) in pools.iter().zip(&runs) {
-        let t = pool_events(&name, pool, run);
+        let expected = [
+            (STARTED, None),
+            (STOPPED, None),
+            (SUBMITTED, Some(run.as_str())),
+            (EXECUTED, Some(run.as_str())),
+        ];
+        let t = pool_events(&name, pool, &expected);
         assert!(
             t.missing.is_empty()
                 && t.duplicate_ids == 0
@@ -127,21 +133,19 @@ fn one_name_on_two_pools_shares_a_prefect_home() {
     );
 }
 
-/// The events of worker `name` related to work pool `pool`, against one worker's life and one
-/// run: read until none is missing (or the timeout), then again after a while.
-fn pool_events(name: &str, pool: &str, run: &str) -> util::trials::EventTally {
-    let expected = [
-        (STARTED, None),
-        (STOPPED, None),
-        (SUBMITTED, Some(run)),
-        (EXECUTED, Some(run)),
-    ];
+/// The events of worker `name` related to work pool `pool`, tallied against `expected`: read
+/// until none is missing (or the timeout), then again after a while.
+fn pool_events(
+    name: &str,
+    pool: &str,
+    expected: &[(&str, Option<&str>)],
+) -> util::trials::EventTally {
     let read = || {
         let events: Vec<Value> = worker_events(server(), name)
             .into_iter()
             .filter(|e| pool_of(e).as_deref() == Some(pool))
             .collect();
-        tally(&events, &expected)
+        tally(&events, expected)
     };
     let deadline = std::time::Instant::now() + EVENTS_TIMEOUT;
     while !read().missing.is_empty() && std::time::Instant::now() < deadline {
@@ -211,7 +215,8 @@ fn a_second_worker_of_the_same_pool_and_name_is_refused() {
 /// keyed by the name alone): a claim of a run whose flow ended while no worker was up, and an
 /// `executed-flow-run` event that never reached the server. It sends the event, reports the
 /// run (final state, `executed-flow-run` with the recorded exit code, following the original
-/// `submitted-flow-run`), and the old files are gone.
+/// `submitted-flow-run`), and the old files are gone. A worker of the same name on another pool,
+/// which looked first, sent the old events and left the claim alone.
 ///
 /// The old state is made for real, by this release's worker, then renamed to the earlier
 /// release's names: the file formats (redb journal and outbox, shim status JSON) did not
@@ -327,6 +332,28 @@ fn a_worker_takes_over_the_state_of_an_earlier_release() {
         .join(format!("{slow_run}.json"));
     assert!(status_file.exists(), "the slow run's shim status file");
 
+    // First a worker of the same name on another pool: it sends the old outbox's events
+    // (they belong to no pool in particular) and leaves the claim, which is not its pool's.
+    let other_pool = unique("state-other");
+    s.create_work_pool(&other_pool, "process");
+    let mut other = Worker::builder(WorkerKind::Cohort, &args(&other_pool, &name))
+        .home(home.path())
+        .spawn();
+    let other_took = poll(
+        "the other pool's worker to look at the old journal",
+        EVENTS_TIMEOUT,
+        Duration::from_millis(200),
+        || {
+            let log = other.stderr();
+            log.lines()
+                .find(|l| l.contains("took over the claims"))
+                .map(str::to_owned)
+        },
+    );
+    let old_journal_kept = legacy_paths[0].exists();
+    let old_outbox_kept = legacy_paths[1].exists();
+
+    // Then the worker of the run's pool, alongside it: it takes over the claim.
     let mut second = Worker::builder(WorkerKind::Cohort, &args(&pool, &name))
         .home(home.path())
         .spawn();
@@ -334,46 +361,60 @@ fn a_worker_takes_over_the_state_of_an_earlier_release() {
         .iter()
         .map(|id| s.wait_for_final_state(id, RUN_TIMEOUT))
         .collect();
-    let expected: Vec<(&str, Option<&str>)> = vec![
+    // Both runs ended before it started: wait for its report of the taken-over run and for
+    // its `started` before stopping it.
+    let expected = [
         (STARTED, None),
         (STOPPED, None),
-        (SUBMITTED, Some(&quick_run)),
-        (EXECUTED, Some(&quick_run)),
-        (SUBMITTED, Some(&slow_run)),
-        (EXECUTED, Some(&slow_run)),
+        (SUBMITTED, Some(quick_run.as_str())),
+        (EXECUTED, Some(quick_run.as_str())),
+        (SUBMITTED, Some(slow_run.as_str())),
+        (EXECUTED, Some(slow_run.as_str())),
     ];
-    // Both runs ended before it started: wait for what it sends (the old outbox's event, the
-    // taken-over run's report), then for its own start and stop.
-    collect_events(s, &name, &expected[2..], EVENTS_TIMEOUT, Duration::ZERO);
     poll(
-        "the second worker's start",
+        "the second worker's start and report",
         EVENTS_TIMEOUT,
         Duration::from_millis(500),
         || {
-            (worker_events(s, &name)
+            let events = worker_events(s, &name);
+            let of_pool = |e: &&Value| pool_of(e).as_deref() == Some(pool.as_str());
+            let starts = events
                 .iter()
+                .filter(of_pool)
                 .filter(|e| e["event"] == STARTED)
-                .count()
-                == 2)
-                .then_some(())
+                .count();
+            let t = tally(&events, &expected[2..]);
+            (starts == 2 && t.missing.is_empty()).then_some(())
         },
     );
     stop(&mut second);
-    let mut events = collect_events(s, &name, &expected, EVENTS_TIMEOUT, EVENTS_SETTLE);
+    stop(&mut other);
+    let mut events = pool_events(&name, &pool, &expected);
     // One `started` per worker process (the killed one sent no `stopped`).
     let starts = events.of(STARTED, None).len();
     if starts == 2 {
         events.duplicate_pairs -= 1;
     }
+    let other_events = pool_events(&name, &other_pool, &expected[..2]);
     let left: Vec<&PathBuf> = legacy_paths.iter().filter(|p| p.exists()).collect();
     let context = format!(
-        "first worker:\n{first_output}\nsecond worker:\n{}",
+        "first worker:\n{first_output}\nother pool's worker:\n{}\nsecond worker:\n{}",
+        other.output(),
         second.output()
     );
 
     for state in &finals {
         assert_eq!(state["type"], "COMPLETED", "{state}\n{context}");
     }
+    assert!(
+        other_took.contains("taken=0") && other_took.contains("left=1"),
+        "{context}"
+    );
+    assert!(
+        old_journal_kept && !old_outbox_kept,
+        "the other pool's worker keeps the old journal (journal kept: {old_journal_kept}) and \
+         takes the old outbox (outbox kept: {old_outbox_kept})\n{context}"
+    );
     assert_eq!(starts, 2, "{context}");
     assert!(
         events.missing.is_empty()
@@ -381,6 +422,12 @@ fn a_worker_takes_over_the_state_of_an_earlier_release() {
             && events.duplicate_pairs == 0
             && events.unexpected.is_empty(),
         "{events:?}\n{context}"
+    );
+    assert!(
+        other_events.missing.is_empty()
+            && other_events.duplicate_pairs == 0
+            && other_events.unexpected.is_empty(),
+        "the other pool's worker reports no run: {other_events:?}\n{context}"
     );
     for run in &runs {
         let executed = &events.of(EXECUTED, Some(run))[0];
@@ -395,11 +442,17 @@ fn a_worker_takes_over_the_state_of_an_earlier_release() {
             "{context}"
         );
     }
+    let took = second
+        .stderr()
+        .lines()
+        .find(|l| l.contains("took over the claims"))
+        .map(str::to_owned)
+        .unwrap_or_default();
     assert!(
-        second.output().contains("took over the claims"),
+        took.contains("taken=1") && took.contains("left=0"),
         "{context}"
     );
     assert!(left.is_empty(), "old files left: {left:?}\n{context}");
-    assert_eq!(state_entries(home.path(), "journal").len(), 1);
+    assert_eq!(state_entries(home.path(), "journal").len(), 2);
     assert!(orphans_after(&runs, Duration::from_secs(10)).is_empty());
 }
