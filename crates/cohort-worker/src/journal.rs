@@ -311,5 +311,28 @@ mod tests {
         let _first = Journal::open(&path).unwrap();
         let err = Journal::open(&path).unwrap_err();
         assert!(matches!(err, JournalError::AlreadyOpen { .. }), "{err}");
+        let err = Journal::open_existing(&path).unwrap_err();
+        assert!(matches!(err, JournalError::AlreadyOpen { .. }), "{err}");
+    }
+
+    #[test]
+    fn open_existing_never_creates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker-a.redb");
+        assert!(Journal::open_existing(&path).unwrap().is_none());
+        assert!(!path.exists());
+        drop(Journal::open(&path).unwrap());
+        assert!(Journal::open_existing(&path).unwrap().is_some());
+    }
+
+    #[test]
+    fn claims_of_earlier_releases_read_without_a_status_file() {
+        // An entry as releases before `status_file` wrote it.
+        let json = r#"{"flow_run_id":"6f1c2b1e-8f4e-4c2a-9d57-0a8d1f3e2b10","claimed_at":"2026-01-01T00:00:00Z","submitted":null,"temp_dir":"/tmp/x"}"#;
+        let claim: Claim = serde_json::from_str(json).unwrap();
+        assert_eq!(claim.status_file, None);
+        assert_eq!(claim.temp_dir, Some(PathBuf::from("/tmp/x")));
+        let written = serde_json::to_string(&claim).unwrap();
+        assert!(!written.contains("status_file"), "{written}");
     }
 }
