@@ -77,6 +77,11 @@ pub struct FlowRun {
     pub state: Option<State>,
     #[serde(default)]
     pub work_queue_name: Option<String>,
+    /// The work pool whose worker may run it (`FlowRunResponse.work_pool_id`).
+    #[serde(default)]
+    pub work_pool_id: Option<Uuid>,
+    #[serde(default)]
+    pub work_pool_name: Option<String>,
     #[serde(default)]
     pub next_scheduled_start_time: Option<DateTime<Utc>>,
     #[serde(default)]

@@ -35,6 +35,11 @@ pub struct Claim {
     /// The temporary working directory made for the run, removed when the run is told.
     #[serde(default)]
     pub temp_dir: Option<PathBuf>,
+    /// Its shim's status file when that is not in this worker's own run status directory: a
+    /// claim taken over from the layout of earlier releases, whose shim (still running, perhaps)
+    /// records where it was told to (see [`crate::state`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_file: Option<PathBuf>,
 }
 
 impl Claim {
@@ -45,6 +50,7 @@ impl Claim {
             claimed_at: Utc::now(),
             submitted: None,
             temp_dir: None,
+            status_file: None,
         }
     }
 }
@@ -57,7 +63,7 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the claim journal {path} is in use by another process (a worker with the same name and PREFECT_HOME?)")]
+    #[error("the claim journal {path} is in use by another process (a worker with the same pool, name and PREFECT_HOME?)")]
     AlreadyOpen { path: PathBuf },
     #[error("cannot open the claim journal {path}")]
     Open {
@@ -99,7 +105,6 @@ impl std::fmt::Debug for Journal {
 impl Journal {
     /// Opens (or creates, with its directory) the journal at `path`, failing now rather than
     /// at the first claim when it cannot be written.
-    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
     pub fn open(path: impl AsRef<Path>) -> Result<Self, JournalError> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -108,20 +113,49 @@ impl Journal {
                 source,
             })?;
         }
-        // A small page cache: the journal holds a few claims at a time (redb's default cache
-        // would cost the idle worker half a MiB).
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
+        let db = Self::builder()
             .create(&path)
-            .map_err(|source| match source {
-                redb::DatabaseError::DatabaseAlreadyOpen => {
-                    JournalError::AlreadyOpen { path: path.clone() }
-                }
-                source => JournalError::Open {
-                    path: path.clone(),
-                    source: Box::new(source),
-                },
-            })?;
+            .map_err(|source| Self::open_error(&path, source))?;
+        Self::with_db(db, path)
+    }
+
+    /// Opens the journal at `path` if there is one (never creating it): `Ok(None)` when the
+    /// file does not exist.
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Option<Self>, JournalError> {
+        let path = path.as_ref().to_path_buf();
+        match Self::builder().open(&path) {
+            Ok(db) => Self::with_db(db, path).map(Some),
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(Self::open_error(&path, source)),
+        }
+    }
+
+    /// A small page cache: the journal holds a few claims at a time (redb's default cache
+    /// would cost the idle worker half a MiB).
+    fn builder() -> redb::Builder {
+        let mut builder = redb::Builder::new();
+        builder.set_cache_size(CACHE_BYTES);
+        builder
+    }
+
+    fn open_error(path: &Path, source: redb::DatabaseError) -> JournalError {
+        match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => JournalError::AlreadyOpen {
+                path: path.to_path_buf(),
+            },
+            source => JournalError::Open {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            },
+        }
+    }
+
+    #[allow(clippy::result_large_err)] // redb's own error type in the closure; boxed after
+    fn with_db(db: Database, path: PathBuf) -> Result<Self, JournalError> {
         let journal = Self {
             inner: Arc::new(Inner {
                 db,
@@ -277,5 +311,28 @@ mod tests {
         let _first = Journal::open(&path).unwrap();
         let err = Journal::open(&path).unwrap_err();
         assert!(matches!(err, JournalError::AlreadyOpen { .. }), "{err}");
+        let err = Journal::open_existing(&path).unwrap_err();
+        assert!(matches!(err, JournalError::AlreadyOpen { .. }), "{err}");
+    }
+
+    #[test]
+    fn open_existing_never_creates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker-a.redb");
+        assert!(Journal::open_existing(&path).unwrap().is_none());
+        assert!(!path.exists());
+        drop(Journal::open(&path).unwrap());
+        assert!(Journal::open_existing(&path).unwrap().is_some());
+    }
+
+    #[test]
+    fn claims_of_earlier_releases_read_without_a_status_file() {
+        // An entry as releases before `status_file` wrote it.
+        let json = r#"{"flow_run_id":"6f1c2b1e-8f4e-4c2a-9d57-0a8d1f3e2b10","claimed_at":"2026-01-01T00:00:00Z","submitted":null,"temp_dir":"/tmp/x"}"#;
+        let claim: Claim = serde_json::from_str(json).unwrap();
+        assert_eq!(claim.status_file, None);
+        assert_eq!(claim.temp_dir, Some(PathBuf::from("/tmp/x")));
+        let written = serde_json::to_string(&claim).unwrap();
+        assert!(!written.contains("status_file"), "{written}");
     }
 }

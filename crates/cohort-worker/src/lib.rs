@@ -10,6 +10,7 @@ pub mod health;
 pub mod job;
 pub mod journal;
 mod recover;
+pub mod state;
 mod submit;
 pub mod supervise;
 mod wake;
@@ -17,4 +18,5 @@ mod worker;
 
 pub use execution::Shims;
 pub use journal::{Journal, JournalError};
+pub use state::LegacyState;
 pub use worker::{StartError, Worker, WorkerOptions, WorkerState, PROCESS};

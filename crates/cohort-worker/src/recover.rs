@@ -1,4 +1,4 @@
-//! Restart recovery: the claims an earlier worker of the same name (and `PREFECT_HOME`) left in
+//! Restart recovery: the claims an earlier worker of the same pool, name and `PREFECT_HOME` left in
 //! the journal are reconciled with the server and with the machine before new runs are
 //! claimed. A run whose flow process was started is re-adopted and supervised to its end, or,
 //! if it ended meanwhile, reported with the exit code its shim recorded; a claimed run never
@@ -30,10 +30,13 @@ pub(crate) enum Recovery {
 
 /// Decides what to do with `claim`.
 pub(crate) async fn reconcile(ctx: &RunContext, claim: Claim) -> Recovery {
-    if let Some(shims) = &ctx.executor.shims {
-        if let Some(process) = FlowRunProcess::adopt(&shims.status_path(claim.flow_run_id)) {
-            return Recovery::Adopt(claim, process);
-        }
+    let status = match (&claim.status_file, &ctx.executor.shims) {
+        (Some(file), _) => Some(file.clone()),
+        (None, Some(shims)) => Some(shims.status_path(claim.flow_run_id)),
+        (None, None) => None,
+    };
+    if let Some(process) = status.as_deref().and_then(FlowRunProcess::adopt) {
+        return Recovery::Adopt(claim, process);
     }
     match ctx.executor.client.read_flow_run(claim.flow_run_id).await {
         Ok(run) => match run.state.as_ref().map(|s| s.state_type) {
@@ -71,6 +74,14 @@ pub(crate) async fn adopted(
 pub(crate) async fn forget_claim(ctx: &RunContext, claim: &Claim) {
     if let Some(dir) = &claim.temp_dir {
         let _ = std::fs::remove_dir_all(dir);
+    }
+    // A claim taken over from an earlier release's layout: its status file, and that
+    // release's run status directory once nothing else is in it.
+    if let Some(file) = &claim.status_file {
+        let _ = std::fs::remove_file(file);
+        if let Some(dir) = file.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
     forget(ctx, claim.flow_run_id).await;
 }

@@ -444,6 +444,9 @@ impl Worker {
             last_polled,
             loop_turned,
         };
+        if let Some(legacy) = &state.legacy {
+            crate::state::take_over(&poller.ctx, legacy).await;
+        }
         poller.recover().await;
         poller.serve(&shutdown).await;
         poller.drain(&force).await;
@@ -462,6 +465,9 @@ impl Worker {
 pub struct WorkerState {
     pub journal: Journal,
     pub shims: Option<Shims>,
+    /// What a worker of the same name left in an earlier release's layout, to take over before
+    /// recovery (see [`crate::state`]).
+    pub legacy: Option<crate::state::LegacyState>,
 }
 
 /// The poll loop's state; owned by one task.

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cohort_api::{ClientConfig, PrefectClient, Settings};
-use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, Tuning};
+use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, OutboxError, Tuning};
 use cohort_worker::supervise::{supervise_emitter, Supervisor};
-use cohort_worker::{Journal, Shims, StartError, Worker, WorkerOptions, WorkerState};
+use cohort_worker::{
+    Journal, JournalError, LegacyState, Shims, StartError, Worker, WorkerOptions, WorkerState,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::StartArgs;
@@ -119,9 +121,8 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
 
     // Events are journaled before anything they report happens, claims before they are
     // made: no outbox or journal, no claims.
-    let identity = format!("worker-{}", cohort_events::slug::slugify(&options.name));
-    let outbox = open_outbox(&settings, &identity)?;
-    let state = open_worker_state(&settings, &identity)?;
+    let outbox = open_worker_outbox(&settings, &options).await?;
+    let state = open_worker_state(&settings, &options)?;
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
@@ -181,29 +182,89 @@ fn state_home(settings: &Settings) -> Result<PathBuf, Failure> {
     Ok(home.join("cohort"))
 }
 
-/// The claim journal (`$PREFECT_HOME/cohort/journal/<name>.redb`) and the shims' status
-/// files (`$PREFECT_HOME/cohort/runs/<name>/`) of one worker: a worker restarted under the
-/// same name recovers the runs of the one before.
-fn open_worker_state(settings: &Settings, name: &str) -> Result<WorkerState, Failure> {
+/// The claim journal (`$PREFECT_HOME/cohort/journal/<key>.redb`) and the shims' status
+/// files (`$PREFECT_HOME/cohort/runs/<key>/`) of one worker, `<key>` naming its pool and name
+/// ([`cohort_worker::state::worker_key`]): a worker restarted with the same pool and name
+/// recovers the runs of the one before, and takes over the claims of its pool that a worker
+/// of the same name left in the layout of earlier releases (keyed by the name alone).
+fn open_worker_state(settings: &Settings, options: &WorkerOptions) -> Result<WorkerState, Failure> {
+    use cohort_worker::state::{legacy_worker_key, worker_key};
     let home = state_home(settings)?;
-    let path = home.join("journal").join(format!("{name}.redb"));
-    let journal = Journal::open(&path).map_err(|e| {
-        Failure::Runtime(
+    let key = worker_key(&options.pool, &options.name);
+    let path = home.join("journal").join(format!("{key}.redb"));
+    let journal = Journal::open(&path).map_err(|e| match e {
+        JournalError::AlreadyOpen { path } => already_running(options, &path),
+        e => Failure::Runtime(
             anyhow::Error::new(e)
                 .context("cannot open the claim journal (is PREFECT_HOME writable?)"),
-        )
+        ),
     })?;
-    let dir = home.join("runs").join(name);
+    let dir = home.join("runs").join(&key);
     let shims = Shims::new(dir.clone()).map_err(|e| {
         Failure::Runtime(anyhow::Error::new(e).context(format!(
             "cannot prepare the run status directory {} (is PREFECT_HOME writable?)",
             dir.display()
         )))
     })?;
+    let legacy = legacy_worker_key(&options.name);
     Ok(WorkerState {
         journal,
         shims: Some(shims),
+        legacy: Some(LegacyState {
+            journal: home.join("journal").join(format!("{legacy}.redb")),
+            runs: home.join("runs").join(legacy),
+        }),
     })
+}
+
+/// The event outbox of one worker (`$PREFECT_HOME/cohort/outbox/<key>.redb`, keyed as its
+/// journal), with the events an earlier release's worker of the same name left unsent in
+/// `outbox/worker-<name slug>.redb` moved in: whichever worker of that name opens that file
+/// first sends them, whatever its pool.
+async fn open_worker_outbox(
+    settings: &Settings,
+    options: &WorkerOptions,
+) -> Result<Outbox, Failure> {
+    use cohort_worker::state::{legacy_worker_key, worker_key};
+    let outbox =
+        open_outbox(settings, &worker_key(&options.pool, &options.name)).map_err(|failure| {
+            match failure {
+                Failure::Runtime(e) => match e.downcast_ref::<OutboxError>() {
+                    Some(OutboxError::AlreadyOpen { path }) => already_running(options, path),
+                    _ => Failure::Runtime(e),
+                },
+                other => other,
+            }
+        })?;
+    let legacy = state_home(settings)?
+        .join("outbox")
+        .join(format!("{}.redb", legacy_worker_key(&options.name)));
+    match outbox.take_over(&legacy).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(events = n, path = %legacy.display(), "sending the unsent events of an earlier release's worker of the same name")
+        }
+        Err(OutboxError::AlreadyOpen { .. }) => {
+            tracing::info!(path = %legacy.display(), "the event outbox of an earlier release is in use by another process, which sends its events")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take over the event outbox of an earlier release; its events stay there")
+        }
+    }
+    Ok(outbox)
+}
+
+/// A second process for one pool and worker name under one `PREFECT_HOME`: its state files
+/// are locked by the first, and two processes would claim and report the same runs twice.
+fn already_running(options: &WorkerOptions, path: &std::path::Path) -> Failure {
+    Failure::Runtime(anyhow::anyhow!(
+        "a worker named {name:?} for work pool {pool:?} is already running with this \
+         PREFECT_HOME (it holds {path}). Stop it first, or give this one another --name \
+         (a worker of the same name on another --pool is fine) or another PREFECT_HOME",
+        name = options.name,
+        pool = options.pool,
+        path = path.display(),
+    ))
 }
 
 /// The durable event outbox of one worker or runner, under `$PREFECT_HOME/cohort/outbox/`

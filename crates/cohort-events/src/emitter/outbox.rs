@@ -195,6 +195,12 @@ enum Write {
         through: u64,
         done: oneshot::Sender<Result<usize, OutboxError>>,
     },
+    /// Stores events taken over from another outbox file (`enqueued` millis, JSON), after
+    /// everything queued earlier; they are not handed on (the emitter loads them).
+    Import {
+        events: Vec<(i64, String)>,
+        done: oneshot::Sender<Result<usize, OutboxError>>,
+    },
     /// Runs `before` once everything queued earlier is committed and handed on, then reads
     /// every stored event, before anything queued later is committed.
     Reload {
@@ -329,6 +335,69 @@ impl Outbox {
                 writer: Some(writer),
             }),
         })
+    }
+
+    /// Moves every event stored in the outbox file at `other` (one an earlier release named
+    /// differently) into this one, oldest first and after this one's own, then deletes that
+    /// file; returns how many moved. Call it before the emitter loads this outbox. `Ok(0)`
+    /// when there is no such file; [`OutboxError::AlreadyOpen`] when another process has it
+    /// open (and so sends its events itself). A crash between the commit here and the
+    /// deletion there sends those events twice, which the server's de-duplication by event id
+    /// absorbs.
+    pub async fn take_over(&self, other: &Path) -> Result<usize, OutboxError> {
+        let opened = Database::builder().set_cache_size(CACHE_BYTES).open(other);
+        let db = match opened {
+            Ok(db) => db,
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(0)
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(OutboxError::AlreadyOpen {
+                    path: other.to_path_buf(),
+                })
+            }
+            Err(source) => {
+                return Err(OutboxError::Open {
+                    path: other.to_path_buf(),
+                    source: Box::new(source),
+                })
+            }
+        };
+        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
+        let events = (|| -> Result<Vec<(i64, String)>, redb::Error> {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(EVENTS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut events = Vec::new();
+            for row in table.iter()? {
+                let (_, value) = row?;
+                let (enqueued, json) = value.value();
+                events.push((enqueued, json.to_owned()));
+            }
+            Ok(events)
+        })()
+        .map_err(|source| OutboxError::Store {
+            path: other.to_path_buf(),
+            source: Arc::new(source),
+        })?;
+        let moved = events.len();
+        if moved > 0 {
+            // Committed by the writer, after this outbox's own events and before any later.
+            let (done, imported) = oneshot::channel();
+            self.send(Write::Import { events, done });
+            imported.await.unwrap_or(Err(OutboxError::WriterStopped {
+                path: self.inner.store.path.clone(),
+            }))?;
+        }
+        // Deleted while still open (and locked), so no other process takes these events too.
+        let _ = std::fs::remove_file(other);
+        drop(db);
+        Ok(moved)
     }
 
     /// The database file.
@@ -522,6 +591,10 @@ impl Writer {
                         before();
                         let _ = done.send(self.store.load());
                     }
+                    Write::Import { events, done } => {
+                        self.commit(std::mem::take(&mut batch));
+                        let _ = done.send(self.import(&events));
+                    }
                     write => batch.push(write),
                 }
                 if batch.len() < MAX_BATCH {
@@ -530,6 +603,38 @@ impl Writer {
             }
             self.commit(batch);
         }
+    }
+
+    /// Stores `events` after the newest, keeping the bound (the oldest go first).
+    fn import(&mut self, events: &[(i64, String)]) -> Result<usize, OutboxError> {
+        let store = self.store.clone();
+        let max = store.options.max_events as u64;
+        let first_seq = self.next_seq;
+        #[allow(clippy::result_large_err)] // redb's own error type; boxed in `OutboxError`
+        let depth = (|| -> Result<usize, redb::Error> {
+            let txn = store.db.begin_write()?;
+            let depth = {
+                let mut table = txn.open_table(EVENTS)?;
+                for (i, (enqueued, json)) in events.iter().enumerate() {
+                    table.insert(first_seq + i as u64, (*enqueued, json.as_str()))?;
+                }
+                while table.len()? > max {
+                    if table.pop_first()?.is_none() {
+                        break;
+                    }
+                }
+                usize::try_from(table.len()?).unwrap_or(usize::MAX)
+            };
+            txn.commit()?;
+            Ok(depth)
+        })()
+        .map_err(|source| OutboxError::Store {
+            path: store.path.clone(),
+            source: Arc::new(source),
+        })?;
+        self.next_seq = first_seq + events.len() as u64;
+        store.depth.store(depth, Ordering::Relaxed);
+        Ok(events.len())
     }
 
     fn commit(&mut self, batch: Vec<Write>) {
@@ -581,7 +686,9 @@ impl Writer {
                                 appended.dropped_through = dropped_through;
                             }
                         }
-                        Write::Reload { .. } => unreachable!("run() takes reloads out"),
+                        Write::Reload { .. } | Write::Import { .. } => {
+                            unreachable!("run() takes reloads and imports out")
+                        }
                         Write::Delete {
                             through,
                             done: reply,
@@ -733,6 +840,54 @@ fn age_of(enqueued_millis: i64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn append(outbox: &Outbox, json: &str) -> u64 {
+        let (seq, appended) = oneshot::channel();
+        let enqueue: Enqueue = Box::new(move |a: Appended| {
+            let _ = seq.send(a.seq);
+        });
+        outbox.append(json.to_owned(), enqueue).await.unwrap();
+        appended.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn take_over_moves_the_events_of_another_file_after_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_path = dir.path().join("old.redb");
+        {
+            let old = Outbox::open(&old_path).unwrap();
+            append(&old, "{\"n\":1}").await;
+            append(&old, "{\"n\":2}").await;
+        }
+        let outbox = Outbox::open(dir.path().join("new.redb")).unwrap();
+        append(&outbox, "{\"n\":0}").await;
+        assert_eq!(outbox.take_over(&old_path).await.unwrap(), 2);
+        assert!(!old_path.exists());
+        let json: Vec<_> = outbox.load().unwrap().into_iter().map(|s| s.json).collect();
+        assert_eq!(json, ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"]);
+        assert_eq!(outbox.depth(), 3);
+        assert_eq!(
+            append(&outbox, "{\"n\":3}").await,
+            3,
+            "appends continue after what was taken over"
+        );
+        // Nothing there: nothing moves, nothing is created.
+        assert_eq!(outbox.take_over(&old_path).await.unwrap(), 0);
+        assert!(!old_path.exists());
+    }
+
+    #[tokio::test]
+    async fn take_over_leaves_a_file_another_opener_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_path = dir.path().join("old.redb");
+        let old = Outbox::open(&old_path).unwrap();
+        append(&old, "{}").await;
+        let outbox = Outbox::open(dir.path().join("new.redb")).unwrap();
+        let err = outbox.take_over(&old_path).await.unwrap_err();
+        assert!(matches!(err, OutboxError::AlreadyOpen { .. }), "{err}");
+        assert!(old_path.exists());
+        assert_eq!(outbox.depth(), 0);
+    }
 
     #[test]
     fn warnings_start_at_ten_percent_and_double() {
