@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cohort_api::retry::{jittered, Backoff};
-use cohort_api::{ApiError, PrefectClient};
+use cohort_api::retry::jittered;
+use cohort_api::{ApiError, NotReady, PrefectClient};
 use cohort_events::related::{self, Named};
 use cohort_events::subscriber::SubscriberConfig;
 use cohort_events::{names, Event, EventSink, EventsAuth};
@@ -69,26 +69,9 @@ pub struct WorkerOptions {
 /// Why the worker could not start. Each is final: retrying with the same input will not help.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error(
-        "cannot reach the Prefect API at {url} (check PREFECT_API_URL, and that the server is up)"
-    )]
-    Unreachable {
-        url: String,
-        #[source]
-        source: ApiError,
-    },
-    #[error("the Prefect API at {url} refused the credentials (check PREFECT_API_KEY or PREFECT_API_AUTH_STRING)")]
-    Unauthorized {
-        url: String,
-        #[source]
-        source: ApiError,
-    },
-    #[error("{url} is not a Prefect API (check PREFECT_API_URL; it usually ends in /api)")]
-    NotAnApi {
-        url: String,
-        #[source]
-        source: ApiError,
-    },
+    /// A wrong URL or credentials (a server that is down is waited for).
+    #[error(transparent)]
+    Server(#[from] NotReady),
     #[error("work pool {pool:?} has type {pool_type:?}, but this worker was started with --type {worker_type:?}")]
     PoolTypeMismatch {
         pool: String,
@@ -117,43 +100,11 @@ impl StartError {
     fn from_api(client: &PrefectClient, e: ApiError) -> Self {
         let url = client.api_url().to_string();
         if e.is_auth() {
-            StartError::Unauthorized { url, source: e }
-        } else if matches!(e, ApiError::Transport { .. }) || e.is_transient() {
-            StartError::Unreachable { url, source: e }
+            NotReady::Unauthorized { url, source: e }.into()
+        } else if e.is_transient() {
+            NotReady::Unreachable { url, source: e }.into()
         } else {
             StartError::Api(e)
-        }
-    }
-}
-
-/// The server's version, once it answers. A server that is down, restarting or busy is waited
-/// for with jittered exponential backoff (1 s doubling to 30 s), as long as it takes; a wrong
-/// URL (a host that does not resolve, a path that is not a Prefect API) or wrong credentials
-/// fail at once. (Prefect's worker also keeps trying: "Unable to reach the Prefect API while
-/// starting up; the worker will keep attempting to connect", `prefect/workers/base.py`.)
-async fn wait_for_server(client: &PrefectClient) -> Result<String, StartError> {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-    loop {
-        match client.server_version().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_transient() && !e.is_unresolvable_host() => {
-                let wait = backoff.next_delay();
-                tracing::warn!(
-                    error = %e,
-                    "Unable to reach the Prefect API at {} while starting up; retrying in {:.1} s",
-                    client.api_url(),
-                    wait.as_secs_f64()
-                );
-                tokio::time::sleep(wait).await;
-            }
-            // No version endpoint there: not a Prefect API.
-            Err(e) if e.is_not_found() => {
-                return Err(StartError::NotAnApi {
-                    url: client.api_url().to_string(),
-                    source: e,
-                })
-            }
-            Err(e) => return Err(StartError::from_api(client, e)),
         }
     }
 }
@@ -176,7 +127,7 @@ impl Worker {
         if let Some(t) = options.worker_type.as_deref().filter(|t| *t != PROCESS) {
             return Err(StartError::UnsupportedType(t.to_owned()));
         }
-        let prefect_version = wait_for_server(&client).await?;
+        let prefect_version = cohort_api::wait_for_server(&client).await?;
         let pool = match client
             .read_work_pool(&options.pool)
             .await
