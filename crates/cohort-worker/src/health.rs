@@ -112,6 +112,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probes: Probes, shutdown: 
                 let turning =
                     live.loop_turned.age() <= live.interval * 3 + Duration::from_secs(300);
                 let journal = live.journal.is_healthy();
+                let refused = live.journal.claims_refused();
                 let tasks = live.tasks.not_live();
                 async move {
                     answer(
@@ -120,6 +121,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probes: Probes, shutdown: 
                             "message": "not live",
                             "poll_loop_turning": turning,
                             "journal_writable": journal,
+                            "claims_refused": refused,
                             "failing_tasks": tasks,
                         }),
                     )
@@ -131,6 +133,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probes: Probes, shutdown: 
             get(move || {
                 let polled = ready.last_polled.age() <= ready.interval * 3;
                 let journal = ready.journal.is_healthy();
+                let refused = ready.journal.claims_refused();
                 let tasks = ready.tasks.not_ready();
                 async move {
                     answer(
@@ -139,6 +142,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probes: Probes, shutdown: 
                             "message": "not ready",
                             "server_reachable": polled,
                             "journal_writable": journal,
+                            "claims_refused": refused,
                             "failing_tasks": tasks,
                         }),
                     )

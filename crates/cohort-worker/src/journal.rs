@@ -8,7 +8,7 @@
 //! ([`cohort_process::shim`]) says so, written by the process that knows.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -92,6 +92,8 @@ struct Inner {
     path: PathBuf,
     /// Whether the last write succeeded (readiness).
     healthy: AtomicBool,
+    /// Claims not made because they could not be recorded (reported by the health probes).
+    refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -161,6 +163,7 @@ impl Journal {
                 db,
                 path,
                 healthy: AtomicBool::new(true),
+                refused: AtomicU64::new(0),
             }),
         };
         journal.write(Durability::Immediate, |_| Ok(()))?;
@@ -174,6 +177,16 @@ impl Journal {
     /// Whether the last write succeeded: claims can be journaled.
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Counts a claim not made because [`Journal::record`] failed for it.
+    pub fn refused_claim(&self) {
+        self.inner.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Claims not made since start because they could not be recorded.
+    pub fn claims_refused(&self) -> u64 {
+        self.inner.refused.load(Ordering::Relaxed)
     }
 
     /// Every claim not yet reported, oldest first.

@@ -124,6 +124,7 @@ async fn submit_journaled(
         None => {
             let claimed = Claim::new(run.id);
             if let Err(e) = ctx.journal.record(&claimed).await {
+                ctx.journal.refused_claim();
                 let message = format!("not claiming flow run '{}': {e}", run.id);
                 tracing::error!(error = ?e, "{message}");
                 return Outcome::NotJournaled(message);

@@ -33,7 +33,7 @@ use crate::wake;
 pub const PROCESS: &str = "process";
 
 /// Everything `cohort worker start` decides before the worker meets the server.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerOptions {
     pub pool: String,
     pub name: String,
@@ -64,6 +64,35 @@ pub struct WorkerOptions {
     /// How the events websockets authenticate.
     pub events_auth: EventsAuth,
     pub authorization: Option<String>,
+}
+
+/// Credentials (and the settings passed on to flows, which can hold `PREFECT_API_KEY`) are
+/// never printed, whatever the log level.
+impl std::fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");
+        let settings: Vec<&str> = self.settings_env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("WorkerOptions")
+            .field("pool", &self.pool)
+            .field("name", &self.name)
+            .field("worker_type", &self.worker_type)
+            .field("work_queues", &self.work_queues)
+            .field("limit", &self.limit)
+            .field("prefetch", &self.prefetch)
+            .field("query_interval", &self.query_interval)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("run_once", &self.run_once)
+            .field("create_pool_if_not_found", &self.create_pool_if_not_found)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("termination_grace", &self.termination_grace)
+            .field("healthcheck", &self.healthcheck)
+            .field("settings_env (names only)", &settings)
+            .field("event_wake", &self.event_wake)
+            .field("auth_token", &redacted(&self.auth_token))
+            .field("events_auth", &self.events_auth)
+            .field("authorization", &redacted(&self.authorization))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why the worker could not start. Each is final: retrying with the same input will not help.
@@ -629,6 +658,42 @@ impl Poller<'_> {
     async fn join_all(&mut self) {
         while let Some(joined) = self.runs.join_next_with_id().await {
             self.handle_run_finished(joined);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_never_print_credentials() {
+        let options = WorkerOptions {
+            pool: "p".into(),
+            name: "w".into(),
+            worker_type: None,
+            work_queues: vec![],
+            limit: None,
+            prefetch: Duration::from_secs(10),
+            query_interval: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(30),
+            run_once: false,
+            base_job_template: None,
+            create_pool_if_not_found: true,
+            drain_timeout: Duration::from_secs(30),
+            termination_grace: Duration::from_secs(30),
+            healthcheck: None,
+            settings_env: vec![("PREFECT_API_KEY".into(), "pnu_secret_key".into())],
+            event_wake: true,
+            auth_token: Some("admin:s3cret".into()),
+            events_auth: EventsAuth::Token(Some("admin:s3cret".into())),
+            authorization: Some("Basic YWRtaW46czNjcmV0".into()),
+        };
+        for shown in [format!("{options:?}"), format!("{options:#?}")] {
+            for secret in ["pnu_secret_key", "s3cret", "YWRtaW46czNjcmV0"] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(shown.contains("PREFECT_API_KEY") && shown.contains("<redacted>"));
         }
     }
 }

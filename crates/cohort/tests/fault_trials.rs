@@ -947,14 +947,19 @@ fn trial_6_unwritable_or_full_prefect_home_claims_nothing() {
         .expect("prlimit (util-linux) is needed for the disk-full trial");
     assert!(limited.success(), "prlimit failed");
     let run = s.create_flow_run(&dep.id, &[], json!({}), json!({})).id;
-    // Several polls pass: each finds the run and may not claim it.
+    // Several polls pass: each finds the run, tries to journal its claim, and refuses it. The
+    // count of refused claims proves the claim was attempted (a worker that never tried
+    // would leave the run Scheduled too).
     let (ready, ready_body) = poll(
-        "the worker to report it cannot journal",
+        "the worker to report a claim it refused because it cannot journal",
         Duration::from_secs(60),
         Duration::from_millis(500),
         || {
             let (code, body) = probe("/readyz");
-            (code == 503 && body["journal_writable"] == false).then_some((code, body))
+            (code == 503
+                && body["journal_writable"] == false
+                && body["claims_refused"].as_u64().is_some_and(|n| n >= 1))
+            .then_some((code, body))
         },
     );
     std::thread::sleep(Duration::from_secs(7));
@@ -995,6 +1000,7 @@ fn trial_6_unwritable_or_full_prefect_home_claims_nothing() {
     figures.note("state while full", &state_while_full);
     figures.note("worker events while full", events_while_full.len());
     figures.note("readyz while full", ready);
+    figures.note("claims refused while full", &ready_body["claims_refused"]);
     figures.note("livez while full", live);
     figures.note("worker alive while full", alive_while_full);
     figures.wall = started_at.elapsed();
