@@ -11,6 +11,7 @@
 
 mod machine;
 mod procfs;
+mod proxy;
 mod report;
 mod scenarios;
 mod server;
@@ -47,8 +48,15 @@ struct Args {
     /// at the per-run cost.
     #[arg(long)]
     scale_runs: Option<usize>,
-    /// Scenarios to run, comma-separated: idle (1 and 2), burst, flows, scale.
-    #[arg(long, value_delimiter = ',', default_value = "idle,burst,flows,scale")]
+    /// Runs of each burst of scenario 6 (default: 30 quick, 100 full).
+    #[arg(long)]
+    server_runs: Option<usize>,
+    /// Scenarios to run, comma-separated: idle (1 and 2), burst, flows, scale, server.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,burst,flows,scale,server"
+    )]
     scenarios: Vec<String>,
     /// Run the server on PostgreSQL at this `postgresql+asyncpg://` URL (default: SQLite).
     #[arg(long)]
@@ -95,9 +103,12 @@ fn run(args: Args) -> Result<()> {
         // On SQLite, 1,000 runs take ~300 s to all be running.
         plan.scale_deadline_s = plan.scale_deadline_s.max(0.35 * n as f64);
     }
+    if let Some(n) = args.server_runs {
+        plan.server_runs = n.max(1);
+    }
     for s in &args.scenarios {
-        if !["idle", "burst", "flows", "scale"].contains(&s.as_str()) {
-            bail!("unknown scenario {s:?}: expected idle, burst, flows or scale");
+        if !["idle", "burst", "flows", "scale", "server"].contains(&s.as_str()) {
+            bail!("unknown scenario {s:?}: expected idle, burst, flows, scale or server");
         }
     }
     let repo = args.repo.canonicalize().context("--repo")?;
@@ -146,6 +157,9 @@ fn run(args: Args) -> Result<()> {
     }
     if wants("scale") && plan.scale_reps > 0 {
         scenarios.push(scenarios::scale::run(&ctx));
+    }
+    if wants("server") {
+        scenarios.push(scenarios::server_load::run(&ctx));
     }
 
     let run_info = RunInfo {

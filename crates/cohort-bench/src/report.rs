@@ -127,6 +127,10 @@ pub struct ScenarioReport {
     pub summary: Vec<Summary>,
     /// Caveats worth a line in `BENCHMARKS.md`.
     pub notes: Vec<String>,
+    /// Further Markdown blocks under the metrics table (e.g. a breakdown); the data behind
+    /// them is in the repetitions' details.
+    #[serde(skip)]
+    pub tables: Vec<String>,
 }
 
 impl ScenarioReport {
@@ -139,6 +143,7 @@ impl ScenarioReport {
             reps: Vec::new(),
             summary: Vec::new(),
             notes: Vec::new(),
+            tables: Vec::new(),
         }
     }
 
@@ -306,6 +311,10 @@ impl Report {
                 );
             }
             let _ = writeln!(s);
+            for t in &sc.tables {
+                let _ = writeln!(s, "{}", t.trim_end());
+                let _ = writeln!(s);
+            }
             let failed: Vec<&RepResult> = sc.reps.iter().filter(|r| r.error.is_some()).collect();
             for f in failed {
                 let first = f
@@ -338,6 +347,7 @@ fn fmt_value(v: Option<f64>, unit: &str) -> String {
     };
     match unit {
         "runs" | "count" => format!("{v:.0}"),
+        "req" => format!("{v:.2}"),
         "%" => format!("{v:.1} %"),
         "MiB" if v >= 100.0 => format!("{v:.0} MiB"),
         "MiB" => format!("{v:.1} MiB"),

@@ -492,10 +492,20 @@ impl PrefectServer {
         names: &[&str],
         since: DateTime<Utc>,
     ) -> Result<Vec<Value>> {
+        self.read_events_of(&[resource_id], names, since)
+    }
+
+    /// [`Self::read_events`] of any of several resources.
+    pub fn read_events_of(
+        &self,
+        resource_ids: &[&str],
+        names: &[&str],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<Value>> {
         let mut page = self.request(
             Method::POST,
             "/events/filter",
-            Some(&json!({"filter": events_filter(resource_id, names, since), "limit": 50})),
+            Some(&json!({"filter": events_filter(resource_ids, names, since), "limit": 50})),
         )?;
         let mut events = Vec::new();
         loop {
@@ -516,18 +526,28 @@ impl PrefectServer {
         names: &[&str],
         since: DateTime<Utc>,
     ) -> Result<u64> {
+        self.count_events_of(&[resource_id], names, since)
+    }
+
+    /// [`Self::count_events`] of any of several resources.
+    pub fn count_events_of(
+        &self,
+        resource_ids: &[&str],
+        names: &[&str],
+        since: DateTime<Utc>,
+    ) -> Result<u64> {
         let page = self.request(
             Method::POST,
             "/events/filter",
-            Some(&json!({"filter": events_filter(resource_id, names, since), "limit": 1})),
+            Some(&json!({"filter": events_filter(resource_ids, names, since), "limit": 1})),
         )?;
         page["total"].as_u64().context("events page without total")
     }
 }
 
-fn events_filter(resource_id: &str, names: &[&str], since: DateTime<Utc>) -> Value {
+fn events_filter(resource_ids: &[&str], names: &[&str], since: DateTime<Utc>) -> Value {
     json!({
-        "resource": {"id": [resource_id]},
+        "resource": {"id": resource_ids},
         "event": {"name": names},
         "occurred": {
             "since": (since - chrono::Duration::seconds(60)).to_rfc3339(),

@@ -1,4 +1,4 @@
-//! The five scenarios of the benchmark, and what they share: the plan (counts per mode),
+//! The six scenarios of the benchmark, and what they share: the plan (counts per mode),
 //! the per-repetition fixture (a fresh pool and deployment, removed afterwards) and time
 //! helpers.
 //!
@@ -8,6 +8,7 @@
 pub mod burst;
 pub mod flows;
 pub mod scale;
+pub mod server_load;
 pub mod startup;
 
 use std::path::PathBuf;
@@ -46,6 +47,10 @@ pub struct Plan {
     pub scale_hold_s: f64,
     /// Give up on reaching `scale_runs` running processes after this long.
     pub scale_deadline_s: f64,
+    /// Runs of each burst of scenario 6 (load on the server).
+    pub server_runs: usize,
+    /// Scenario 6's idle window, over which idle requests per minute are counted.
+    pub server_idle_s: f64,
     /// Client threads creating runs: 1 on SQLite, where concurrent writers only wait on
     /// each other's lock (one thread creates ~30 runs/s on an idle server, four fewer);
     /// 4 on PostgreSQL.
@@ -67,6 +72,8 @@ impl Plan {
             scale_reps: 1,
             scale_hold_s: 5.0,
             scale_deadline_s: 60.0,
+            server_runs: 30,
+            server_idle_s: 20.0,
             client_threads: 1,
         }
     }
@@ -85,6 +92,8 @@ impl Plan {
             scale_reps: 1,
             scale_hold_s: 20.0,
             scale_deadline_s: 180.0,
+            server_runs: 100,
+            server_idle_s: 60.0,
             client_threads: 1,
         }
     }
