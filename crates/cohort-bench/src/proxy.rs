@@ -321,9 +321,11 @@ pub fn normalize(path: &str) -> String {
     out
 }
 
-/// A segment after `work_pools/`, `queues/`, `workers/` or `name/` that is not an action.
+/// A segment after `work_pools/`, `queues/`, `workers/` or `name/` that is not an action
+/// (`workers/connect` is the worker channel's websocket, `server/api/workers.py`).
 fn is_named(prev: &str, seg: &str) -> bool {
-    const ACTIONS: [&str; 7] = [
+    const ACTIONS: [&str; 8] = [
+        "connect",
         "filter",
         "count",
         "heartbeat",
@@ -375,6 +377,10 @@ mod tests {
             "/work_pools/{name}/workers/{name}"
         );
         assert_eq!(normalize("/api/work_pools/filter"), "/work_pools/filter");
+        assert_eq!(
+            normalize("/api/work_pools/p/workers/connect"),
+            "/work_pools/{name}/workers/connect"
+        );
         assert_eq!(normalize("/api/events/in"), "/events/in");
         assert_eq!(normalize("/api/"), "/");
         assert_eq!(normalize("/api"), "/");
