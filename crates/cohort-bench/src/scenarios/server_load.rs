@@ -63,9 +63,9 @@ const METRICS: [MetricDef; 16] = [
     .cohort_below(1.0),
     MetricDef::new("scheduled_w1", "1 worker: runs left Scheduled", "runs").cohort_below(1.0),
     MetricDef::new(
-        "websockets_w1",
-        "1 worker: websocket connections opened (idle + burst)",
-        "count",
+        "websockets_per_run_w1",
+        "1 worker: websocket connections opened per run",
+        "req",
     ),
     MetricDef::new(
         "requests_per_run_w4",
@@ -100,9 +100,9 @@ const METRICS: [MetricDef; 16] = [
     .cohort_below(1.0),
     MetricDef::new("scheduled_w4", "4 workers: runs left Scheduled", "runs").cohort_below(1.0),
     MetricDef::new(
-        "websockets_w4",
-        "4 workers: websocket connections opened (idle + burst)",
-        "count",
+        "websockets_per_run_w4",
+        "4 workers: websocket connections opened per run",
+        "req",
     ),
 ];
 
@@ -268,8 +268,8 @@ fn body(
         r.detail("burst_server_cpu_s", b - a);
     }
     r.set(
-        &format!("websockets_{w}"),
-        Some((idle.websockets() + burst.websockets()) as f64),
+        &format!("websockets_per_run_{w}"),
+        Some(burst.websockets() as f64 / n),
     );
     let double = ids
         .iter()
