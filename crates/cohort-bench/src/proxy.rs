@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
@@ -25,7 +26,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -105,7 +106,14 @@ impl CountingProxy {
         let (shutdown, stopped) = oneshot::channel();
         let shared = Arc::new(Shared {
             authority,
-            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            // The server closes a connection idle for 5 s (`PREFECT_SERVER_API_KEEPALIVE_TIMEOUT`);
+            // a request sent on it as it closes fails unanswered. The client's own pool has
+            // that race with the server either way; the proxy must not add its own, so it
+            // drops upstream connections well before the server would.
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(2))
+                .pool_timer(TokioTimer::new())
+                .build(HttpConnector::new()),
             tally: tally.clone(),
         });
         let thread = std::thread::Builder::new()
@@ -188,7 +196,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Err(e) => {
                 // Out of file descriptors, say: back off rather than spin.
                 eprintln!("[bench] proxy: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -249,6 +257,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             Ok(resp.map(BodyExt::boxed))
         }
         Err(e) => {
+            // Rare and worth seeing: the worker retries, so it shows up in the counts.
+            eprintln!("[bench] proxy: {key}: no answer from the server: {e:?}");
             shared.count(key, Some(502));
             Ok(bad_gateway(&e.to_string()))
         }
