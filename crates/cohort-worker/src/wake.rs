@@ -1,14 +1,14 @@
 //! Event-driven pickup: Prefect's worker finds a new run only when it next polls (every 10 s
 //! by default). Cohort also listens for `prefect.flow-run.Scheduled` events of its work pool
-//! and wakes the poller at once — or, for a run scheduled later, when it enters the prefetch
-//! window. The regular poll stays as the safety net.
+//! and wakes the poller at once. The regular poll stays as the safety net.
+//!
+//! The event says nothing of when the run is due (its payload has the state's type and name
+//! only, `prefect/server/models/events.py: state_payload`), and the run is not read back for
+//! it: the poller's coalesced poll finds it, claims it when due, or sets a timer for when it
+//! comes due (see `worker.rs`). A burst of events thus costs one poll, not a read per run.
 
-use std::time::Duration;
-
-use cohort_api::PrefectClient;
 use cohort_events::subscriber::{subscribe, SubscriberConfig};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -23,15 +23,8 @@ pub fn filter(pool_id: Uuid) -> serde_json::Value {
     })
 }
 
-/// Sends the instant at which the poller should next run for each Scheduled run seen:
-/// now for runs due within `prefetch`, else when they come due. Runs until `shutdown`.
-pub async fn watch(
-    client: PrefectClient,
-    feed: SubscriberConfig,
-    prefetch: Duration,
-    wake: mpsc::Sender<Instant>,
-    shutdown: CancellationToken,
-) {
+/// Sends the id of each run of the pool seen entering Scheduled. Runs until `shutdown`.
+pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Uuid>, shutdown: CancellationToken) {
     let (mut subscription, task) = subscribe(feed);
     loop {
         let event = tokio::select! {
@@ -49,23 +42,8 @@ pub async fn watch(
         else {
             continue;
         };
-        let at = match client.read_flow_run(id).await {
-            Ok(run) => {
-                let due = run.next_scheduled_start_time.or(run.expected_start_time);
-                let wait = due
-                    .map(|t| {
-                        t - chrono::Utc::now()
-                            - chrono::Duration::from_std(prefetch).unwrap_or_default()
-                    })
-                    .and_then(|d| d.to_std().ok())
-                    .unwrap_or(Duration::ZERO);
-                Instant::now() + wait
-            }
-            // Cannot tell when: look now, the poll sorts it out.
-            Err(_) => Instant::now(),
-        };
         tracing::debug!(flow_run = %id, "scheduled run seen; waking the poller");
-        if wake.send(at).await.is_err() {
+        if wake.send(id).await.is_err() {
             break;
         }
     }

@@ -391,24 +391,12 @@ impl Worker {
                 user_agent: cohort_api::user_agent(),
                 filter: wake::filter(self.pool_named().id),
             };
-            let (client, prefetch, stop) = (
-                self.client.clone(),
-                self.options.prefetch,
-                background.clone(),
-            );
+            let stop = background.clone();
             tasks.spawn(
                 "wake-watcher",
                 Role::Helper,
                 background.clone(),
-                move || {
-                    wake::watch(
-                        client.clone(),
-                        feed.clone(),
-                        prefetch,
-                        wake_tx.clone(),
-                        stop.clone(),
-                    )
-                },
+                move || wake::watch(feed.clone(), wake_tx.clone(), stop.clone()),
             );
         }
         let mut poller = Poller {
@@ -423,6 +411,7 @@ impl Worker {
             terminate: CancellationToken::new(),
             last_polled,
             loop_turned,
+            last_poll: None,
         };
         if let Some(legacy) = &state.legacy {
             crate::state::take_over(&poller.ctx, legacy).await;
@@ -452,8 +441,8 @@ pub struct WorkerState {
 
 /// The poll loop's state; owned by one task.
 struct Poller<'w> {
-    /// Instants at which a newly scheduled run is due (event-driven pickup).
-    wake: tokio::sync::mpsc::Receiver<tokio::time::Instant>,
+    /// Runs seen entering Scheduled (event-driven pickup).
+    wake: tokio::sync::mpsc::Receiver<Uuid>,
     worker: &'w Worker,
     ctx: Arc<RunContext>,
     cancellable: Cancellable,
@@ -467,7 +456,14 @@ struct Poller<'w> {
     last_polled: LastPolled,
     /// Every poll attempt (liveness).
     loop_turned: LastPolled,
+    /// When the last poll started.
+    last_poll: Option<tokio::time::Instant>,
 }
+
+/// The least time between the start of a poll and a poll woken by a `Scheduled` event: a burst
+/// of runs created one after another costs a poll per this period, not one per run (a poll
+/// finds every run scheduled so far).
+const EVENT_POLL_GAP: Duration = Duration::from_secs(1);
 
 impl Poller<'_> {
     async fn serve(&mut self, shutdown: &CancellationToken) {
@@ -484,41 +480,66 @@ impl Poller<'_> {
                 Some(joined) = self.runs.join_next_with_id(), if !self.runs.is_empty() => {
                     self.handle_run_finished(joined);
                 }
-                Some(at) = self.wake.recv(), if !opts.run_once => {
-                    next_poll = next_poll.min(at);
+                Some(_run) = self.wake.recv(), if !opts.run_once => {
+                    // At most one poll in flight (polls run on this task) and one pending.
+                    let now = tokio::time::Instant::now();
+                    let earliest = self.last_poll.map_or(now, |t| (t + EVENT_POLL_GAP).max(now));
+                    next_poll = next_poll.min(earliest);
                 }
                 _ = tokio::time::sleep_until(next_poll), if !(opts.run_once && polled) => {
-                    self.handle_poll(shutdown).await;
+                    let due = self.handle_poll(shutdown).await;
                     polled = true;
                     next_poll = tokio::time::Instant::now() + jittered(opts.query_interval, 0.3);
+                    if let Some(due) = due {
+                        next_poll = next_poll.min(due);
+                    }
                 }
             }
         }
     }
 
-    async fn handle_poll(&mut self, shutdown: &CancellationToken) {
+    /// Polls and claims the runs due within the prefetch window into free slots. The poll
+    /// looks one query interval further ahead than that: the runs it sees there are not
+    /// claimed, but the earliest sets when to poll again (returned), so a run scheduled for
+    /// later is claimed on time without being read on its own.
+    async fn handle_poll(&mut self, shutdown: &CancellationToken) -> Option<tokio::time::Instant> {
         let opts = &self.worker.options;
         self.loop_turned.touch();
+        self.last_poll = Some(tokio::time::Instant::now());
         // Prefect truncates the prefetch window to whole seconds.
-        let before = chrono::Utc::now() + chrono::Duration::seconds(opts.prefetch.as_secs() as i64);
+        let prefetch = chrono::Duration::seconds(opts.prefetch.as_secs() as i64);
+        let lookahead = chrono::Duration::from_std(opts.query_interval).unwrap_or_default();
+        let before = chrono::Utc::now() + prefetch + lookahead;
         let result = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return None,
             r = self.worker.client.get_scheduled_flow_runs(&opts.pool, &opts.work_queues, before) => r,
         };
         let scheduled = match result {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "failed to poll for scheduled flow runs");
-                return;
+                return None;
             }
         };
         self.last_polled.touch();
         if !scheduled.is_empty() {
             tracing::debug!(count = scheduled.len(), "found scheduled flow runs");
         }
+        let horizon = chrono::Utc::now() + prefetch;
+        let mut next_due: Option<tokio::time::Instant> = None;
         for entry in scheduled {
             let run = entry.flow_run;
             if self.in_flight.contains(&run.id) {
+                continue;
+            }
+            if let Some(due) = run
+                .next_scheduled_start_time
+                .or(run.expected_start_time)
+                .filter(|due| *due > horizon)
+            {
+                let wait = (due - horizon).to_std().unwrap_or_default();
+                let at = tokio::time::Instant::now() + wait;
+                next_due = Some(next_due.map_or(at, |t| t.min(at)));
                 continue;
             }
             // A slot first, then the claim; with no slot free, stop claiming this round.
@@ -537,6 +558,7 @@ impl Poller<'_> {
                 submit::submit(ctx, run, None, cancel, terminate)
             });
         }
+        next_due
     }
 
     /// Supervises one run on its own task, cancellable, holding its slot (if any).
