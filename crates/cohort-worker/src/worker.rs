@@ -25,7 +25,7 @@ use crate::execution::{Executor, Shims};
 use crate::health::{self, LastPolled};
 use crate::journal::Journal;
 use crate::recover::{self, Recovery};
-use crate::submit::{self, Outcome, RunContext, SharedPool};
+use crate::submit::{self, Outcome, PollReads, RunContext, SharedPool};
 use crate::supervise::{Role, Supervisor};
 use crate::wake;
 
@@ -526,6 +526,7 @@ impl Poller<'_> {
             tracing::debug!(count = scheduled.len(), "found scheduled flow runs");
         }
         let horizon = chrono::Utc::now() + prefetch;
+        let reads = Arc::new(PollReads::default());
         let mut next_due: Option<tokio::time::Instant> = None;
         for entry in scheduled {
             let run = entry.flow_run;
@@ -553,9 +554,9 @@ impl Poller<'_> {
                     }
                 },
             };
-            let ctx = self.ctx.clone();
+            let (ctx, reads) = (self.ctx.clone(), reads.clone());
             self.spawn_run(run.id, permit, move |cancel, terminate| {
-                submit::submit(ctx, run, None, cancel, terminate)
+                submit::submit(ctx, run, None, reads, cancel, terminate)
             });
         }
         next_due
@@ -619,7 +620,7 @@ impl Poller<'_> {
                 Recovery::Resume(claim, run) => {
                     tracing::info!(flow_run = %id, "resuming the submission of a claimed flow run that was never launched");
                     self.spawn_run(id, permit, move |cancel, terminate| {
-                        submit::submit(ctx, run, Some(claim), cancel, terminate)
+                        submit::submit(ctx, run, Some(claim), Default::default(), cancel, terminate)
                     });
                 }
                 Recovery::Forget(claim, why) => {
