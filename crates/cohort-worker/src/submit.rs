@@ -146,27 +146,9 @@ async fn submit_journaled(
         run.id
     ));
 
-    // 1. The deployment must still exist (`BaseWorker._submit_run`).
-    let deployment = match run.deployment_id {
-        None => None,
-        Some(id) => match reads.deployment(client, id).await {
-            Ok(Some(d)) => Some(d),
-            Ok(None) => {
-                let message = format!("Deployment {id} no longer exists, cancelled run.");
-                tracing::error!("{message}");
-                let state =
-                    StateCreate::new(StateType::Cancelled, "Cancelled").with_message(&message);
-                if let Err(e) = client.set_flow_run_state(run.id, &state, true).await {
-                    tracing::warn!(error = %e, "could not cancel the run");
-                }
-                return Outcome::Skipped(message);
-            }
-            Err(e) => return Outcome::Skipped(format!("could not read its deployment: {e}")),
-        },
-    };
-
-    // 2. Claim: journal it, then propose Pending; anything but an accepted Pending means
-    // another worker has it. A claim that cannot be journaled is not made: a crash would
+    // 1. Claim first: journal it, then propose Pending; anything but an accepted Pending means
+    // another worker has it, and nothing else is read for it (Prefect reads the deployment
+    // before the claim, so every worker racing for a run reads it). A claim that cannot be journaled is not made: a crash would
     // leave the run Pending with nobody to finish it.
     let mut journaled = match resume {
         Some(claim) => claim,
@@ -183,6 +165,29 @@ async fn submit_journaled(
             }
             claimed
         }
+    };
+
+    // 2. The deployment must still exist (`BaseWorker._submit_run`: a run whose deployment is
+    // gone is cancelled).
+    let deployment = match run.deployment_id {
+        None => None,
+        Some(id) => match reads.deployment(client, id).await {
+            Ok(Some(d)) => Some(d),
+            Ok(None) => {
+                let message = format!("Deployment {id} no longer exists, cancelled run.");
+                tracing::error!("{message}");
+                let state =
+                    StateCreate::new(StateType::Cancelled, "Cancelled").with_message(&message);
+                if let Err(e) = client.set_flow_run_state(run.id, &state, true).await {
+                    tracing::warn!(error = %e, "could not cancel the run");
+                }
+                return Outcome::Skipped(message);
+            }
+            Err(e) => {
+                let message = format!("Failed to submit flow run to infrastructure: {e}");
+                return crash_before_start(ctx, &mut log, &run, message).await;
+            }
+        },
     };
 
     // 3. Everything the configuration and events need; a work pool copy frozen for this run.

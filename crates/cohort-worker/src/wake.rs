@@ -6,6 +6,10 @@
 //! only, `prefect/server/models/events.py: state_payload`), and the run is not read back for
 //! it: the poller's coalesced poll finds it, claims it when due, or sets a timer for when it
 //! comes due (see `worker.rs`). A burst of events thus costs one poll, not a read per run.
+//!
+//! The pool's `prefect.flow-run.Pending` events come too: a run claimed (by this worker or
+//! another of the pool) needs no poll any more, and claims by others tell the poller it has
+//! rivals to stagger its event-woken polls with.
 
 use cohort_events::subscriber::{subscribe, SubscriberConfig};
 use tokio::sync::mpsc;
@@ -15,16 +19,29 @@ use uuid::Uuid;
 /// The server's event for a run entering Scheduled (`prefect/server/models/events.py`).
 pub const SCHEDULED: &str = "prefect.flow-run.Scheduled";
 
-/// The filter for a pool's Scheduled runs: the server relates them to `prefect.work-pool.<id>`.
+/// The server's event for a run entering Pending: a worker's claim (`BaseWorker._propose_pending_state`).
+pub const PENDING: &str = "prefect.flow-run.Pending";
+
+/// What the poller learns from the pool's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// A run entered Scheduled.
+    Scheduled(Uuid),
+    /// A run was claimed (it entered Pending), by this worker or another.
+    Claimed(Uuid),
+}
+
+/// The filter for a pool's Scheduled and Pending runs: the server relates them to
+/// `prefect.work-pool.<id>`.
 pub fn filter(pool_id: Uuid) -> serde_json::Value {
     serde_json::json!({
-        "event": {"name": [SCHEDULED]},
+        "event": {"name": [SCHEDULED, PENDING]},
         "any_resource": {"id": [format!("prefect.work-pool.{pool_id}")]},
     })
 }
 
-/// Sends the id of each run of the pool seen entering Scheduled. Runs until `shutdown`.
-pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Uuid>, shutdown: CancellationToken) {
+/// Sends what it sees of the pool's runs entering Scheduled or Pending. Runs until `shutdown`.
+pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Seen>, shutdown: CancellationToken) {
     let (mut subscription, task) = subscribe(feed);
     loop {
         let event = tokio::select! {
@@ -42,8 +59,13 @@ pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Uuid>, shutdown: C
         else {
             continue;
         };
-        tracing::debug!(flow_run = %id, "scheduled run seen; waking the poller");
-        if wake.send(id).await.is_err() {
+        let seen = if event.event == SCHEDULED {
+            tracing::debug!(flow_run = %id, "scheduled run seen; waking the poller");
+            Seen::Scheduled(id)
+        } else {
+            Seen::Claimed(id)
+        };
+        if wake.send(seen).await.is_err() {
             break;
         }
     }

@@ -412,6 +412,9 @@ impl Worker {
             last_polled,
             loop_turned,
             last_poll: None,
+            unclaimed: HashSet::new(),
+            ours: RecentIds::default(),
+            rival_seen: None,
         };
         if let Some(legacy) = &state.legacy {
             crate::state::take_over(&poller.ctx, legacy).await;
@@ -441,8 +444,14 @@ pub struct WorkerState {
 
 /// The poll loop's state; owned by one task.
 struct Poller<'w> {
-    /// Runs seen entering Scheduled (event-driven pickup).
-    wake: tokio::sync::mpsc::Receiver<Uuid>,
+    /// The pool's runs seen entering Scheduled or Pending (event-driven pickup).
+    wake: tokio::sync::mpsc::Receiver<wake::Seen>,
+    /// Runs seen entering Scheduled since the last poll and not seen claimed since.
+    unclaimed: HashSet<Uuid>,
+    /// Runs this worker took up lately, to tell its own claims from its rivals'.
+    ours: RecentIds,
+    /// When another worker of the pool was last seen claiming a run.
+    rival_seen: Option<tokio::time::Instant>,
     worker: &'w Worker,
     ctx: Arc<RunContext>,
     cancellable: Cancellable,
@@ -465,28 +474,70 @@ struct Poller<'w> {
 /// finds every run scheduled so far).
 const EVENT_POLL_GAP: Duration = Duration::from_secs(1);
 
+/// With other workers on the pool (seen claiming runs within [`RIVALS_FORGOTTEN`]), each
+/// delays its event-woken poll by a random part of this: the first to poll claims the runs,
+/// and the others, seeing them claimed (their Pending events), skip theirs, instead of every
+/// worker polling and proposing Pending for every run at once.
+const EVENT_POLL_SPREAD: Duration = Duration::from_secs(1);
+const RIVALS_FORGOTTEN: Duration = Duration::from_secs(60);
+
+/// The last [`RecentIds::CAPACITY`] ids inserted.
+#[derive(Default)]
+struct RecentIds {
+    order: std::collections::VecDeque<Uuid>,
+    set: HashSet<Uuid>,
+}
+
+impl RecentIds {
+    const CAPACITY: usize = 4096;
+
+    fn insert(&mut self, id: Uuid) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, id: &Uuid) -> bool {
+        self.set.contains(id)
+    }
+}
+
 impl Poller<'_> {
     async fn serve(&mut self, shutdown: &CancellationToken) {
         let opts = &self.worker.options;
         let mut next_poll = tokio::time::Instant::now();
+        // A poll woken by events, skipped if by then every run it was for has been claimed.
+        let mut event_poll: Option<tokio::time::Instant> = None;
         let mut polled = false;
         loop {
             if opts.run_once && polled && self.runs.is_empty() {
                 return;
             }
+            let wake_at = event_poll.map_or(next_poll, |t| t.min(next_poll));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 Some(joined) = self.runs.join_next_with_id(), if !self.runs.is_empty() => {
                     self.handle_run_finished(joined);
                 }
-                Some(_run) = self.wake.recv(), if !opts.run_once => {
-                    // At most one poll in flight (polls run on this task) and one pending.
-                    let now = tokio::time::Instant::now();
-                    let earliest = self.last_poll.map_or(now, |t| (t + EVENT_POLL_GAP).max(now));
-                    next_poll = next_poll.min(earliest);
+                Some(seen) = self.wake.recv(), if !opts.run_once => {
+                    if let Some(at) = self.handle_seen(seen) {
+                        event_poll = Some(event_poll.map_or(at, |t| t.min(at)));
+                    }
                 }
-                _ = tokio::time::sleep_until(next_poll), if !(opts.run_once && polled) => {
+                _ = tokio::time::sleep_until(wake_at), if !(opts.run_once && polled) => {
+                    let now = tokio::time::Instant::now();
+                    let by_event = next_poll > now;
+                    event_poll = None;
+                    if by_event && self.unclaimed.is_empty() {
+                        tracing::debug!("the runs this poll was woken for are claimed; not polling");
+                        continue;
+                    }
                     let due = self.handle_poll(shutdown).await;
                     polled = true;
                     next_poll = tokio::time::Instant::now() + jittered(opts.query_interval, 0.3);
@@ -494,6 +545,37 @@ impl Poller<'_> {
                         next_poll = next_poll.min(due);
                     }
                 }
+            }
+        }
+    }
+
+    /// Books what the pool's events say; returns when to poll for a newly scheduled run: at
+    /// once, or (at most one poll in flight, since polls run on this task, and one pending)
+    /// [`EVENT_POLL_GAP`] after the last poll started, staggered among rivals.
+    fn handle_seen(&mut self, seen: wake::Seen) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        match seen {
+            wake::Seen::Claimed(id) => {
+                self.unclaimed.remove(&id);
+                if !self.ours.contains(&id) {
+                    self.rival_seen = Some(now);
+                }
+                None
+            }
+            wake::Seen::Scheduled(id) => {
+                self.unclaimed.insert(id);
+                let earliest = self
+                    .last_poll
+                    .map_or(now, |t| (t + EVENT_POLL_GAP).max(now));
+                let rivals = self
+                    .rival_seen
+                    .is_some_and(|t| now.duration_since(t) < RIVALS_FORGOTTEN);
+                let stagger = if rivals {
+                    jittered(EVENT_POLL_SPREAD / 2, 1.0)
+                } else {
+                    Duration::ZERO
+                };
+                Some(earliest + stagger)
             }
         }
     }
@@ -514,6 +596,8 @@ impl Poller<'_> {
             _ = shutdown.cancelled() => return None,
             r = self.worker.client.get_scheduled_flow_runs(&opts.pool, &opts.work_queues, before) => r,
         };
+        // The poll sees every run scheduled so far.
+        self.unclaimed.clear();
         let scheduled = match result {
             Ok(s) => s,
             Err(e) => {
@@ -583,6 +667,7 @@ impl Poller<'_> {
         );
         self.task_runs.insert(handle.id(), id);
         self.in_flight.insert(id);
+        self.ours.insert(id);
     }
 
     /// Takes up what an earlier worker of this name left in the journal (see [`recover`]):
