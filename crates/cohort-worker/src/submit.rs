@@ -508,7 +508,7 @@ async fn crash_before_start(
         "Failed to submit flow run '{}' to infrastructure: {message}",
         run.name
     ));
-    log.flush(&ctx.executor.client).await;
+    ctx.executor.ship(log).await;
     propose_crashed(&ctx.executor.client, run.id, &message).await;
     Outcome::FailedToSubmit(message)
 }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::cancel::{self, Cancellable};
 use crate::channel::{self, ChannelConfig};
-use crate::execution::{Executor, Shims};
+use crate::execution::{Executor, LogShipper, Shims};
 use crate::health::{self, LastPolled};
 use crate::journal::Journal;
 use crate::recover::{self, Recovery};
@@ -265,6 +265,8 @@ impl Worker {
                 None
             }
         };
+        let logs_closed = CancellationToken::new();
+        let (logs, log_shipper) = LogShipper::start(self.client.clone(), logs_closed.clone());
         let ctx = Arc::new(RunContext {
             executor: Executor {
                 client: self.client.clone(),
@@ -278,6 +280,7 @@ impl Worker {
                 hurry: CancellationToken::new(),
                 cancel_on_shutdown: None,
                 shims: state.shims,
+                logs: Some(logs),
             },
             journal: state.journal,
             worker_name: self.options.name.clone(),
@@ -422,6 +425,10 @@ impl Worker {
         poller.recover().await;
         poller.serve(&shutdown).await;
         poller.drain(&force).await;
+        // The runs' last log lines go before `stopped`.
+        drop(poller);
+        logs_closed.cancel();
+        let _ = log_shipper.await;
 
         background.cancel();
         tasks.join().await;
