@@ -44,9 +44,12 @@ pub(crate) struct RunContext {
 /// variables, say) applies to every run a later poll finds: every run created after it.
 #[derive(Default)]
 pub(crate) struct PollReads {
-    deployments: Mutex<HashMap<Uuid, Arc<OnceCell<Option<Arc<Deployment>>>>>>,
-    flows: Mutex<HashMap<Uuid, Arc<OnceCell<Arc<Flow>>>>>,
+    deployments: Reads<Option<Arc<Deployment>>>,
+    flows: Reads<Arc<Flow>>,
 }
+
+/// One read per id, shared by every run that asks for it.
+type Reads<T> = Mutex<HashMap<Uuid, Arc<OnceCell<T>>>>;
 
 impl PollReads {
     /// The deployment, `None` when it no longer exists. A failed read is not kept: the next
