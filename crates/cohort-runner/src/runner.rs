@@ -229,6 +229,7 @@ impl Runner {
             cancel_on_shutdown: Some("Runner is shutting down."),
             // A runner cancels its runs when it stops, and does not re-adopt: no shims.
             shims: None,
+            logs: None,
         });
         let cancellable = Cancellable::default();
         // Restarted if it dies (cohort_worker::supervise), until `background` stops it.

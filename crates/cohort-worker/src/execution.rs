@@ -45,6 +45,9 @@ pub struct Executor {
     pub cancel_on_shutdown: Option<&'static str>,
     /// Run each flow under a shim that outlives this process; `None` starts flows directly.
     pub shims: Option<Shims>,
+    /// Where supervisors' flow-run log lines go: batched over runs, or (`None`) one
+    /// `POST /logs/` per flush.
+    pub logs: Option<LogShipper>,
 }
 
 /// Where flow runs' shims come from and record their status.
@@ -105,6 +108,14 @@ pub enum NotExecuted {
 }
 
 impl Executor {
+    /// Ships what `log` holds, through the shipper when there is one.
+    pub async fn ship(&self, log: &mut RunLog) {
+        match &self.logs {
+            Some(shipper) => log.flush(shipper).await,
+            None => log.flush(&self.client).await,
+        }
+    }
+
     /// Proposes `Submitting` and checks for a cancellation that arrived before launch
     /// (`FlowRunExecutor.submit`: Cancelling ⇒ force Cancelled, Cancelled ⇒ skip).
     pub async fn propose_submitting(&self, run: &FlowRun, cancel: &CancellationToken) -> Gate {
@@ -182,7 +193,7 @@ impl Executor {
                     "Failed to submit flow run '{}' to infrastructure: {message}",
                     run.name
                 ));
-                log.flush(&self.client).await;
+                self.ship(log).await;
                 propose_crashed(&self.client, run.id, &message).await;
                 return Err(NotExecuted::CouldNotStart(message));
             }
@@ -195,7 +206,7 @@ impl Executor {
             "Flow run '{}' submitted to infrastructure",
             run.name
         ));
-        log.flush(&self.client).await;
+        self.ship(log).await;
         // Held across the whole supervision otherwise.
         drop(launch);
         self.supervise(
@@ -290,7 +301,7 @@ impl Executor {
                     log.error(format!(
                         "{message} The flow run was stopped because its supervisor shut down."
                     ));
-                    log.flush(&self.client).await;
+                    self.ship(log).await;
                     propose_crashed(&self.client, run.id, &message).await;
                 }
                 code
@@ -307,7 +318,7 @@ impl Executor {
             let message = crashed_message(code);
             log.error(message.clone());
             log.info(exit_info(code).resolution.to_owned());
-            log.flush(&self.client).await;
+            self.ship(log).await;
             propose_crashed(&self.client, run.id, &message).await;
         }
         Ok(Executed {
@@ -523,13 +534,86 @@ impl RunLog {
     }
 
     /// Ships what was logged so far; a failure costs log lines, never the run.
-    pub async fn flush(&mut self, client: &PrefectClient) {
+    pub async fn flush(&mut self, to: &impl ShipLogs) {
         if self.entries.is_empty() {
             return;
         }
-        let entries = std::mem::take(&mut self.entries);
-        if let Err(e) = client.create_logs(&entries).await {
+        to.ship(std::mem::take(&mut self.entries)).await;
+    }
+}
+
+/// Where flow-run log lines go.
+pub trait ShipLogs {
+    fn ship(&self, entries: Vec<serde_json::Value>) -> impl std::future::Future<Output = ()>;
+}
+
+/// Straight to the server, one `POST /logs/` per call.
+impl ShipLogs for PrefectClient {
+    async fn ship(&self, entries: Vec<serde_json::Value>) {
+        if let Err(e) = self.create_logs(&entries).await {
             tracing::debug!(error = %e, "could not ship flow-run logs");
+        }
+    }
+}
+
+/// How long log lines wait for others to share their `POST /logs/`.
+pub const LOG_BATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// A batch is sent at once when it reaches this many lines.
+const LOG_BATCH_MAX: usize = 200;
+
+/// Ships the flow-run log lines of all of a worker's runs in batches: one `POST /logs/` for the
+/// lines of every run logged within [`LOG_BATCH_INTERVAL`] (at most [`LOG_BATCH_MAX`] lines),
+/// where one per run's flush would go otherwise. Prefect's own `APILogHandler` batches the
+/// same way (`prefect/logging/handlers.py`, every `PREFECT_LOGGING_TO_API_BATCH_INTERVAL`).
+/// Lines still queued when the process dies are lost, as they are in Prefect.
+#[derive(Clone)]
+pub struct LogShipper {
+    queue: tokio::sync::mpsc::UnboundedSender<Vec<serde_json::Value>>,
+}
+
+impl LogShipper {
+    /// The shipper and its task, which sends what is queued and ends once every
+    /// `LogShipper` clone is dropped, or when `close` is cancelled.
+    pub fn start(
+        client: PrefectClient,
+        close: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<serde_json::Value>>();
+        let task = tokio::spawn(async move {
+            loop {
+                let mut batch = tokio::select! {
+                    first = rx.recv() => match first {
+                        Some(b) => b,
+                        None => return,
+                    },
+                    _ = close.cancelled() => Vec::new(),
+                };
+                let closing = close.is_cancelled()
+                    || tokio::time::timeout(LOG_BATCH_INTERVAL, close.cancelled())
+                        .await
+                        .is_ok();
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend(more);
+                }
+                for chunk in batch.chunks(LOG_BATCH_MAX) {
+                    client.ship(chunk.to_vec()).await;
+                }
+                if closing {
+                    return;
+                }
+            }
+        });
+        (Self { queue }, task)
+    }
+}
+
+impl ShipLogs for LogShipper {
+    async fn ship(&self, entries: Vec<serde_json::Value>) {
+        if let Err(tokio::sync::mpsc::error::SendError(entries)) = self.queue.send(entries) {
+            tracing::debug!(
+                lines = entries.len(),
+                "the log shipper has stopped; flow-run log lines dropped"
+            );
         }
     }
 }

@@ -2,18 +2,20 @@
 //! `prefect/workers/base.py: BaseWorker._submit_run` and `_submit_run_and_capture_errors`, with
 //! the process infrastructure of `prefect/workers/process.py` in place of `run()`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use cohort_api::models::{Deployment, Flow, FlowRun, StateCreate, StateType, WorkPool};
-use cohort_api::PrefectClient;
+use cohort_api::{ApiError, PrefectClient};
 use cohort_events::related::{self, FlowRunObjects, Named};
 use cohort_events::{names, Event};
 use cohort_process::{find_python, Launch};
 use cohort_template::BlockReference;
 use serde_json::json;
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::execution::{claim, propose_crashed, Executed, Executor, Gate, NotExecuted, RunLog};
 use crate::job::ProcessJob;
@@ -33,6 +35,54 @@ pub(crate) struct RunContext {
     pub pool: SharedPool,
     /// `PREFECT_*` settings set explicitly for the worker, passed on to the flow.
     pub settings_env: Vec<(String, String)>,
+}
+
+/// The deployments and flows read for the runs one poll found: each is read once for all of
+/// them, where Prefect's worker reads both for every run (the deployment twice:
+/// `BaseWorker._submit_run`, then `BaseJobConfiguration.resolve_for_flow_run`). A read is
+/// never older than the poll that found the run, so a change saved to a deployment (its job
+/// variables, say) applies to every run a later poll finds: every run created after it.
+#[derive(Default)]
+pub(crate) struct PollReads {
+    deployments: Reads<Option<Arc<Deployment>>>,
+    flows: Reads<Arc<Flow>>,
+}
+
+/// One read per id, shared by every run that asks for it.
+type Reads<T> = Mutex<HashMap<Uuid, Arc<OnceCell<T>>>>;
+
+impl PollReads {
+    /// The deployment, `None` when it no longer exists. A failed read is not kept: the next
+    /// run of the poll tries again.
+    async fn deployment(
+        &self,
+        client: &PrefectClient,
+        id: Uuid,
+    ) -> Result<Option<Arc<Deployment>>, ApiError> {
+        let cell = self
+            .deployments
+            .lock()
+            .expect("poll reads lock poisoned")
+            .entry(id)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async { Ok(client.read_deployment(id).await?.map(Arc::new)) })
+            .await
+            .cloned()
+    }
+
+    async fn flow(&self, client: &PrefectClient, id: Uuid) -> Result<Arc<Flow>, ApiError> {
+        let cell = self
+            .flows
+            .lock()
+            .expect("poll reads lock poisoned")
+            .entry(id)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async { Ok(Arc::new(client.read_flow(id).await?)) })
+            .await
+            .cloned()
+    }
 }
 
 /// How a submission ended, for the worker's bookkeeping and logs.
@@ -56,11 +106,12 @@ pub(crate) async fn submit(
     ctx: Arc<RunContext>,
     run: FlowRun,
     resume: Option<Claim>,
+    reads: Arc<PollReads>,
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
     let id = run.id;
-    let outcome = submit_journaled(&ctx, run, resume, cancel, terminate).await;
+    let outcome = submit_journaled(&ctx, run, resume, &reads, cancel, terminate).await;
     if !matches!(outcome, Outcome::NotJournaled(_)) {
         forget(&ctx, id).await;
     }
@@ -81,6 +132,7 @@ async fn submit_journaled(
     ctx: &RunContext,
     run: FlowRun,
     resume: Option<Claim>,
+    reads: &PollReads,
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
@@ -97,27 +149,9 @@ async fn submit_journaled(
         run.id
     ));
 
-    // 1. The deployment must still exist (`BaseWorker._submit_run`).
-    let deployment = match run.deployment_id {
-        None => None,
-        Some(id) => match client.read_deployment(id).await {
-            Ok(Some(d)) => Some(d),
-            Ok(None) => {
-                let message = format!("Deployment {id} no longer exists, cancelled run.");
-                tracing::error!("{message}");
-                let state =
-                    StateCreate::new(StateType::Cancelled, "Cancelled").with_message(&message);
-                if let Err(e) = client.set_flow_run_state(run.id, &state, true).await {
-                    tracing::warn!(error = %e, "could not cancel the run");
-                }
-                return Outcome::Skipped(message);
-            }
-            Err(e) => return Outcome::Skipped(format!("could not read its deployment: {e}")),
-        },
-    };
-
-    // 2. Claim: journal it, then propose Pending; anything but an accepted Pending means
-    // another worker has it. A claim that cannot be journaled is not made: a crash would
+    // 1. Claim first: journal it, then propose Pending; anything but an accepted Pending means
+    // another worker has it, and nothing else is read for it (Prefect reads the deployment
+    // before the claim, so every worker racing for a run reads it). A claim that cannot be journaled is not made: a crash would
     // leave the run Pending with nobody to finish it.
     let mut journaled = match resume {
         Some(claim) => claim,
@@ -136,16 +170,40 @@ async fn submit_journaled(
         }
     };
 
+    // 2. The deployment must still exist (`BaseWorker._submit_run`: a run whose deployment is
+    // gone is cancelled).
+    let deployment = match run.deployment_id {
+        None => None,
+        Some(id) => match reads.deployment(client, id).await {
+            Ok(Some(d)) => Some(d),
+            Ok(None) => {
+                let message = format!("Deployment {id} no longer exists, cancelled run.");
+                tracing::error!("{message}");
+                let state =
+                    StateCreate::new(StateType::Cancelled, "Cancelled").with_message(&message);
+                if let Err(e) = client.set_flow_run_state(run.id, &state, true).await {
+                    tracing::warn!(error = %e, "could not cancel the run");
+                }
+                return Outcome::Skipped(message);
+            }
+            Err(e) => {
+                let message = format!("Failed to submit flow run to infrastructure: {e}");
+                return crash_before_start(ctx, &mut log, &run, message).await;
+            }
+        },
+    };
+
     // 3. Everything the configuration and events need; a work pool copy frozen for this run.
     let pool = ctx.pool.read().expect("pool lock poisoned").clone();
-    let flow = match client.read_flow(run.flow_id).await {
+    let flow = match reads.flow(client, run.flow_id).await {
         Ok(f) => f,
         Err(e) => {
             let message = format!("Failed to submit flow run to infrastructure: {e}");
             return crash_before_start(ctx, &mut log, &run, message).await;
         }
     };
-    let job = match configure(client, &pool, deployment.as_ref(), &run).await {
+    let deployment = deployment.as_deref();
+    let job = match configure(client, &pool, deployment, &run).await {
         Ok(job) => job,
         Err(message) => {
             let message = format!("Failed to submit flow run to infrastructure: {message}");
@@ -176,7 +234,7 @@ async fn submit_journaled(
     let submitted = journaled
         .submitted
         .get_or_insert_with(|| {
-            let objects = flow_run_objects(&run, deployment.as_ref(), &flow, &pool);
+            let objects = flow_run_objects(&run, deployment, &flow, &pool);
             Event::new(
                 names::WORKER_SUBMITTED_FLOW_RUN,
                 ctx.resource.clone(),
@@ -208,7 +266,7 @@ async fn submit_journaled(
     }
 
     // 6. Launch and supervise.
-    let launch = match launch_spec(ctx, &run, &flow, deployment.as_ref(), &job, workdir.path()) {
+    let launch = match launch_spec(ctx, &run, &flow, deployment, &job, workdir.path()) {
         Ok(l) => l,
         Err(message) => return crash_before_start(ctx, &mut log, &run, message).await,
     };
@@ -219,7 +277,7 @@ async fn submit_journaled(
         .executor
         .execute(
             &run,
-            deployment.as_ref(),
+            deployment,
             Some(&flow),
             launch,
             &mut log,
@@ -453,7 +511,7 @@ async fn crash_before_start(
         "Failed to submit flow run '{}' to infrastructure: {message}",
         run.name
     ));
-    log.flush(&ctx.executor.client).await;
+    ctx.executor.ship(log).await;
     propose_crashed(&ctx.executor.client, run.id, &message).await;
     Outcome::FailedToSubmit(message)
 }

@@ -1,37 +1,47 @@
 //! Event-driven pickup: Prefect's worker finds a new run only when it next polls (every 10 s
 //! by default). Cohort also listens for `prefect.flow-run.Scheduled` events of its work pool
-//! and wakes the poller at once — or, for a run scheduled later, when it enters the prefetch
-//! window. The regular poll stays as the safety net.
+//! and wakes the poller at once. The regular poll stays as the safety net.
+//!
+//! The event says nothing of when the run is due (its payload has the state's type and name
+//! only, `prefect/server/models/events.py: state_payload`), and the run is not read back for
+//! it: the poller's coalesced poll finds it, claims it when due, or sets a timer for when it
+//! comes due (see `worker.rs`). A burst of events thus costs one poll, not a read per run.
+//!
+//! The pool's `prefect.flow-run.Pending` events come too: a run claimed (by this worker or
+//! another of the pool) needs no poll any more, and claims by others tell the poller it has
+//! rivals to stagger its event-woken polls with.
 
-use std::time::Duration;
-
-use cohort_api::PrefectClient;
 use cohort_events::subscriber::{subscribe, SubscriberConfig};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The server's event for a run entering Scheduled (`prefect/server/models/events.py`).
 pub const SCHEDULED: &str = "prefect.flow-run.Scheduled";
 
-/// The filter for a pool's Scheduled runs: the server relates them to `prefect.work-pool.<id>`.
+/// The server's event for a run entering Pending: a worker's claim (`BaseWorker._propose_pending_state`).
+pub const PENDING: &str = "prefect.flow-run.Pending";
+
+/// What the poller learns from the pool's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// A run entered Scheduled.
+    Scheduled(Uuid),
+    /// A run was claimed (it entered Pending), by this worker or another.
+    Claimed(Uuid),
+}
+
+/// The filter for a pool's Scheduled and Pending runs: the server relates them to
+/// `prefect.work-pool.<id>`.
 pub fn filter(pool_id: Uuid) -> serde_json::Value {
     serde_json::json!({
-        "event": {"name": [SCHEDULED]},
+        "event": {"name": [SCHEDULED, PENDING]},
         "any_resource": {"id": [format!("prefect.work-pool.{pool_id}")]},
     })
 }
 
-/// Sends the instant at which the poller should next run for each Scheduled run seen:
-/// now for runs due within `prefetch`, else when they come due. Runs until `shutdown`.
-pub async fn watch(
-    client: PrefectClient,
-    feed: SubscriberConfig,
-    prefetch: Duration,
-    wake: mpsc::Sender<Instant>,
-    shutdown: CancellationToken,
-) {
+/// Sends what it sees of the pool's runs entering Scheduled or Pending. Runs until `shutdown`.
+pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Seen>, shutdown: CancellationToken) {
     let (mut subscription, task) = subscribe(feed);
     loop {
         let event = tokio::select! {
@@ -49,23 +59,13 @@ pub async fn watch(
         else {
             continue;
         };
-        let at = match client.read_flow_run(id).await {
-            Ok(run) => {
-                let due = run.next_scheduled_start_time.or(run.expected_start_time);
-                let wait = due
-                    .map(|t| {
-                        t - chrono::Utc::now()
-                            - chrono::Duration::from_std(prefetch).unwrap_or_default()
-                    })
-                    .and_then(|d| d.to_std().ok())
-                    .unwrap_or(Duration::ZERO);
-                Instant::now() + wait
-            }
-            // Cannot tell when: look now, the poll sorts it out.
-            Err(_) => Instant::now(),
+        let seen = if event.event == SCHEDULED {
+            tracing::debug!(flow_run = %id, "scheduled run seen; waking the poller");
+            Seen::Scheduled(id)
+        } else {
+            Seen::Claimed(id)
         };
-        tracing::debug!(flow_run = %id, "scheduled run seen; waking the poller");
-        if wake.send(at).await.is_err() {
+        if wake.send(seen).await.is_err() {
             break;
         }
     }

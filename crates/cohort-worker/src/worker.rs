@@ -21,11 +21,11 @@ use uuid::Uuid;
 
 use crate::cancel::{self, Cancellable};
 use crate::channel::{self, ChannelConfig};
-use crate::execution::{Executor, Shims};
+use crate::execution::{Executor, LogShipper, Shims};
 use crate::health::{self, LastPolled};
 use crate::journal::Journal;
 use crate::recover::{self, Recovery};
-use crate::submit::{self, Outcome, RunContext, SharedPool};
+use crate::submit::{self, Outcome, PollReads, RunContext, SharedPool};
 use crate::supervise::{Role, Supervisor};
 use crate::wake;
 
@@ -265,6 +265,8 @@ impl Worker {
                 None
             }
         };
+        let logs_closed = CancellationToken::new();
+        let (logs, log_shipper) = LogShipper::start(self.client.clone(), logs_closed.clone());
         let ctx = Arc::new(RunContext {
             executor: Executor {
                 client: self.client.clone(),
@@ -278,6 +280,7 @@ impl Worker {
                 hurry: CancellationToken::new(),
                 cancel_on_shutdown: None,
                 shims: state.shims,
+                logs: Some(logs),
             },
             journal: state.journal,
             worker_name: self.options.name.clone(),
@@ -391,24 +394,12 @@ impl Worker {
                 user_agent: cohort_api::user_agent(),
                 filter: wake::filter(self.pool_named().id),
             };
-            let (client, prefetch, stop) = (
-                self.client.clone(),
-                self.options.prefetch,
-                background.clone(),
-            );
+            let stop = background.clone();
             tasks.spawn(
                 "wake-watcher",
                 Role::Helper,
                 background.clone(),
-                move || {
-                    wake::watch(
-                        client.clone(),
-                        feed.clone(),
-                        prefetch,
-                        wake_tx.clone(),
-                        stop.clone(),
-                    )
-                },
+                move || wake::watch(feed.clone(), wake_tx.clone(), stop.clone()),
             );
         }
         let mut poller = Poller {
@@ -423,6 +414,10 @@ impl Worker {
             terminate: CancellationToken::new(),
             last_polled,
             loop_turned,
+            last_poll: None,
+            unclaimed: HashSet::new(),
+            ours: RecentIds::default(),
+            rival_seen: None,
         };
         if let Some(legacy) = &state.legacy {
             crate::state::take_over(&poller.ctx, legacy).await;
@@ -430,6 +425,10 @@ impl Worker {
         poller.recover().await;
         poller.serve(&shutdown).await;
         poller.drain(&force).await;
+        // The runs' last log lines go before `stopped`.
+        drop(poller);
+        logs_closed.cancel();
+        let _ = log_shipper.await;
 
         background.cancel();
         tasks.join().await;
@@ -452,8 +451,14 @@ pub struct WorkerState {
 
 /// The poll loop's state; owned by one task.
 struct Poller<'w> {
-    /// Instants at which a newly scheduled run is due (event-driven pickup).
-    wake: tokio::sync::mpsc::Receiver<tokio::time::Instant>,
+    /// The pool's runs seen entering Scheduled or Pending (event-driven pickup).
+    wake: tokio::sync::mpsc::Receiver<wake::Seen>,
+    /// Runs seen entering Scheduled since the last poll and not seen claimed since.
+    unclaimed: HashSet<Uuid>,
+    /// Runs this worker took up lately, to tell its own claims from its rivals'.
+    ours: RecentIds,
+    /// When another worker of the pool was last seen claiming a run.
+    rival_seen: Option<tokio::time::Instant>,
     worker: &'w Worker,
     ctx: Arc<RunContext>,
     cancellable: Cancellable,
@@ -467,58 +472,166 @@ struct Poller<'w> {
     last_polled: LastPolled,
     /// Every poll attempt (liveness).
     loop_turned: LastPolled,
+    /// When the last poll started.
+    last_poll: Option<tokio::time::Instant>,
+}
+
+/// The least time between the start of a poll and a poll woken by a `Scheduled` event: a burst
+/// of runs created one after another costs a poll per this period, not one per run (a poll
+/// finds every run scheduled so far).
+const EVENT_POLL_GAP: Duration = Duration::from_secs(1);
+
+/// With other workers on the pool (seen claiming runs within [`RIVALS_FORGOTTEN`]), each
+/// delays its event-woken poll by a random part of this: the first to poll claims the runs,
+/// and the others, seeing them claimed (their Pending events), skip theirs, instead of every
+/// worker polling and proposing Pending for every run at once.
+const EVENT_POLL_SPREAD: Duration = Duration::from_secs(1);
+const RIVALS_FORGOTTEN: Duration = Duration::from_secs(60);
+
+/// The last [`RecentIds::CAPACITY`] ids inserted.
+#[derive(Default)]
+struct RecentIds {
+    order: std::collections::VecDeque<Uuid>,
+    set: HashSet<Uuid>,
+}
+
+impl RecentIds {
+    const CAPACITY: usize = 4096;
+
+    fn insert(&mut self, id: Uuid) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, id: &Uuid) -> bool {
+        self.set.contains(id)
+    }
 }
 
 impl Poller<'_> {
     async fn serve(&mut self, shutdown: &CancellationToken) {
         let opts = &self.worker.options;
         let mut next_poll = tokio::time::Instant::now();
+        // A poll woken by events, skipped if by then every run it was for has been claimed.
+        let mut event_poll: Option<tokio::time::Instant> = None;
         let mut polled = false;
         loop {
             if opts.run_once && polled && self.runs.is_empty() {
                 return;
             }
+            let wake_at = event_poll.map_or(next_poll, |t| t.min(next_poll));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 Some(joined) = self.runs.join_next_with_id(), if !self.runs.is_empty() => {
                     self.handle_run_finished(joined);
                 }
-                Some(at) = self.wake.recv(), if !opts.run_once => {
-                    next_poll = next_poll.min(at);
+                Some(seen) = self.wake.recv(), if !opts.run_once => {
+                    if let Some(at) = self.handle_seen(seen) {
+                        event_poll = Some(event_poll.map_or(at, |t| t.min(at)));
+                    }
                 }
-                _ = tokio::time::sleep_until(next_poll), if !(opts.run_once && polled) => {
-                    self.handle_poll(shutdown).await;
+                _ = tokio::time::sleep_until(wake_at), if !(opts.run_once && polled) => {
+                    let now = tokio::time::Instant::now();
+                    let by_event = next_poll > now;
+                    event_poll = None;
+                    if by_event && self.unclaimed.is_empty() {
+                        tracing::debug!("the runs this poll was woken for are claimed; not polling");
+                        continue;
+                    }
+                    let due = self.handle_poll(shutdown).await;
                     polled = true;
                     next_poll = tokio::time::Instant::now() + jittered(opts.query_interval, 0.3);
+                    if let Some(due) = due {
+                        next_poll = next_poll.min(due);
+                    }
                 }
             }
         }
     }
 
-    async fn handle_poll(&mut self, shutdown: &CancellationToken) {
+    /// Books what the pool's events say; returns when to poll for a newly scheduled run: at
+    /// once, or (at most one poll in flight, since polls run on this task, and one pending)
+    /// [`EVENT_POLL_GAP`] after the last poll started, staggered among rivals.
+    fn handle_seen(&mut self, seen: wake::Seen) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        match seen {
+            wake::Seen::Claimed(id) => {
+                self.unclaimed.remove(&id);
+                if !self.ours.contains(&id) {
+                    self.rival_seen = Some(now);
+                }
+                None
+            }
+            wake::Seen::Scheduled(id) => {
+                self.unclaimed.insert(id);
+                let earliest = self
+                    .last_poll
+                    .map_or(now, |t| (t + EVENT_POLL_GAP).max(now));
+                let rivals = self
+                    .rival_seen
+                    .is_some_and(|t| now.duration_since(t) < RIVALS_FORGOTTEN);
+                let stagger = if rivals {
+                    jittered(EVENT_POLL_SPREAD / 2, 1.0)
+                } else {
+                    Duration::ZERO
+                };
+                Some(earliest + stagger)
+            }
+        }
+    }
+
+    /// Polls and claims the runs due within the prefetch window into free slots. The poll
+    /// looks one query interval further ahead than that: the runs it sees there are not
+    /// claimed, but the earliest sets when to poll again (returned), so a run scheduled for
+    /// later is claimed on time without being read on its own.
+    async fn handle_poll(&mut self, shutdown: &CancellationToken) -> Option<tokio::time::Instant> {
         let opts = &self.worker.options;
         self.loop_turned.touch();
+        self.last_poll = Some(tokio::time::Instant::now());
         // Prefect truncates the prefetch window to whole seconds.
-        let before = chrono::Utc::now() + chrono::Duration::seconds(opts.prefetch.as_secs() as i64);
+        let prefetch = chrono::Duration::seconds(opts.prefetch.as_secs() as i64);
+        let lookahead = chrono::Duration::from_std(opts.query_interval).unwrap_or_default();
+        let before = chrono::Utc::now() + prefetch + lookahead;
         let result = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return None,
             r = self.worker.client.get_scheduled_flow_runs(&opts.pool, &opts.work_queues, before) => r,
         };
+        // The poll sees every run scheduled so far.
+        self.unclaimed.clear();
         let scheduled = match result {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "failed to poll for scheduled flow runs");
-                return;
+                return None;
             }
         };
         self.last_polled.touch();
         if !scheduled.is_empty() {
             tracing::debug!(count = scheduled.len(), "found scheduled flow runs");
         }
+        let horizon = chrono::Utc::now() + prefetch;
+        let reads = Arc::new(PollReads::default());
+        let mut next_due: Option<tokio::time::Instant> = None;
         for entry in scheduled {
             let run = entry.flow_run;
             if self.in_flight.contains(&run.id) {
+                continue;
+            }
+            if let Some(due) = run
+                .next_scheduled_start_time
+                .or(run.expected_start_time)
+                .filter(|due| *due > horizon)
+            {
+                let wait = (due - horizon).to_std().unwrap_or_default();
+                let at = tokio::time::Instant::now() + wait;
+                next_due = Some(next_due.map_or(at, |t| t.min(at)));
                 continue;
             }
             // A slot first, then the claim; with no slot free, stop claiming this round.
@@ -532,11 +645,12 @@ impl Poller<'_> {
                     }
                 },
             };
-            let ctx = self.ctx.clone();
+            let (ctx, reads) = (self.ctx.clone(), reads.clone());
             self.spawn_run(run.id, permit, move |cancel, terminate| {
-                submit::submit(ctx, run, None, cancel, terminate)
+                submit::submit(ctx, run, None, reads, cancel, terminate)
             });
         }
+        next_due
     }
 
     /// Supervises one run on its own task, cancellable, holding its slot (if any).
@@ -560,6 +674,7 @@ impl Poller<'_> {
         );
         self.task_runs.insert(handle.id(), id);
         self.in_flight.insert(id);
+        self.ours.insert(id);
     }
 
     /// Takes up what an earlier worker of this name left in the journal (see [`recover`]):
@@ -597,7 +712,7 @@ impl Poller<'_> {
                 Recovery::Resume(claim, run) => {
                     tracing::info!(flow_run = %id, "resuming the submission of a claimed flow run that was never launched");
                     self.spawn_run(id, permit, move |cancel, terminate| {
-                        submit::submit(ctx, run, Some(claim), cancel, terminate)
+                        submit::submit(ctx, run, Some(claim), Default::default(), cancel, terminate)
                     });
                 }
                 Recovery::Forget(claim, why) => {

@@ -15,7 +15,7 @@
 // A test fixture on real sockets and threads: wall-clock time is the point.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard};
@@ -117,6 +117,7 @@ impl FaultProxy {
             websockets: AtomicU64::new(0),
             refused_websockets: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            endpoints: Mutex::new(BTreeMap::new()),
         });
 
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -255,6 +256,13 @@ impl FaultProxy {
     pub fn release_held(&self) {
         *lock(&self.shared.hold) = None;
         self.shared.release.send_replace(true);
+    }
+
+    /// HTTP requests answered so far, by endpoint: `"METHOD /api/path"` with every UUID in the
+    /// path written `{id}` and the query left out, followed by ` -> STATUS` when the answer was
+    /// not a success (so a retried 503 shows as its own line).
+    pub fn endpoint_counts(&self) -> BTreeMap<String, u64> {
+        lock(&self.shared.endpoints).clone()
     }
 
     /// Counters: connections accepted, requests forwarded, requests failed on purpose,
@@ -401,9 +409,16 @@ struct Shared {
     websockets: AtomicU64,
     refused_websockets: AtomicU64,
     held: AtomicU64,
+    /// Requests answered (forwarded or failed), by [`endpoint_key`].
+    endpoints: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Shared {
+    fn count_endpoint(&self, method: &Method, path_and_query: &str, status: u16) {
+        *lock(&self.endpoints)
+            .entry(endpoint_key(method, path_and_query, status))
+            .or_default() += 1;
+    }
     fn set_kind(&self, id: u64, kind: ConnKind) {
         if let Some(entry) = lock(&self.conns).open.get_mut(&id) {
             entry.0 = kind;
@@ -713,6 +728,7 @@ async fn handle(
     }) = injected
     {
         shared.failed.fetch_add(1, Ordering::SeqCst);
+        shared.count_endpoint(&parts.method, &path_and_query, status);
         return Ok(injected_response(status));
     }
 
@@ -733,6 +749,7 @@ async fn handle(
     if let Some(Injected { status, .. }) = injected {
         // The server has acted; the client only hears the injected failure.
         shared.failed.fetch_add(1, Ordering::SeqCst);
+        shared.count_endpoint(&parts.method, &path_and_query, status);
         return Ok(injected_response(status));
     }
 
@@ -747,7 +764,28 @@ async fn handle(
         response.headers_mut().append(name, value.clone());
     }
     shared.forwarded.fetch_add(1, Ordering::SeqCst);
+    shared.count_endpoint(&parts.method, &path_and_query, status.as_u16());
     Ok(response)
+}
+
+/// `"METHOD /api/path"` with UUID segments as `{id}` and no query, plus ` -> STATUS` unless 2xx.
+fn endpoint_key(method: &Method, path_and_query: &str, status: u16) -> String {
+    let path = path_and_query.split('?').next().unwrap_or("");
+    let path: Vec<&str> = path
+        .split('/')
+        .map(|segment| {
+            if uuid::Uuid::parse_str(segment).is_ok() {
+                "{id}"
+            } else {
+                segment
+            }
+        })
+        .collect();
+    let mut key = format!("{method} {}", path.join("/"));
+    if !(200..300).contains(&status) {
+        key.push_str(&format!(" -> {status}"));
+    }
+    key
 }
 
 /// The error shape of Prefect (a `FastAPI` app), so the worker parses it as it would a real failure.
