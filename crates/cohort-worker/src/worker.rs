@@ -534,7 +534,9 @@ impl Poller<'_> {
                 }
                 Some(seen) = self.wake.recv(), if !opts.run_once => {
                     if let Some(at) = self.handle_seen(seen) {
-                        event_poll = Some(event_poll.map_or(at, |t| t.min(at)));
+                        // The first event sets the time; later ones join that poll (taking
+                        // the earliest of their random staggers would undo the stagger).
+                        event_poll.get_or_insert(at);
                     }
                 }
                 _ = tokio::time::sleep_until(wake_at), if !(opts.run_once && polled) => {

@@ -238,8 +238,6 @@ fn four_workers_submit_each_run_of_a_burst_exactly_once() {
         let name = names
             .get(&by[0])
             .expect("submitted by one of the four workers");
-        let labels = &s.read_flow_run(&run.id)["labels"];
-        assert_eq!(labels["prefect.worker.name"], *name, "{labels}");
         *per_worker.entry(name).or_default() += 1;
     }
     eprintln!("runs per worker: {per_worker:?}");
