@@ -72,6 +72,29 @@ pub struct PrefectClient {
     has_connected: Arc<AtomicBool>,
     /// Requests on the wire at once, at most [`MAX_IN_FLIGHT`].
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Writes on the wire at once, at most [`MAX_WRITES_IN_FLIGHT`].
+    writes: Arc<tokio::sync::Semaphore>,
+}
+
+/// Writes one at a time. A Prefect server on SQLite serializes writes anyway, and answers 503
+/// ("database is locked") to a write whose transaction read first and then finds another
+/// writer ahead (SQLite does not wait on a lock upgrade: `PATCH /flow_runs/{id}/labels` reads
+/// the run, then updates it, `prefect/server/models/flow_runs.py: update_flow_run_labels`).
+/// Concurrent writes of one worker's runs mostly collided with each other, each 503 costing a
+/// retry; on PostgreSQL, one writer at a time costs nothing the server would not serialize.
+const MAX_WRITES_IN_FLIGHT: usize = 1;
+
+/// Whether a request changes the server's state: every `PATCH`/`PUT`/`DELETE`, and every
+/// `POST` but Prefect's read-only ones (filters, counts, `get_scheduled_flow_runs`).
+fn is_write(method: &Method, segments: &[&str]) -> bool {
+    match *method {
+        Method::GET | Method::HEAD | Method::OPTIONS => false,
+        Method::POST => !matches!(
+            segments.last().copied(),
+            Some("filter" | "count" | "paginate" | "get_scheduled_flow_runs")
+        ),
+        _ => true,
+    }
 }
 
 /// Concurrent requests per client: plenty for a server whose database serializes writes.
@@ -125,6 +148,7 @@ impl PrefectClient {
             config: Arc::new(config),
             has_connected: Arc::new(AtomicBool::new(false)),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            writes: Arc::new(tokio::sync::Semaphore::new(MAX_WRITES_IN_FLIGHT)),
         })
     }
 
@@ -183,6 +207,7 @@ impl PrefectClient {
             url.query_pairs_mut().extend_pairs(query);
         }
         let path = url.path().to_owned();
+        let write = is_write(&method, segments);
         let mut backoff = Backoff::new(self.config.retry_base_delay, Duration::from_secs(30));
         loop {
             let mut req = self.http.request(method.clone(), url.clone());
@@ -193,7 +218,11 @@ impl PrefectClient {
             // At most `MAX_IN_FLIGHT` requests at once (not counting retry waits): a burst of
             // launches would otherwise open a connection per run, each with its buffers, on a
             // server that serializes its writes anyway.
-            let permit = self.in_flight.acquire().await.expect("never closed");
+            let write_permit = match write {
+                true => Some(self.writes.acquire().await.expect("never closed")),
+                false => None,
+            };
+            let permit = (write_permit, self.in_flight.acquire().await.expect("never closed"));
             tracing::trace!(%method, %path, ?retry, "sending request");
             let sent = req.send().await;
             match sent {
@@ -361,6 +390,17 @@ impl PrefectClient {
             Err(e) if e.is_not_found() && work_queue_names.is_empty() => Ok(Vec::new()),
             other => other,
         }
+    }
+
+    /// `POST /work_pools/{pool}/workers/filter`: the pool's workers the server sees online.
+    pub async fn read_online_workers(&self, pool: &str) -> Result<Vec<PoolWorker>, ApiError> {
+        self.json(
+            Method::POST,
+            &["work_pools", pool, "workers", "filter"],
+            Some(&json!({"workers": {"status": {"any_": ["ONLINE"]}}})),
+            Retry::Idempotent,
+        )
+        .await
     }
 
     /// `POST /work_pools/{pool}/workers/heartbeat` (the REST fallback of the worker channel).
@@ -783,6 +823,29 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_are_told_from_writes() {
+        for (method, path) in [
+            (Method::GET, "flow_runs/x"),
+            (Method::POST, "work_pools/p/get_scheduled_flow_runs"),
+            (Method::POST, "work_pools/p/workers/filter"),
+            (Method::POST, "flow_runs/count"),
+        ] {
+            let segments: Vec<&str> = path.split('/').collect();
+            assert!(!is_write(&method, &segments), "{method} {path}");
+        }
+        for (method, path) in [
+            (Method::POST, "flow_runs/x/set_state"),
+            (Method::PATCH, "flow_runs/x/labels"),
+            (Method::POST, "logs/"),
+            (Method::POST, "work_pools/p/workers/heartbeat"),
+            (Method::DELETE, "flow_runs/x"),
+        ] {
+            let segments: Vec<&str> = path.split('/').collect();
+            assert!(is_write(&method, &segments), "{method} {path}");
+        }
+    }
 
     #[test]
     fn python_datetime_matches_str_of_aware_datetime() {

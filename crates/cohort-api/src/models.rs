@@ -125,6 +125,19 @@ pub struct WorkPool {
     pub is_paused: bool,
 }
 
+/// One entry of `POST /work_pools/{pool}/workers/filter`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PoolWorker {
+    pub name: String,
+    #[serde(default)]
+    pub last_heartbeat_time: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub heartbeat_interval_seconds: Option<u64>,
+    /// `ONLINE` or `OFFLINE`.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkQueue {
     pub id: Uuid,

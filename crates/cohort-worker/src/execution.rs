@@ -556,8 +556,9 @@ impl ShipLogs for PrefectClient {
     }
 }
 
-/// How long log lines wait for others to share their `POST /logs/`.
-pub const LOG_BATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long log lines wait for others to share their `POST /logs/`: the default of Prefect's
+/// `PREFECT_LOGGING_TO_API_BATCH_INTERVAL` (`prefect/settings/models/logging.py`).
+pub const LOG_BATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// A batch is sent at once when it reaches this many lines.
 const LOG_BATCH_MAX: usize = 200;
 

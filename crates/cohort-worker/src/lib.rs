@@ -9,6 +9,7 @@ pub mod execution;
 pub mod health;
 pub mod job;
 pub mod journal;
+mod peers;
 mod recover;
 pub mod state;
 mod submit;

@@ -9,7 +9,8 @@
 //!
 //! The pool's `prefect.flow-run.Pending` events come too: a run claimed (by this worker or
 //! another of the pool) needs no poll any more, and claims by others tell the poller it has
-//! rivals to stagger its event-woken polls with.
+//! rivals. The pool's `prefect.worker.submitted-flow-run` events name the workers taking part
+//! (see [`crate::peers`]).
 
 use cohort_events::subscriber::{subscribe, SubscriberConfig};
 use tokio::sync::mpsc;
@@ -22,20 +23,26 @@ pub const SCHEDULED: &str = "prefect.flow-run.Scheduled";
 /// The server's event for a run entering Pending: a worker's claim (`BaseWorker._propose_pending_state`).
 pub const PENDING: &str = "prefect.flow-run.Pending";
 
+/// A worker's event for a run it took up (`BaseWorker._emit_flow_run_submitted_event`); it
+/// relates the run's work pool.
+pub const SUBMITTED: &str = cohort_events::names::WORKER_SUBMITTED_FLOW_RUN;
+
 /// What the poller learns from the pool's events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
     /// A run entered Scheduled.
     Scheduled(Uuid),
     /// A run was claimed (it entered Pending), by this worker or another.
     Claimed(Uuid),
+    /// A worker, by name, submitted a run of the pool.
+    Submitted(String),
 }
 
-/// The filter for a pool's Scheduled and Pending runs: the server relates them to
-/// `prefect.work-pool.<id>`.
+/// The filter for a pool's runs entering Scheduled and Pending, and its workers' submissions:
+/// the server relates them to `prefect.work-pool.<id>`.
 pub fn filter(pool_id: Uuid) -> serde_json::Value {
     serde_json::json!({
-        "event": {"name": [SCHEDULED, PENDING]},
+        "event": {"name": [SCHEDULED, PENDING, SUBMITTED]},
         "any_resource": {"id": [format!("prefect.work-pool.{pool_id}")]},
     })
 }
@@ -51,6 +58,14 @@ pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Seen>, shutdown: C
                 None => break,
             },
         };
+        if event.event == SUBMITTED {
+            if let Some(name) = event.resource.name() {
+                if wake.send(Seen::Submitted(name.to_owned())).await.is_err() {
+                    break;
+                }
+            }
+            continue;
+        }
         let Some(id) = event
             .resource
             .id()

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cohort_api::retry::jittered;
+use cohort_api::models::FlowRun;
 use cohort_api::{ApiError, NotReady, PrefectClient};
 use cohort_events::related::{self, Named};
 use cohort_events::subscriber::SubscriberConfig;
@@ -24,6 +25,7 @@ use crate::channel::{self, ChannelConfig};
 use crate::execution::{Executor, LogShipper, Shims};
 use crate::health::{self, LastPolled};
 use crate::journal::Journal;
+use crate::peers::{self, Peers};
 use crate::recover::{self, Recovery};
 use crate::submit::{self, Outcome, PollReads, RunContext, SharedPool};
 use crate::supervise::{Role, Supervisor};
@@ -416,8 +418,9 @@ impl Worker {
             loop_turned,
             last_poll: None,
             unclaimed: HashSet::new(),
-            ours: RecentIds::default(),
-            rival_seen: None,
+            peers: (self.options.event_wake && !self.options.run_once)
+                .then(|| Peers::new(self.options.name.clone())),
+            deferred: HashMap::new(),
         };
         if let Some(legacy) = &state.legacy {
             crate::state::take_over(&poller.ctx, legacy).await;
@@ -455,10 +458,11 @@ struct Poller<'w> {
     wake: tokio::sync::mpsc::Receiver<wake::Seen>,
     /// Runs seen entering Scheduled since the last poll and not seen claimed since.
     unclaimed: HashSet<Uuid>,
-    /// Runs this worker took up lately, to tell its own claims from its rivals'.
-    ours: RecentIds,
-    /// When another worker of the pool was last seen claiming a run.
-    rival_seen: Option<tokio::time::Instant>,
+    /// The pool's workers, to tell which runs this one claims first (see [`crate::peers`]);
+    /// `None` when it claims every run it finds, as Prefect's worker does (no event feed).
+    peers: Option<Peers>,
+    /// Runs found that another worker owns, claimed at their deadline if nobody has by then.
+    deferred: HashMap<Uuid, Deferred>,
     worker: &'w Worker,
     ctx: Arc<RunContext>,
     cancellable: Cancellable,
@@ -481,37 +485,17 @@ struct Poller<'w> {
 /// finds every run scheduled so far).
 const EVENT_POLL_GAP: Duration = Duration::from_secs(1);
 
-/// With other workers on the pool (seen claiming runs within [`RIVALS_FORGOTTEN`]), each
-/// delays its event-woken poll by a random part of this: the first to poll claims the runs,
-/// and the others, seeing them claimed (their Pending events), skip theirs, instead of every
-/// worker polling and proposing Pending for every run at once.
-const EVENT_POLL_SPREAD: Duration = Duration::from_secs(1);
-const RIVALS_FORGOTTEN: Duration = Duration::from_secs(60);
+/// With other workers on the pool the gap grows with their number, so that the pool's
+/// workers together poll about once per [`EVENT_POLL_GAP`] in a burst, however many they are;
+/// up to this.
+const EVENT_POLL_GAP_MAX: Duration = Duration::from_secs(4);
 
-/// The last [`RecentIds::CAPACITY`] ids inserted.
-#[derive(Default)]
-struct RecentIds {
-    order: std::collections::VecDeque<Uuid>,
-    set: HashSet<Uuid>,
-}
-
-impl RecentIds {
-    const CAPACITY: usize = 4096;
-
-    fn insert(&mut self, id: Uuid) {
-        if self.set.insert(id) {
-            self.order.push_back(id);
-            if self.order.len() > Self::CAPACITY {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
-            }
-        }
-    }
-
-    fn contains(&self, id: &Uuid) -> bool {
-        self.set.contains(id)
-    }
+/// A run another worker owns, found by a poll.
+struct Deferred {
+    at: tokio::time::Instant,
+    owner: String,
+    run: FlowRun,
+    reads: Arc<PollReads>,
 }
 
 impl Poller<'_> {
@@ -526,6 +510,7 @@ impl Poller<'_> {
                 return;
             }
             let wake_at = event_poll.map_or(next_poll, |t| t.min(next_poll));
+            let deferred_at = self.deferred.values().map(|d| d.at).min();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -533,12 +518,14 @@ impl Poller<'_> {
                     self.handle_run_finished(joined);
                 }
                 Some(seen) = self.wake.recv(), if !opts.run_once => {
+                    if matches!(seen, wake::Seen::Scheduled(_)) {
+                        self.relist_peers().await;
+                    }
                     if let Some(at) = self.handle_seen(seen) {
-                        // The first event sets the time; later ones join that poll (taking
-                        // the earliest of their random staggers would undo the stagger).
-                        event_poll.get_or_insert(at);
+                        event_poll = Some(event_poll.map_or(at, |t| t.min(at)));
                     }
                 }
+                _ = sleep_until_some(deferred_at) => self.claim_deferred(),
                 _ = tokio::time::sleep_until(wake_at), if !(opts.run_once && polled) => {
                     let now = tokio::time::Instant::now();
                     let by_event = next_poll > now;
@@ -558,34 +545,96 @@ impl Poller<'_> {
         }
     }
 
-    /// Books what the pool's events say; returns when to poll for a newly scheduled run: at
-    /// once, or (at most one poll in flight, since polls run on this task, and one pending)
-    /// [`EVENT_POLL_GAP`] after the last poll started, staggered among rivals.
+    /// Books what the pool's events say; returns when to poll for a newly scheduled run. For
+    /// a run this worker owns: at once, or (at most one poll in flight, since polls run on this
+    /// task, and one pending) a gap after the last poll started. For a run another worker owns:
+    /// when its owner should have claimed it, a poll skipped if it has.
     fn handle_seen(&mut self, seen: wake::Seen) -> Option<tokio::time::Instant> {
         let now = tokio::time::Instant::now();
         match seen {
             wake::Seen::Claimed(id) => {
                 self.unclaimed.remove(&id);
-                if !self.ours.contains(&id) {
-                    self.rival_seen = Some(now);
+                self.deferred.remove(&id);
+                None
+            }
+            wake::Seen::Submitted(name) => {
+                if let Some(peers) = &mut self.peers {
+                    peers.seen(&name, now);
                 }
                 None
             }
             wake::Seen::Scheduled(id) => {
                 self.unclaimed.insert(id);
-                let earliest = self
-                    .last_poll
-                    .map_or(now, |t| (t + EVENT_POLL_GAP).max(now));
-                let rivals = self
-                    .rival_seen
-                    .is_some_and(|t| now.duration_since(t) < RIVALS_FORGOTTEN);
-                let stagger = if rivals {
-                    jittered(EVENT_POLL_SPREAD / 2, 1.0)
-                } else {
-                    Duration::ZERO
+                let (workers, owned) = match &mut self.peers {
+                    None => (1, true),
+                    Some(peers) => (peers.count(now), peers.owns(id, now)),
                 };
-                Some(earliest + stagger)
+                if !owned {
+                    return Some(now + peers::DEFER);
+                }
+                let gap = (EVENT_POLL_GAP * workers as u32).min(EVENT_POLL_GAP_MAX);
+                Some(self.last_poll.map_or(now, |t| (t + gap).max(now)))
             }
+        }
+    }
+
+    /// Reads the pool's online workers when the list is stale (at most once per
+    /// [`peers::RELIST`], and only when runs come): a failure keeps what is known.
+    async fn relist_peers(&mut self) {
+        let now = tokio::time::Instant::now();
+        let Some(peers) = self.peers.as_mut().filter(|p| p.relist_due(now)) else {
+            return;
+        };
+        match self
+            .worker
+            .client
+            .read_online_workers(&self.worker.options.pool)
+            .await
+        {
+            Ok(workers) => peers.listed(workers.iter().map(|w| w.name.as_str()), now),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not list the pool's workers");
+                peers.listed([], now);
+            }
+        }
+    }
+
+    /// Claims the deferred runs whose owners have not claimed them in time.
+    fn claim_deferred(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<Uuid> = self
+            .deferred
+            .iter()
+            .filter(|(_, d)| d.at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(d) = self.deferred.remove(&id) else {
+                continue;
+            };
+            if self.in_flight.contains(&id) {
+                continue;
+            }
+            tracing::debug!(flow_run = %id, owner = %d.owner, "the run's owner has not claimed it; claiming it");
+            if let Some(peers) = &mut self.peers {
+                peers.absent(&d.owner);
+            }
+            let Some(permit) = self.slot() else {
+                // The next poll finds it again.
+                return;
+            };
+            let (ctx, run, reads) = (self.ctx.clone(), d.run, d.reads);
+            self.spawn_run(id, permit, move |cancel, terminate| {
+                submit::submit(ctx, run, None, reads, cancel, terminate)
+            });
+        }
+    }
+
+    /// A slot for one more run: `Some(None)` with no `--limit`, `None` with none free.
+    fn slot(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        match &self.slots {
+            None => Some(None),
+            Some(sem) => sem.clone().try_acquire_owned().ok().map(Some),
         }
     }
 
@@ -636,16 +685,27 @@ impl Poller<'_> {
                 next_due = Some(next_due.map_or(at, |t| t.min(at)));
                 continue;
             }
+            // Another worker's run waits for its owner (once per run, from the poll that
+            // found it first).
+            let now = tokio::time::Instant::now();
+            if let Some(peers) = &mut self.peers {
+                let owner = peers.owner(run.id, now);
+                if owner != self.worker.options.name {
+                    let owner = owner.to_owned();
+                    let reads = reads.clone();
+                    self.deferred.entry(run.id).or_insert_with(|| Deferred {
+                        at: now + peers::DEFER,
+                        owner,
+                        run,
+                        reads,
+                    });
+                    continue;
+                }
+            }
             // A slot first, then the claim; with no slot free, stop claiming this round.
-            let permit = match &self.slots {
-                None => None,
-                Some(sem) => match sem.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    Err(_) => {
-                        tracing::debug!("concurrency limit reached; leaving the remaining runs");
-                        break;
-                    }
-                },
+            let Some(permit) = self.slot() else {
+                tracing::debug!("concurrency limit reached; leaving the remaining runs");
+                break;
             };
             let (ctx, reads) = (self.ctx.clone(), reads.clone());
             self.spawn_run(run.id, permit, move |cancel, terminate| {
@@ -676,7 +736,7 @@ impl Poller<'_> {
         );
         self.task_runs.insert(handle.id(), id);
         self.in_flight.insert(id);
-        self.ours.insert(id);
+        self.deferred.remove(&id);
     }
 
     /// Takes up what an earlier worker of this name left in the journal (see [`recover`]):
@@ -776,6 +836,14 @@ impl Poller<'_> {
         while let Some(joined) = self.runs.join_next_with_id().await {
             self.handle_run_finished(joined);
         }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

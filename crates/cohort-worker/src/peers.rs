@@ -1,0 +1,195 @@
+//! Which worker of a pool claims which run, so that workers racing on one pool do not all
+//! propose Pending for every run.
+//!
+//! Prefect's workers race: each one polls, and each proposes Pending for every run it found;
+//! the server accepts one and rejects the others (`prefect/workers/base.py:
+//! BaseWorker._propose_pending_state`). With four workers a run costs three rejected proposals,
+//! and the server pays for each. Cohort's workers agree on an owner per run instead, with no
+//! message between them: rendezvous hashing of the run id over the names of the pool's workers
+//! this worker knows (the server's list of online workers, and the workers seen submitting runs
+//! of the pool). The owner claims the run as soon as it sees it; the others defer theirs by
+//! [`DEFER`], and claim it then only if nobody has (the owner may be gone, busy at its
+//! `--limit`, or a worker that does not take part, such as Prefect's own).
+//!
+//! Only the cost depends on it, never correctness: two workers with different views may both
+//! claim a run (the server still accepts one), or both defer it (it is claimed [`DEFER`] later).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// How long a worker that does not own a run waits for its owner to claim it.
+pub const DEFER: Duration = Duration::from_secs(3);
+
+/// A peer not heard of (listed online, or seen submitting) for this long is forgotten.
+const FORGOTTEN: Duration = Duration::from_secs(120);
+
+/// The pool's list of online workers is read again when it is older than this, at the next
+/// run seen scheduled (never on an idle pool).
+pub const RELIST: Duration = Duration::from_secs(60);
+
+/// The workers of a pool this worker knows of, itself included.
+#[derive(Debug)]
+pub struct Peers {
+    me: String,
+    /// Other workers, by name, with when they were last listed online or seen submitting.
+    others: HashMap<String, Instant>,
+    listed: Option<Instant>,
+}
+
+impl Peers {
+    pub fn new(me: impl Into<String>) -> Self {
+        Self {
+            me: me.into(),
+            others: HashMap::new(),
+            listed: None,
+        }
+    }
+
+    /// The server's list of online workers was read: `names` are online (this worker among
+    /// them, or not yet).
+    pub fn listed<'a>(&mut self, names: impl IntoIterator<Item = &'a str>, now: Instant) {
+        self.listed = Some(now);
+        for name in names {
+            self.seen(name, now);
+        }
+    }
+
+    /// Whether the list of online workers should be read again.
+    pub fn relist_due(&self, now: Instant) -> bool {
+        self.listed
+            .is_none_or(|at| now.saturating_duration_since(at) >= RELIST)
+    }
+
+    /// A worker was seen submitting a run of the pool.
+    pub fn seen(&mut self, name: &str, now: Instant) {
+        if name != self.me {
+            self.others.insert(name.to_owned(), now);
+        }
+    }
+
+    /// The owner of `run` did not claim it within [`DEFER`]: it does not take part (or no
+    /// longer runs), so it owns nothing until it is seen submitting again.
+    pub fn absent(&mut self, name: &str) {
+        self.others.remove(name);
+    }
+
+    /// How many workers share the pool's runs, this one included.
+    pub fn count(&mut self, now: Instant) -> usize {
+        self.others
+            .retain(|_, at| now.saturating_duration_since(*at) < FORGOTTEN);
+        1 + self.others.len()
+    }
+
+    /// The worker that claims `run` first: the highest score among the known workers.
+    pub fn owner(&mut self, run: Uuid, now: Instant) -> &str {
+        self.count(now);
+        let mut best = (score(run, &self.me), self.me.as_str());
+        for name in self.others.keys() {
+            let s = score(run, name);
+            if (s, name.as_str()) > best {
+                best = (s, name.as_str());
+            }
+        }
+        best.1
+    }
+
+    pub fn owns(&mut self, run: Uuid, now: Instant) -> bool {
+        let me = self.me.clone();
+        self.owner(run, now) == me
+    }
+}
+
+/// A hash of (run, worker) that every worker computes alike, whatever its build: FNV-1a over
+/// both, then a finalizer that spreads the bits (splitmix64's). `std`'s hasher may change
+/// between Rust releases, and workers of different builds must agree.
+fn score(run: Uuid, worker: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in run.as_bytes().iter().chain(worker.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<Uuid> {
+        (0..n as u128).map(Uuid::from_u128).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn alone_owns_everything() {
+        let mut peers = Peers::new("a");
+        let now = Instant::now();
+        assert!(ids(50).into_iter().all(|id| peers.owns(id, now)));
+        assert_eq!(peers.count(now), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_run_has_exactly_one_owner_and_the_share_is_even() {
+        let names = ["w1", "w2", "w3", "w4"];
+        let now = Instant::now();
+        let mut views: Vec<Peers> = names
+            .iter()
+            .map(|me| {
+                let mut p = Peers::new(*me);
+                p.listed(names, now);
+                p
+            })
+            .collect();
+        let mut owned = [0usize; 4];
+        for id in ids(4000) {
+            let owners: Vec<usize> = (0..4).filter(|i| views[*i].owns(id, now)).collect();
+            assert_eq!(owners.len(), 1, "run {id} owned by {owners:?}");
+            owned[owners[0]] += 1;
+        }
+        for n in owned {
+            assert!((800..1200).contains(&n), "uneven shares: {owned:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_are_forgotten_and_absent_owners_dropped() {
+        let mut peers = Peers::new("a");
+        let now = Instant::now();
+        peers.seen("b", now);
+        peers.seen("a", now);
+        assert_eq!(peers.count(now), 2);
+        let of_b = ids(100)
+            .into_iter()
+            .find(|id| peers.owner(*id, now) == "b")
+            .expect("b owns some run");
+        peers.absent("b");
+        assert!(peers.owns(of_b, now));
+        peers.seen("b", now);
+        assert_eq!(peers.count(now + FORGOTTEN), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relisting_is_due_at_first_and_after_a_while() {
+        let mut peers = Peers::new("a");
+        let now = Instant::now();
+        assert!(peers.relist_due(now));
+        peers.listed(["a", "b"], now);
+        assert!(!peers.relist_due(now + RELIST / 2));
+        assert!(peers.relist_due(now + RELIST));
+    }
+
+    #[test]
+    fn score_is_stable_across_builds() {
+        // Computed by an independent implementation of the same function: workers of different
+        // releases must rank runs alike.
+        assert_eq!(score(Uuid::nil(), "w"), score(Uuid::nil(), "w"));
+        assert_ne!(score(Uuid::nil(), "w1"), score(Uuid::nil(), "w2"));
+        assert_eq!(score(Uuid::from_u128(1), "worker"), 0xd8f1_d2f7_39d4_c0a6);
+    }
+}
