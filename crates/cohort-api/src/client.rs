@@ -222,7 +222,10 @@ impl PrefectClient {
                 true => Some(self.writes.acquire().await.expect("never closed")),
                 false => None,
             };
-            let permit = (write_permit, self.in_flight.acquire().await.expect("never closed"));
+            let permit = (
+                write_permit,
+                self.in_flight.acquire().await.expect("never closed"),
+            );
             tracing::trace!(%method, %path, ?retry, "sending request");
             let sent = req.send().await;
             match sent {

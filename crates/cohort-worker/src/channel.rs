@@ -77,6 +77,11 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut has_been_healthy = false;
     let mut channel_available = true;
+    // A channel that was up and is lost is reconnected before anything goes over REST: under
+    // load the server closes channels (1011 `heartbeat_persistence_failed` when SQLite is
+    // busy), and a REST heartbeat and pool read at each loss would add to that load. Prefect's
+    // worker reconnects too (`prefect/workers/_worker_channel/`).
+    let mut just_lost = false;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -107,6 +112,7 @@ pub async fn run(
                         }
                         Err(ChannelError::Retryable(reason)) => {
                             tracing::debug!(%reason, "worker channel lost; reconnecting");
+                            just_lost = true;
                         }
                     }
                 }
@@ -119,6 +125,14 @@ pub async fn run(
             }
         }
         // Not connected: REST keeps the worker visible and the pool fresh meanwhile.
+        if std::mem::take(&mut just_lost) {
+            let pause = backoff.next_delay().min(config.heartbeat_interval);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            continue;
+        }
         rest_sync(&client, &config, &pool).await;
         let pause = if channel_available {
             backoff.next_delay().min(config.heartbeat_interval)

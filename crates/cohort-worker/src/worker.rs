@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cohort_api::retry::jittered;
 use cohort_api::models::FlowRun;
+use cohort_api::retry::jittered;
 use cohort_api::{ApiError, NotReady, PrefectClient};
 use cohort_events::related::{self, Named};
 use cohort_events::subscriber::SubscriberConfig;
@@ -615,7 +615,7 @@ impl Poller<'_> {
             if self.in_flight.contains(&id) {
                 continue;
             }
-            tracing::debug!(flow_run = %id, owner = %d.owner, "the run's owner has not claimed it; claiming it");
+            tracing::info!(flow_run = %id, owner = %d.owner, "claiming a run its owner has let pass");
             if let Some(peers) = &mut self.peers {
                 peers.absent(&d.owner);
             }

@@ -1,6 +1,7 @@
 //! What Cohort's workers cost the Prefect server, against a real Prefect 3.8.8 server (see
 //! `util`), through the `cohort` binary: four workers racing on one pool over a burst of runs
-//! claim each run exactly once, and the deployment a worker reads for a run is never older
+//! claim each run exactly once, the runs owned by a worker that is listed online but never
+//! claims are claimed all the same, and the deployment a worker reads for a run is never older
 //! than the run (a job-variable change applies to runs created after it).
 //!
 //! Each worker talks to the server through its own fault proxy (`util/fault_proxy.rs`), which
@@ -335,4 +336,62 @@ fn deployment_change_applies_to_runs_created_after_it() {
         before.len() + after.len(),
     );
     stop_gracefully(&mut w.worker);
+}
+
+/// A worker the server lists online but that never claims (here a name that only heartbeats,
+/// as a stopped worker looks until the server marks it offline) owns a share of the runs: the
+/// Cohort worker claims that share too, once its owner has let it pass.
+#[test]
+fn runs_owned_by_a_worker_that_never_claims_are_claimed_all_the_same() {
+    let s = server();
+    let pool = unique("load-ghost");
+    s.create_work_pool(&pool, "process");
+    let ghost = worker_name("Ghost");
+    s.request(
+        Method::POST,
+        &format!("/work_pools/{pool}/workers/heartbeat"),
+        Some(&json!({"name": ghost, "heartbeat_interval_seconds": 30})),
+    );
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({"command": "true"})));
+    let mut w = start_counted(s, &pool, "Survivor");
+    wait_started(s, &w.name);
+
+    let runs: Vec<FlowRun> = (0..12)
+        .map(|_| s.create_flow_run(&dep.id, &[], json!({}), json!({})))
+        .collect();
+    let filter = json!({
+        "event": {"name": [SUBMITTED]},
+        "related": {"id": [format!("prefect.deployment.{}", dep.id)]},
+    });
+    let events = s.wait_for_events(filter, runs.len(), FLOW_RUN_TIMEOUT);
+    let mut per_run: HashMap<String, usize> = HashMap::new();
+    for e in &events {
+        assert_eq!(
+            e["resource"]["prefect.resource.id"],
+            worker_resource_id(&w.name)
+        );
+        for r in e["related"].as_array().into_iter().flatten() {
+            if let Some(id) = r["prefect.resource.id"].as_str() {
+                if let Some(run) = id.strip_prefix("prefect.flow-run.") {
+                    *per_run.entry(run.to_owned()).or_default() += 1;
+                }
+            }
+        }
+    }
+    for run in &runs {
+        assert_eq!(per_run.get(&run.id).copied(), Some(1), "run {}", run.id);
+    }
+    assert!(runs_in_states(s, &dep.id, &["SCHEDULED"]).is_empty());
+    stop_gracefully(&mut w.worker);
+    // The ghost owned some of the 12 runs (all 12 going to one of two names has odds 2^-11):
+    // the worker took them over rather than claiming everything at once.
+    let output = w.worker.output();
+    let taken_over = output
+        .matches("claiming a run its owner has let pass")
+        .count();
+    assert!(
+        taken_over > 0 && taken_over < runs.len(),
+        "runs taken over from the ghost: {taken_over}\n{output}"
+    );
+    print_requests("a listed worker that never claims", &[&w], runs.len());
 }
