@@ -417,6 +417,8 @@ impl Worker {
             last_polled,
             loop_turned,
             last_poll: None,
+            last_scheduled: None,
+            burst_started: None,
             unclaimed: HashSet::new(),
             peers: (self.options.event_wake && !self.options.run_once)
                 .then(|| Peers::new(self.options.name.clone())),
@@ -478,7 +480,27 @@ struct Poller<'w> {
     loop_turned: LastPolled,
     /// When the last poll started.
     last_poll: Option<tokio::time::Instant>,
+    /// The pool's latest `Scheduled` event, and the first since the last poll.
+    last_scheduled: Option<tokio::time::Instant>,
+    burst_started: Option<tokio::time::Instant>,
 }
+
+/// When to poll, as the pool's events ask.
+enum Wake {
+    /// For runs this worker owns: the time given replaces any earlier one (a burst postpones
+    /// its poll until it is over).
+    Owned(tokio::time::Instant),
+    /// For runs other workers own, if they have not claimed them by then.
+    Fallback(tokio::time::Instant),
+}
+
+/// A burst of runs is over when no run has been scheduled on the pool for this long: its
+/// poll waits for that, so that the worker's claims do not compete with the client still
+/// creating the runs (on SQLite every write waits for the one before).
+const BURST_QUIET: Duration = Duration::from_millis(300);
+
+/// The longest a poll waits for a burst to end (a client that keeps creating runs).
+const BURST_MAX_WAIT: Duration = Duration::from_secs(3);
 
 /// The least time between the start of a poll and a poll woken by a `Scheduled` event: a burst
 /// of runs created one after another costs a poll per this period, not one per run (a poll
@@ -502,14 +524,18 @@ impl Poller<'_> {
     async fn serve(&mut self, shutdown: &CancellationToken) {
         let opts = &self.worker.options;
         let mut next_poll = tokio::time::Instant::now();
-        // A poll woken by events, skipped if by then every run it was for has been claimed.
-        let mut event_poll: Option<tokio::time::Instant> = None;
+        // Polls woken by events, skipped if by then every run they were for has been claimed.
+        let mut owned_poll: Option<tokio::time::Instant> = None;
+        let mut fallback_poll: Option<tokio::time::Instant> = None;
         let mut polled = false;
         loop {
             if opts.run_once && polled && self.runs.is_empty() {
                 return;
             }
-            let wake_at = event_poll.map_or(next_poll, |t| t.min(next_poll));
+            let wake_at = [owned_poll, fallback_poll]
+                .into_iter()
+                .flatten()
+                .fold(next_poll, |a, b| a.min(b));
             let deferred_at = self.deferred.values().map(|d| d.at).min();
             tokio::select! {
                 biased;
@@ -521,15 +547,20 @@ impl Poller<'_> {
                     if matches!(seen, wake::Seen::Scheduled(_)) {
                         self.relist_peers().await;
                     }
-                    if let Some(at) = self.handle_seen(seen) {
-                        event_poll = Some(event_poll.map_or(at, |t| t.min(at)));
+                    match self.handle_seen(seen, owned_poll.is_some()) {
+                        Some(Wake::Owned(at)) => owned_poll = Some(at),
+                        Some(Wake::Fallback(at)) => {
+                            fallback_poll = Some(fallback_poll.map_or(at, |t| t.min(at)));
+                        }
+                        None => {}
                     }
                 }
                 _ = sleep_until_some(deferred_at) => self.claim_deferred(),
                 _ = tokio::time::sleep_until(wake_at), if !(opts.run_once && polled) => {
                     let now = tokio::time::Instant::now();
                     let by_event = next_poll > now;
-                    event_poll = None;
+                    (owned_poll, fallback_poll) = (None, None);
+                    self.burst_started = None;
                     if by_event && self.unclaimed.is_empty() {
                         tracing::debug!("the runs this poll was woken for are claimed; not polling");
                         continue;
@@ -546,10 +577,13 @@ impl Poller<'_> {
     }
 
     /// Books what the pool's events say; returns when to poll for a newly scheduled run. For
-    /// a run this worker owns: at once, or (at most one poll in flight, since polls run on this
-    /// task, and one pending) a gap after the last poll started. For a run another worker owns:
-    /// when its owner should have claimed it, a poll skipped if it has.
-    fn handle_seen(&mut self, seen: wake::Seen) -> Option<tokio::time::Instant> {
+    /// a run this worker owns, on an idle pool: at once; in a burst (runs scheduled less than
+    /// [`BURST_QUIET`] apart), when the burst is over, at most [`BURST_MAX_WAIT`] after its
+    /// first run; and never sooner than a gap after the last poll started (at most one poll in
+    /// flight, since polls run on this task, and one pending). Any run scheduled postpones a
+    /// pending poll (`owned_pending`) the same way. For a run another worker owns: when its
+    /// owner should have claimed it, a poll skipped if it has.
+    fn handle_seen(&mut self, seen: wake::Seen, owned_pending: bool) -> Option<Wake> {
         let now = tokio::time::Instant::now();
         match seen {
             wake::Seen::Claimed(id) => {
@@ -565,15 +599,25 @@ impl Poller<'_> {
             }
             wake::Seen::Scheduled(id) => {
                 self.unclaimed.insert(id);
+                let quiet = self
+                    .last_scheduled
+                    .is_none_or(|t| now.saturating_duration_since(t) >= BURST_QUIET);
+                self.last_scheduled = Some(now);
                 let (workers, owned) = match &mut self.peers {
                     None => (1, true),
                     Some(peers) => (peers.count(now), peers.owns(id, now)),
                 };
-                if !owned {
-                    return Some(now + peers::DEFER);
+                if !owned && !owned_pending {
+                    return Some(Wake::Fallback(now + peers::DEFER));
                 }
+                let first = *self.burst_started.get_or_insert(now);
+                let at = if quiet && !owned_pending {
+                    now
+                } else {
+                    (now + BURST_QUIET).min(first + BURST_MAX_WAIT)
+                };
                 let gap = (EVENT_POLL_GAP * workers as u32).min(EVENT_POLL_GAP_MAX);
-                Some(self.last_poll.map_or(now, |t| (t + gap).max(now)))
+                Some(Wake::Owned(self.last_poll.map_or(at, |t| (t + gap).max(at))))
             }
         }
     }
