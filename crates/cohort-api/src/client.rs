@@ -84,6 +84,10 @@ pub struct PrefectClient {
 /// retry; on PostgreSQL, one writer at a time costs nothing the server would not serialize.
 const MAX_WRITES_IN_FLIGHT: usize = 1;
 
+/// How long one write holds the others back: a server that hangs one request must not stall
+/// every run's writes until the request times out.
+const WRITE_HOLD_MAX: Duration = Duration::from_secs(2);
+
 /// Whether a request changes the server's state: every `PATCH`/`PUT`/`DELETE`, and every
 /// `POST` but Prefect's read-only ones (filters, counts, `get_scheduled_flow_runs`).
 fn is_write(method: &Method, segments: &[&str]) -> bool {
@@ -218,16 +222,26 @@ impl PrefectClient {
             // At most `MAX_IN_FLIGHT` requests at once (not counting retry waits): a burst of
             // launches would otherwise open a connection per run, each with its buffers, on a
             // server that serializes its writes anyway.
-            let write_permit = match write {
+            let mut write_permit = match write {
                 true => Some(self.writes.acquire().await.expect("never closed")),
                 false => None,
             };
-            let permit = (
-                write_permit,
-                self.in_flight.acquire().await.expect("never closed"),
-            );
+            let permit = self.in_flight.acquire().await.expect("never closed");
             tracing::trace!(%method, %path, ?retry, "sending request");
-            let sent = req.send().await;
+            let sent = {
+                let send = req.send();
+                tokio::pin!(send);
+                tokio::select! {
+                    r = &mut send => r,
+                    // A write the server is slow to answer (or never answers) stops holding
+                    // the others back.
+                    _ = tokio::time::sleep(WRITE_HOLD_MAX), if write_permit.is_some() => {
+                        write_permit = None;
+                        send.await
+                    }
+                }
+            };
+            let permit = (write_permit, permit);
             match sent {
                 Err(source) => {
                     drop(permit);
@@ -848,6 +862,73 @@ mod tests {
             let segments: Vec<&str> = path.split('/').collect();
             assert!(is_write(&method, &segments), "{method} {path}");
         }
+    }
+
+    /// A fake server (a hang the real one cannot be made to produce on demand): it never
+    /// answers a request for `/hang`, and answers any other with 204.
+    async fn fake_server_hanging_one_path() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if String::from_utf8_lossy(&head).contains("/hang ") {
+                        std::future::pending::<()>().await;
+                    }
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_hung_write_holds_the_other_writes_back_only_briefly() {
+        let addr = fake_server_hanging_one_path().await;
+        let client = PrefectClient::new(ClientConfig {
+            api_url: format!("http://{addr}/api").parse().unwrap(),
+            api_key: None,
+            auth_string: None,
+            max_retries: 0,
+            request_timeout: Duration::from_secs(30),
+            retry_base_delay: Duration::from_millis(1),
+        })
+        .unwrap();
+        let hung = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .send(Method::PATCH, &["hang"], None, Retry::Idempotent)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = tokio::time::Instant::now();
+        let other = client
+            .send(Method::PATCH, &["other"], None, Retry::Idempotent)
+            .await
+            .expect("the other write is answered");
+        assert_eq!(other.status, StatusCode::NO_CONTENT);
+        let waited = started.elapsed();
+        assert!(
+            waited >= WRITE_HOLD_MAX - Duration::from_millis(300)
+                && waited < Duration::from_secs(10),
+            "the other write waited {waited:?}"
+        );
+        assert!(!hung.is_finished(), "the hung write was answered");
+        hung.abort();
     }
 
     #[test]

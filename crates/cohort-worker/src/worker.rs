@@ -496,11 +496,12 @@ enum Wake {
 
 /// A burst of runs is over when no run has been scheduled on the pool for this long: its
 /// poll waits for that, so that the worker's claims do not compete with the client still
-/// creating the runs (on SQLite every write waits for the one before).
-const BURST_QUIET: Duration = Duration::from_millis(300);
+/// creating the runs (on SQLite every write waits for the one before). The server delivers
+/// events in clumps under load, hence not much less than a second.
+const BURST_QUIET: Duration = Duration::from_secs(1);
 
 /// The longest a poll waits for a burst to end (a client that keeps creating runs).
-const BURST_MAX_WAIT: Duration = Duration::from_secs(3);
+const BURST_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// The least time between the start of a poll and a poll woken by a `Scheduled` event: a burst
 /// of runs created one after another costs a poll per this period, not one per run (a poll
@@ -553,6 +554,10 @@ impl Poller<'_> {
                             fallback_poll = Some(fallback_poll.map_or(at, |t| t.min(at)));
                         }
                         None => {}
+                    }
+                    // Nor does a poll for other workers' runs go in the middle of a burst.
+                    if let (Some(at), Some(last)) = (fallback_poll, self.last_scheduled) {
+                        fallback_poll = Some(at.max(last + BURST_QUIET));
                     }
                 }
                 _ = sleep_until_some(deferred_at) => self.claim_deferred(),
@@ -617,7 +622,9 @@ impl Poller<'_> {
                     (now + BURST_QUIET).min(first + BURST_MAX_WAIT)
                 };
                 let gap = (EVENT_POLL_GAP * workers as u32).min(EVENT_POLL_GAP_MAX);
-                Some(Wake::Owned(self.last_poll.map_or(at, |t| (t + gap).max(at))))
+                Some(Wake::Owned(
+                    self.last_poll.map_or(at, |t| (t + gap).max(at)),
+                ))
             }
         }
     }
