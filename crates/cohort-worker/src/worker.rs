@@ -671,7 +671,9 @@ impl Poller<'_> {
                 peers.absent(&d.owner);
             }
             let Some(permit) = self.slot() else {
-                // The next poll finds it again.
+                // No slot: the runs due are dropped (not kept due, which would wake this
+                // at once again); the next poll finds them if they are still unclaimed.
+                self.deferred.retain(|_, d| d.at > now);
                 return;
             };
             let (ctx, run, reads) = (self.ctx.clone(), d.run, d.reads);
