@@ -31,6 +31,15 @@ const EVENTS_TIMEOUT: Duration = Duration::from_secs(90);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 const SUBMITTED: &str = "prefect.worker.submitted-flow-run";
+
+/// One test at a time: each measures what its workers cost the server, and the four-worker
+/// burst of real flows keeps a SQLite server busy enough to answer the others' writes 503
+/// for a minute.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 const EXECUTED: &str = "prefect.worker.executed-flow-run";
 
 // ---------------------------------------------------------------------------------------
@@ -147,6 +156,7 @@ fn print_requests(title: &str, workers: &[&Counted], runs: usize) {
 /// back per `Scheduled` event it was woken by (`GET /flow_runs/{id}`).
 #[test]
 fn four_workers_submit_each_run_of_a_burst_exactly_once() {
+    let _one = one_at_a_time();
     let s = server();
     let pool = unique("load-herd");
     s.create_work_pool(&pool, "process");
@@ -263,6 +273,7 @@ fn four_workers_submit_each_run_of_a_burst_exactly_once() {
 /// `prefect.infrastructure.status-code` of its `executed-flow-run` event.
 #[test]
 fn deployment_change_applies_to_runs_created_after_it() {
+    let _one = one_at_a_time();
     let s = server();
     let pool = unique("load-fresh");
     s.create_work_pool(&pool, "process");
@@ -343,6 +354,7 @@ fn deployment_change_applies_to_runs_created_after_it() {
 /// Cohort worker claims that share too, once its owner has let it pass.
 #[test]
 fn runs_owned_by_a_worker_that_never_claims_are_claimed_all_the_same() {
+    let _one = one_at_a_time();
     let s = server();
     let pool = unique("load-ghost");
     s.create_work_pool(&pool, "process");

@@ -625,7 +625,9 @@ impl PrefectServer {
                 }
                 Err(e) => format!("{e}"),
             };
-            if attempt >= 12 {
+            // About 90 s of 503s: a SQLite server under a burst of real flows answers
+            // writes "database is locked" for a minute at times.
+            if attempt >= 25 {
                 panic!("{method} {url}: still failing after {attempt} attempts: {retryable_err}");
             }
             sleep(delay);
