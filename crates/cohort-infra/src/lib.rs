@@ -1,0 +1,163 @@
+//! The seam between the worker's pipeline (poll → claim → submit → supervise → events), written
+//! once, and the infrastructure a flow run runs on: a local process (`cohort-process`), a Docker
+//! container (`cohort-docker`). Prefect draws the same line between `BaseWorker` and each
+//! worker's `run()` / `kill_infrastructure()` (`prefect/workers/base.py`).
+//!
+//! An infrastructure turns a rendered job configuration into a [`Job`] ([`Infrastructure::prepare`]),
+//! a job into something [`Started`] ([`Job::launch`]), and finds what an earlier worker of the
+//! same name started ([`Infrastructure::adopt`]). Everything else — states, events, the journal,
+//! cancellation, crash reports — stays in the worker.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_events::{EventSink, RelatedResource, Resource};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The futures of the seam's object-safe traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A rendered job configuration (`BaseJobConfiguration` after `resolve_for_flow_run`).
+pub type Map = serde_json::Map<String, serde_json::Value>;
+
+/// One kind of infrastructure: the pool type it serves and how runs are started on it.
+pub trait Infrastructure: Send + Sync + 'static {
+    /// `process` | `docker`: the work pool type served, and the worker's `prefect.worker-type`.
+    fn worker_type(&self) -> &'static str;
+
+    /// The base job template of a pool created by this worker, or found with an empty one
+    /// (`BaseWorker.get_default_base_job_template`).
+    fn default_base_job_template(&self) -> serde_json::Value;
+
+    /// What the worker channel's hello advertises beyond the base worker's: `worker_metadata`
+    /// and extra capabilities (prefect-docker's cleanup delivery, say).
+    fn channel_hello(&self) -> ChannelHello {
+        ChannelHello::default()
+    }
+
+    /// Reads a rendered configuration into a job ready to launch (pydantic's validation of the
+    /// worker's `JobConfiguration` plus its `prepare_for_flow_run`). An error is the run's
+    /// Crashed message.
+    fn prepare(&self, config: &Map, spec: RunSpec) -> Result<Box<dyn Job>, PrepareError>;
+
+    /// What an earlier worker of this name and `PREFECT_HOME` started for `flow_run`, found
+    /// again after a restart: still running, or ended meanwhile with its status code.
+    /// `legacy_status` is where an older release recorded it, if the journal says so.
+    fn adopt<'a>(
+        &'a self,
+        flow_run: Uuid,
+        legacy_status: Option<&'a Path>,
+    ) -> BoxFuture<'a, Option<Box<dyn Started>>>;
+
+    /// Drops what the infrastructure kept on this machine about a run whose story is told.
+    fn forget(&self, _flow_run: Uuid) {}
+}
+
+/// A worker-channel hello's infrastructure-specific part.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelHello {
+    pub worker_metadata: Option<serde_json::Value>,
+    pub extra_capabilities: Vec<&'static str>,
+}
+
+/// What every infrastructure is given for one run beyond its job configuration.
+pub struct RunSpec {
+    pub flow_run_id: Uuid,
+    pub flow_run_name: String,
+    /// The environment of Prefect's `BaseJobConfiguration.prepare_for_flow_run`: the worker's
+    /// explicit `PREFECT_*` settings and the `PREFECT__*` run identifiers. The job's own `env`
+    /// goes on top of it (a `null` value unsets).
+    pub env: BTreeMap<String, String>,
+    /// Where infrastructure events go, and what they relate to.
+    pub events: EventContext,
+}
+
+/// The run's worker and related resources, for events an infrastructure emits itself
+/// (prefect-docker's `prefect.docker.container.*`).
+#[derive(Clone)]
+pub struct EventContext {
+    pub sink: Arc<dyn EventSink>,
+    /// The worker (`prefect.worker.<type>.<slug>`).
+    pub worker: Resource,
+    /// The run's related resources, as on its `submitted-flow-run` event.
+    pub related: Vec<RelatedResource>,
+}
+
+/// A configuration the infrastructure cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// A field has the wrong type or value; the message names it.
+    #[error("ValidationError: {0}")]
+    Invalid(String),
+    /// The machine cannot provide what the run needs (a working directory, say).
+    #[error("Flow run could not start: {0}")]
+    Unavailable(String),
+}
+
+/// A run ready to launch.
+pub trait Job: Send {
+    /// A directory to journal before launch, so a worker restarted after a crash can remove it
+    /// (the process worker's temporary working directory).
+    fn scratch_dir(&self) -> Option<PathBuf> {
+        None
+    }
+
+    /// Starts the run; returns once it has an identifier. The error is worded for the run's
+    /// Crashed message ("Flow run could not start: …").
+    fn launch(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Started>, String>>;
+}
+
+/// A started run, owned by its supervisor until it ends.
+pub trait Started: Send {
+    /// `infrastructure_pid` and `prefect.infrastructure.identifier`: a pid, or
+    /// `<docker host>:<container id>`.
+    fn identifier(&self) -> String;
+
+    /// Ends with Prefect's status code (the exit code, negative for a signal). Cancel-safe: a
+    /// supervisor drops it in a `select!`. `Err` means the run was lost track of.
+    fn wait(&mut self) -> BoxFuture<'_, std::io::Result<i64>>;
+
+    /// Stops it gracefully, forcibly after `grace` or as soon as `hurry` is cancelled; returns
+    /// its status code.
+    fn stop(
+        &mut self,
+        grace: Duration,
+        hurry: CancellationToken,
+    ) -> BoxFuture<'_, std::io::Result<i64>>;
+
+    /// The engine reported the run's outcome over a control channel (its state is its own).
+    fn concluded(&self) -> bool {
+        false
+    }
+
+    /// Tells the engine it is being cancelled, over a control channel, when there is one.
+    fn signal_cancel(&self) -> BoxFuture<'_, CancelSignal> {
+        Box::pin(async { CancelSignal::NoChannel })
+    }
+
+    /// The Crashed message for a non-zero status code.
+    fn crashed_message(&self, code: i64) -> String;
+
+    /// What a user can do about such a crash, logged after it.
+    fn crash_resolution(&self, _code: i64) -> Option<String> {
+        None
+    }
+}
+
+/// How a cancel intent reached the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelSignal {
+    /// The engine had already reported a final state: nothing to cancel.
+    AlreadyConcluded,
+    /// Sent (acknowledged or not; the detail is for the log).
+    Sent(String),
+    /// No control channel: the stop is a plain signal.
+    NoChannel,
+}
