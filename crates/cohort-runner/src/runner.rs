@@ -13,7 +13,7 @@ use cohort_api::{ApiError, NotReady, PrefectClient};
 use cohort_events::related;
 use cohort_events::subscriber::SubscriberConfig;
 use cohort_events::{EventSink, EventsAuth};
-use cohort_process::control::ControlListener;
+use cohort_process::ProcessInfrastructure;
 use cohort_process::{find_python, Launch};
 use cohort_worker::cancel::{self, Cancellable};
 use cohort_worker::execution::{claim, propose_crashed, Executor, Gate, NotExecuted, RunLog};
@@ -212,23 +212,15 @@ impl Runner {
             ),
             None => None,
         };
-        let control = match ControlListener::bind().await {
-            Ok(c) => Some(Arc::new(c)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open the engine control channel; cancellations will be plain SIGTERMs");
-                None
-            }
-        };
+        // A runner cancels its runs when it stops, and does not re-adopt: no shims.
+        let infra = Arc::new(ProcessInfrastructure::new(None).await);
         let executor = Arc::new(Executor {
             client: self.client.clone(),
             sink,
-            control,
             runner_resource: related::runner_resource(&self.options.name, &self.prefect_version),
             termination_grace: self.options.termination_grace,
             hurry,
             cancel_on_shutdown: Some("Runner is shutting down."),
-            // A runner cancels its runs when it stops, and does not re-adopt: no shims.
-            shims: None,
             logs: None,
         });
         let cancellable = Cancellable::default();
@@ -323,6 +315,7 @@ impl Runner {
                         let cancel = cancellable.register(id);
                         let ctx = RunCtx {
                             executor: executor.clone(),
+                            infra: infra.clone(),
                             options: self.options.clone(),
                             served,
                         };
@@ -367,6 +360,7 @@ impl Runner {
 /// What one run of the runner needs.
 struct RunCtx {
     executor: Arc<Executor>,
+    infra: Arc<ProcessInfrastructure>,
     options: RunnerOptions,
     served: Served,
 }
@@ -432,7 +426,7 @@ impl RunCtx {
                 &run,
                 deployment.as_ref(),
                 flow.as_ref(),
-                launch,
+                self.infra.job(launch),
                 &mut log,
                 &cancel,
                 &terminate,

@@ -1,9 +1,8 @@
-//! Running one claimed flow run as a local process, shared by the worker and the runner:
+//! Running one claimed flow run on its infrastructure, shared by the worker and the runner:
 //! Submitting, launch, `infrastructure_pid`, supervision to the end, crash detection, and
 //! cancellation (`prefect/runner/_flow_run_executor.py: FlowRunExecutor`,
 //! `prefect/runner/_cancellation_manager.py: CancellationManager`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,25 +10,17 @@ use cohort_api::models::{Deployment, Flow, FlowRun, SetStateStatus, StateCreate,
 use cohort_api::PrefectClient;
 use cohort_events::related::{self, Named};
 use cohort_events::{names, Event, EventSink, Resource};
-use cohort_process::control::{ControlListener, Intent, SignalStatus};
-use cohort_process::exit_codes::{crashed_message, exit_info};
-use cohort_process::{Attempt, FlowRunProcess, Launch, ShimSpec};
+use cohort_infra::{CancelSignal, Job, Started};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cancel::{current_state, finalize_cancelled, finish, Finish, StopReason};
 
-/// How long the engine gets to acknowledge a cancel intent (Prefect: 1 s).
-const INTENT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// What every execution of one worker or runner shares.
 pub struct Executor {
     pub client: PrefectClient,
     pub sink: Arc<dyn EventSink>,
-    /// The engine's control channel; `None` when it could not be opened (then a cancel is a
-    /// plain SIGTERM, and the engine reports Crashed before Cancelled is forced).
-    pub control: Option<Arc<ControlListener>>,
     /// Resource of `prefect.runner.cancelled-flow-run`: `prefect.runner.standalone` for a
     /// worker, `prefect.runner.<slug>` for a runner.
     pub runner_resource: Resource,
@@ -43,42 +34,9 @@ pub struct Executor {
     /// the engine reported an outcome); a message for a runner, which cancels its runs with
     /// it, as Prefect's `Runner.stop` does (`cancel_all(state_msg="Runner is shutting down.")`).
     pub cancel_on_shutdown: Option<&'static str>,
-    /// Run each flow under a shim that outlives this process; `None` starts flows directly.
-    pub shims: Option<Shims>,
     /// Where supervisors' flow-run log lines go: batched over runs, or (`None`) one
     /// `POST /logs/` per flush.
     pub logs: Option<LogShipper>,
-}
-
-/// Where flow runs' shims come from and record their status.
-#[derive(Debug, Clone)]
-pub struct Shims {
-    /// The `cohort` executable (it runs the shim as a hidden command).
-    pub exe: PathBuf,
-    /// One status file per run: `<dir>/<flow run id>.json`.
-    pub dir: PathBuf,
-}
-
-impl Shims {
-    /// This executable, recording under `dir` (created if missing).
-    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self {
-            exe: std::env::current_exe()?,
-            dir,
-        })
-    }
-
-    pub fn status_path(&self, flow_run: Uuid) -> PathBuf {
-        self.dir.join(format!("{flow_run}.json"))
-    }
-
-    fn spec(&self, flow_run: Uuid) -> ShimSpec {
-        ShimSpec {
-            exe: self.exe.clone(),
-            status: self.status_path(flow_run),
-        }
-    }
 }
 
 /// Whether a claimed run may be launched.
@@ -154,38 +112,22 @@ impl Executor {
         }
     }
 
-    /// Launches `launch`, records the pid, and supervises the process until it exits, is
-    /// cancelled (`cancel`), or must stop because its supervisor is shutting down (`terminate`).
+    /// Launches `job`, records its identifier as the run's `infrastructure_pid`, and supervises
+    /// it until it exits, is cancelled (`cancel`), or must stop because its supervisor is
+    /// shutting down (`terminate`).
     #[allow(clippy::too_many_arguments)]
     pub async fn execute(
         &self,
         run: &FlowRun,
         deployment: Option<&Deployment>,
         flow: Option<&Flow>,
-        mut launch: Launch,
+        job: Box<dyn Job>,
         log: &mut RunLog,
         cancel: &CancellationToken,
         terminate: &CancellationToken,
     ) -> Result<Executed, NotExecuted> {
-        let attempt = self.control.as_ref().map(|c| c.register());
-        if let Some(attempt) = &attempt {
-            launch.env.extend(attempt.env());
-            // The supervisor owns Cancelled and the crashed/cancellation hooks when the
-            // channel is up (`prefect/runner/_flow_run_executor.py`).
-            launch.env.insert(
-                "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS".into(),
-                "false".into(),
-            );
-        }
-        if let Some(shims) = &self.shims {
-            launch.shim = Some(shims.spec(run.id));
-        }
-        let started = match FlowRunProcess::spawn(&launch) {
-            Ok(mut p) => p.started(&launch).await.map(|()| p),
-            Err(e) => Err(e),
-        };
-        let process = match started {
-            Ok(p) => p,
+        let started = match job.launch().await {
+            Ok(started) => started,
             Err(e) => {
                 // `FlowRunExecutor.submit` words it so.
                 let message = format!("Flow run could not start: {e}");
@@ -198,7 +140,7 @@ impl Executor {
                 return Err(NotExecuted::CouldNotStart(message));
             }
         };
-        let pid = process.pid().to_string();
+        let pid = started.identifier();
         if let Err(e) = self.client.set_infrastructure_pid(run.id, &pid).await {
             tracing::error!(error = %e, "could not set the `infrastructure_pid` of the flow run; it will not be cancellable by other tools");
         }
@@ -207,49 +149,35 @@ impl Executor {
             run.name
         ));
         self.ship(log).await;
-        // Held across the whole supervision otherwise.
-        drop(launch);
-        self.supervise(
-            run,
-            deployment,
-            flow,
-            process,
-            attempt.as_ref(),
-            log,
-            cancel,
-            terminate,
-        )
-        .await
+        self.supervise(run, deployment, flow, started, log, cancel, terminate)
+            .await
     }
 
-    /// Supervises a started process until it exits, is cancelled (`cancel`), or must stop
-    /// because its supervisor is shutting down (`terminate`); `attempt` is its control channel,
-    /// if it has one (a run re-adopted after a restart has none).
+    /// Supervises a started run until it exits, is cancelled (`cancel`), or must stop because
+    /// its supervisor is shutting down (`terminate`). A run re-adopted after a restart has no
+    /// control channel.
     #[allow(clippy::too_many_arguments)]
     pub async fn supervise(
         &self,
         run: &FlowRun,
         deployment: Option<&Deployment>,
         flow: Option<&Flow>,
-        mut process: FlowRunProcess,
-        attempt: Option<&Attempt>,
+        mut started: Box<dyn Started>,
         log: &mut RunLog,
         cancel: &CancellationToken,
         terminate: &CancellationToken,
     ) -> Result<Executed, NotExecuted> {
-        let pid = process.pid().to_string();
+        let pid = started.identifier();
         enum Ending {
             Exited(std::io::Result<i64>),
             Cancel,
             Terminate,
         }
         let ending = tokio::select! {
-            status = process.wait() => Ending::Exited(status),
+            status = started.wait() => Ending::Exited(status),
             _ = cancel.cancelled() => Ending::Cancel,
             _ = terminate.cancelled() => Ending::Terminate,
         };
-        let concluded =
-            |attempt: Option<&Attempt>| attempt.is_some_and(|a| a.conclusion().is_some());
         // A cancel request, or a runner's shutdown, which cancels what still runs.
         let stop = match &ending {
             Ending::Cancel => Some((
@@ -263,17 +191,9 @@ impl Executor {
         };
         if let Some((reason, message)) = stop {
             let code = self
-                .stop_cancelled(
-                    run,
-                    &mut process,
-                    attempt,
-                    deployment,
-                    flow,
-                    reason,
-                    message,
-                )
+                .stop_cancelled(run, started.as_mut(), deployment, flow, reason, message)
                 .await;
-            let status_code = if concluded(attempt) { 0 } else { code };
+            let status_code = if started.concluded() { 0 } else { code };
             return Ok(Executed { pid, status_code });
         }
         let code = match ending {
@@ -288,16 +208,16 @@ impl Executor {
                 tracing::warn!(pid = %pid, "stopping flow run: shutting down");
                 // A run that reached its final state before we stopped it (its process
                 // still exiting) keeps it, and its log says nothing of a crash.
-                let finished = concluded(attempt)
+                let finished = started.concluded()
                     || current_state(&self.client, run.id)
                         .await
                         .is_some_and(StateType::is_final);
                 let code = self
-                    .stop_process(&mut process)
+                    .stop_process(started.as_mut())
                     .await
                     .map_err(|e| NotExecuted::Lost(e.to_string()))?;
                 if !finished {
-                    let message = crashed_message(code);
+                    let message = started.crashed_message(code);
                     log.error(format!(
                         "{message} The flow run was stopped because its supervisor shut down."
                     ));
@@ -307,7 +227,7 @@ impl Executor {
                 code
             }
         };
-        if concluded(attempt) {
+        if started.concluded() {
             return Ok(Executed {
                 pid,
                 status_code: 0,
@@ -315,9 +235,11 @@ impl Executor {
         }
         if code != 0 {
             // A non-zero exit without a reported outcome is a crash.
-            let message = crashed_message(code);
+            let message = started.crashed_message(code);
             log.error(message.clone());
-            log.info(exit_info(code).resolution.to_owned());
+            if let Some(resolution) = started.crash_resolution(code) {
+                log.info(resolution);
+            }
             self.ship(log).await;
             propose_crashed(&self.client, run.id, &message).await;
         }
@@ -327,17 +249,15 @@ impl Executor {
         })
     }
 
-    /// The cancel sequence: intent over the control channel, SIGTERM to the process group,
-    /// SIGKILL after the grace period; then, as [`finish`] decides, Cancelled made durable and,
+    /// The cancel sequence: intent over the control channel, a graceful stop (SIGTERM to the
+    /// process group), a forced one after the grace period; then, as [`finish`] decides, Cancelled made durable and,
     /// only then, the `prefect.runner.cancelled-flow-run` event. A run that reached a final
-    /// state of its own before we stopped it keeps it, with no event. Returns the process's
-    /// exit code.
-    #[allow(clippy::too_many_arguments)]
+    /// state of its own before we stopped it keeps it, with no event. Returns the run's
+    /// status code.
     async fn stop_cancelled(
         &self,
         run: &FlowRun,
-        process: &mut FlowRunProcess,
-        attempt: Option<&Attempt>,
+        started: &mut dyn Started,
         deployment: Option<&Deployment>,
         flow: Option<&Flow>,
         reason: StopReason,
@@ -350,25 +270,24 @@ impl Executor {
                 ?state,
                 "the flow run had already finished; its state is kept and its process let exit"
             );
-            return self.let_exit(process).await;
+            return self.let_exit(started).await;
         }
-        if let Some(attempt) = attempt {
-            match attempt.signal(Intent::Cancel, INTENT_ACK_TIMEOUT).await {
-                SignalStatus::AlreadyConcluded => {
-                    // The engine already reported a final state: nothing to cancel, no event
-                    // (`CancellationManager.cancel`).
-                    tracing::info!("the flow run concluded before the cancellation reached it");
-                    return self.let_exit(process).await;
-                }
-                status => tracing::debug!(?status, "cancel intent sent"),
+        match started.signal_cancel().await {
+            CancelSignal::AlreadyConcluded => {
+                // The engine already reported a final state: nothing to cancel, no event
+                // (`CancellationManager.cancel`).
+                tracing::info!("the flow run concluded before the cancellation reached it");
+                return self.let_exit(started).await;
             }
+            CancelSignal::Sent(status) => tracing::debug!(%status, "cancel intent sent"),
+            CancelSignal::NoChannel => {}
         }
         // Returns as soon as the process is gone: Cancelled is reported without waiting out
         // the grace period.
-        let code = match self.stop_process(process).await {
+        let code = match self.stop_process(started).await {
             Ok(code) => code,
             Err(e) => {
-                tracing::error!(error = %e, "could not stop the flow-run process");
+                tracing::error!(error = %e, "could not stop the flow run's infrastructure");
                 -1
             }
         };
@@ -390,26 +309,26 @@ impl Executor {
         code
     }
 
-    /// A process whose run already reached its final state is ending on its own: it gets the
-    /// grace period to do so, then is stopped (its state is final: the server refuses the
-    /// Crashed a stopped engine might propose).
-    async fn let_exit(&self, process: &mut FlowRunProcess) -> i64 {
-        if let Ok(Ok(code)) = tokio::time::timeout(self.termination_grace, process.wait()).await {
+    /// A run that already reached its final state is ending on its own: it gets the grace
+    /// period to do so, then is stopped (its state is final: the server refuses the Crashed a
+    /// stopped engine might propose).
+    async fn let_exit(&self, started: &mut dyn Started) -> i64 {
+        if let Ok(Ok(code)) = tokio::time::timeout(self.termination_grace, started.wait()).await {
             return code;
         }
-        match self.stop_process(process).await {
+        match self.stop_process(started).await {
             Ok(code) => code,
             Err(e) => {
-                tracing::error!(error = %e, "could not stop the flow-run process");
+                tracing::error!(error = %e, "could not stop the flow run's infrastructure");
                 -1
             }
         }
     }
 
-    /// SIGTERM, then SIGKILL after the grace (or at once when hurried).
-    async fn stop_process(&self, process: &mut FlowRunProcess) -> std::io::Result<i64> {
-        process
-            .terminate_or(self.termination_grace, self.hurry.cancelled())
+    /// A graceful stop, forced after the grace (or at once when hurried).
+    async fn stop_process(&self, started: &mut dyn Started) -> std::io::Result<i64> {
+        started
+            .stop(self.termination_grace, self.hurry.clone())
             .await
     }
 

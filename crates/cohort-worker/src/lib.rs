@@ -1,5 +1,6 @@
-//! The Cohort process worker: polls a Prefect work pool, claims scheduled flow runs, runs each
-//! as a local process, supervises it to the end and reports it with Prefect's worker events.
+//! The Cohort worker: polls a Prefect work pool, claims scheduled flow runs, runs each on its
+//! [infrastructure](cohort_infra::Infrastructure), supervises it to the end and reports it with
+//! Prefect's worker events.
 
 #![forbid(unsafe_code)]
 
@@ -7,7 +8,6 @@ pub mod cancel;
 mod channel;
 pub mod execution;
 pub mod health;
-pub mod job;
 pub mod journal;
 mod peers;
 mod recover;
@@ -17,7 +17,6 @@ pub mod supervise;
 mod wake;
 mod worker;
 
-pub use execution::Shims;
 pub use journal::{Journal, JournalError};
 pub use state::LegacyState;
-pub use worker::{StartError, Worker, WorkerOptions, WorkerState, PROCESS};
+pub use worker::{StartError, Worker, WorkerOptions, WorkerState};

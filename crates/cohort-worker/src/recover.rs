@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use cohort_api::models::{FlowRun, StateType};
 use cohort_events::related;
-use cohort_process::FlowRunProcess;
+use cohort_infra::Started;
 use tokio_util::sync::CancellationToken;
 
 use crate::execution::{Executed, NotExecuted, RunLog};
@@ -18,10 +18,10 @@ use crate::submit::{emit_executed, flow_run_objects, forget, Outcome, RunContext
 
 /// What to do with one journaled claim.
 pub(crate) enum Recovery {
-    /// Its flow process was started: supervise it (or report how it ended).
-    Adopt(Claim, FlowRunProcess),
+    /// Its infrastructure was started: supervise it (or report how it ended).
+    Adopt(Claim, Box<dyn Started>),
     /// Never launched, and still Pending: finish the submission.
-    Resume(Claim, FlowRun),
+    Resume(Claim, Box<FlowRun>),
     /// Nothing left to do for it.
     Forget(Claim, String),
     /// The server could not be asked; keep the claim for the next start.
@@ -30,19 +30,18 @@ pub(crate) enum Recovery {
 
 /// Decides what to do with `claim`.
 pub(crate) async fn reconcile(ctx: &RunContext, claim: Claim) -> Recovery {
-    let status = match (&claim.status_file, &ctx.executor.shims) {
-        (Some(file), _) => Some(file.clone()),
-        (None, Some(shims)) => Some(shims.status_path(claim.flow_run_id)),
-        (None, None) => None,
-    };
-    if let Some(process) = status.as_deref().and_then(FlowRunProcess::adopt) {
-        return Recovery::Adopt(claim, process);
+    if let Some(started) = ctx
+        .infra
+        .adopt(claim.flow_run_id, claim.status_file.as_deref())
+        .await
+    {
+        return Recovery::Adopt(claim, started);
     }
     match ctx.executor.client.read_flow_run(claim.flow_run_id).await {
         Ok(run) => match run.state.as_ref().map(|s| s.state_type) {
             // Claimed by us (Pending, or Submitting, which Prefect also types Pending) and
             // never started: nobody else will take it, so finish what was begun.
-            Some(StateType::Pending) => Recovery::Resume(claim, run),
+            Some(StateType::Pending) => Recovery::Resume(claim, Box::new(run)),
             state => {
                 let why = format!(
                     "it was never launched and its state is now {}",
@@ -60,11 +59,11 @@ pub(crate) async fn reconcile(ctx: &RunContext, claim: Claim) -> Recovery {
 pub(crate) async fn adopted(
     ctx: Arc<RunContext>,
     claim: Claim,
-    process: FlowRunProcess,
+    started: Box<dyn Started>,
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
-    let outcome = supervise_adopted(&ctx, &claim, process, cancel, terminate).await;
+    let outcome = supervise_adopted(&ctx, &claim, started, cancel, terminate).await;
     forget_claim(&ctx, &claim).await;
     outcome
 }
@@ -89,7 +88,7 @@ pub(crate) async fn forget_claim(ctx: &RunContext, claim: &Claim) {
 async fn supervise_adopted(
     ctx: &RunContext,
     claim: &Claim,
-    mut process: FlowRunProcess,
+    mut started: Box<dyn Started>,
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
@@ -97,9 +96,10 @@ async fn supervise_adopted(
     let id = claim.flow_run_id;
     let mut log = RunLog::new(id, "prefect.flow_runs.worker");
     log.info(format!(
-        "Worker '{}' re-adopted flow run '{id}' (process {}) after a restart",
+        "Worker '{}' re-adopted flow run '{id}' ({} {}) after a restart",
         ctx.worker_name,
-        process.pid()
+        ctx.infra.worker_type(),
+        started.identifier()
     ));
     let (executed, run) = match client.read_flow_run(id).await {
         Ok(run) => {
@@ -114,8 +114,7 @@ async fn supervise_adopted(
                     &run,
                     deployment.as_ref(),
                     flow.as_ref(),
-                    process,
-                    None,
+                    started,
                     &mut log,
                     &cancel,
                     &terminate,
@@ -126,9 +125,9 @@ async fn supervise_adopted(
         // The run cannot be read (deleted, or the server is unreachable for longer than the
         // client's retries): it cannot be cancelled or marked, but it can still be waited for.
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the re-adopted flow run; waiting for its process");
-            let pid = process.pid().to_string();
-            let executed = match process.wait().await {
+            tracing::warn!(error = %e, "cannot read the re-adopted flow run; waiting for its infrastructure");
+            let pid = started.identifier();
+            let executed = match started.wait().await {
                 Ok(status_code) => Ok(Executed { pid, status_code }),
                 Err(e) => Err(NotExecuted::Lost(e.to_string())),
             };

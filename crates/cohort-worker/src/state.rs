@@ -21,7 +21,6 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use cohort_events::slug::slugify;
-use cohort_process::FlowRunProcess;
 use tokio::time::Duration;
 
 use crate::journal::{Journal, JournalError};
@@ -122,7 +121,7 @@ pub(crate) async fn take_over(ctx: &RunContext, legacy: &LegacyState) {
         }
         if !own.contains(&id) {
             let status = legacy.runs.join(format!("{id}.json"));
-            if FlowRunProcess::adopt(&status).is_some() {
+            if ctx.infra.adopt(id, Some(&status)).await.is_some() {
                 claim.status_file = Some(status);
             } else {
                 // No started flow recorded there: recovery decides from the server alone.

@@ -1,16 +1,15 @@
 //! One flow run, from claim to `executed-flow-run`: the submission pipeline of
 //! `prefect/workers/base.py: BaseWorker._submit_run` and `_submit_run_and_capture_errors`, with
-//! the process infrastructure of `prefect/workers/process.py` in place of `run()`.
+//! the run's [infrastructure](cohort_infra::Infrastructure) in place of `run()`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use cohort_api::models::{Deployment, Flow, FlowRun, StateCreate, StateType, WorkPool};
 use cohort_api::{ApiError, PrefectClient};
 use cohort_events::related::{self, FlowRunObjects, Named};
 use cohort_events::{names, Event};
-use cohort_process::{find_python, Launch};
+use cohort_infra::{EventContext, Infrastructure, Map, PrepareError, RunSpec};
 use cohort_template::BlockReference;
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -18,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::execution::{claim, propose_crashed, Executed, Executor, Gate, NotExecuted, RunLog};
-use crate::job::ProcessJob;
 use crate::journal::{Claim, Journal};
 
 /// The work pool as last read from the server, replaced whole on every update; each run takes
@@ -28,6 +26,8 @@ pub(crate) type SharedPool = Arc<RwLock<Arc<WorkPool>>>;
 /// What every run of one worker shares.
 pub(crate) struct RunContext {
     pub executor: Executor,
+    /// Where runs run.
+    pub infra: Arc<dyn Infrastructure>,
     pub journal: Journal,
     pub worker_name: String,
     pub worker_type: String,
@@ -118,14 +118,12 @@ pub(crate) async fn submit(
     outcome
 }
 
-/// Drops a told run from the journal, then its shim's status file.
+/// Drops a told run from the journal, then what its infrastructure kept of it.
 pub(crate) async fn forget(ctx: &RunContext, id: uuid::Uuid) {
     if let Err(e) = ctx.journal.remove(id).await {
         tracing::warn!(error = %e, "could not remove the flow run from the claim journal");
     }
-    if let Some(shims) = &ctx.executor.shims {
-        let _ = std::fs::remove_file(shims.status_path(id));
-    }
+    ctx.infra.forget(id);
 }
 
 async fn submit_journaled(
@@ -203,30 +201,12 @@ async fn submit_journaled(
         }
     };
     let deployment = deployment.as_deref();
-    let job = match configure(client, &pool, deployment, &run).await {
-        Ok(job) => job,
+    let config = match configure(ctx, client, &pool, deployment, &run).await {
+        Ok(config) => config,
         Err(message) => {
             let message = format!("Failed to submit flow run to infrastructure: {message}");
             return crash_before_start(ctx, &mut log, &run, message).await;
         }
-    };
-
-    // The working directory: a temporary one is journaled, so a worker that re-adopts the
-    // run after a crash can remove it.
-    if let Some(stale) = journaled.temp_dir.take() {
-        let _ = std::fs::remove_dir_all(stale);
-    }
-    let workdir = match WorkDir::new(job.working_dir.clone()) {
-        Ok(w) => w,
-        Err(e) => {
-            let message =
-                format!("Flow run could not start: cannot create a working directory: {e}");
-            return crash_before_start(ctx, &mut log, &run, message).await;
-        }
-    };
-    journaled.temp_dir = match &workdir {
-        WorkDir::Temporary(t) => Some(t.path().to_path_buf()),
-        WorkDir::Given(_) => None,
     };
 
     // 4. submitted-flow-run, before labels and Submitting, as Prefect emits it; journaled
@@ -242,6 +222,33 @@ async fn submit_journaled(
             )
         })
         .clone();
+    let spec = RunSpec {
+        flow_run_id: run.id,
+        flow_run_name: run.name.clone(),
+        env: run_env(ctx, &run, &flow, deployment),
+        events: EventContext {
+            sink: ctx.executor.sink.clone(),
+            worker: ctx.resource.clone(),
+            related: submitted.related.clone(),
+        },
+    };
+    let job = match ctx.infra.prepare(&config, spec) {
+        Ok(job) => job,
+        Err(e @ PrepareError::Invalid(_)) => {
+            let message = format!("Failed to submit flow run to infrastructure: {e}");
+            return crash_before_start(ctx, &mut log, &run, message).await;
+        }
+        Err(e @ PrepareError::Unavailable(_)) => {
+            return crash_before_start(ctx, &mut log, &run, e.to_string()).await;
+        }
+    };
+
+    // What the job leaves on this machine (a temporary working directory) is journaled, so a
+    // worker that re-adopts the run after a crash can remove it.
+    if let Some(stale) = journaled.temp_dir.take() {
+        let _ = std::fs::remove_dir_all(stale);
+    }
+    journaled.temp_dir = job.scratch_dir();
     if let Err(e) = ctx.journal.record(&journaled).await {
         tracing::error!(error = %e, "could not journal the submitted-flow-run event");
     }
@@ -266,12 +273,7 @@ async fn submit_journaled(
     }
 
     // 6. Launch and supervise.
-    let launch = match launch_spec(ctx, &run, &flow, deployment, &job, workdir.path()) {
-        Ok(l) => l,
-        Err(message) => return crash_before_start(ctx, &mut log, &run, message).await,
-    };
     // What only the launch needed goes before the long wait: a task per running flow.
-    drop(job);
     drop(pool);
     let executed = ctx
         .executor
@@ -279,13 +281,12 @@ async fn submit_journaled(
             &run,
             deployment,
             Some(&flow),
-            launch,
+            job,
             &mut log,
             &cancel,
             &terminate,
         )
         .await;
-    drop(workdir);
     let executed = match executed {
         Ok(e) => e,
         // Could not start (already Crashed), or lost track of: no executed event, as Prefect.
@@ -354,13 +355,15 @@ pub(crate) fn flow_run_objects(
     }
 }
 
-/// Renders the pool's base job template for this run (`BaseJobConfiguration.resolve_for_flow_run`).
+/// Renders the pool's base job template for this run (`BaseJobConfiguration.resolve_for_flow_run`);
+/// the infrastructure reads the result into its own job.
 async fn configure(
+    ctx: &RunContext,
     client: &PrefectClient,
     pool: &WorkPool,
     deployment: Option<&Deployment>,
     run: &FlowRun,
-) -> Result<ProcessJob, String> {
+) -> Result<Map, String> {
     let empty = serde_json::Map::new();
     let deployment_vars = deployment
         .and_then(|d| d.job_variables.as_ref())
@@ -374,7 +377,7 @@ async fn configure(
     {
         pool.base_job_template.clone()
     } else {
-        cohort_template::default_process_base_job_template()
+        ctx.infra.default_base_job_template()
     };
     let mut config = cohort_template::render(&template, &values, &|name| std::env::var(name).ok())
         .map_err(|e| format!("TemplateError: {e}"))?;
@@ -417,32 +420,18 @@ async fn configure(
         cohort_template::resolve_variables(&mut config, &found);
     }
     cohort_template::validate_base_fields(&config).map_err(|e| format!("ValidationError: {e}"))?;
-    ProcessJob::from_config(&config).map_err(|e| format!("ValidationError: {e}"))
+    Ok(config)
 }
 
-/// The command and environment contract of the Python process worker
-/// (`prefect/workers/base.py: BaseJobConfiguration.prepare_for_flow_run`,
-/// `prefect/workers/process.py: ProcessJobConfiguration.prepare_for_flow_run`).
-fn launch_spec(
+/// The environment every infrastructure gives a flow run before its job's own `env`
+/// (`prefect/workers/base.py: BaseJobConfiguration.prepare_for_flow_run`): the worker's
+/// explicit `PREFECT_*` settings and the run's identifiers.
+fn run_env(
     ctx: &RunContext,
     run: &FlowRun,
     flow: &Flow,
     deployment: Option<&Deployment>,
-    job: &ProcessJob,
-    cwd: &std::path::Path,
-) -> Result<Launch, String> {
-    let (program, args) = match &job.command {
-        Some(words) => (words[0].clone(), words[1..].to_vec()),
-        None => {
-            let python = find_python().ok_or_else(|| {
-                "Flow run could not start: no `python` or `python3` on PATH to run the Prefect engine with".to_string()
-            })?;
-            (
-                python.display().to_string(),
-                vec!["-m".into(), "prefect.engine".into()],
-            )
-        }
-    };
+) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = ctx.settings_env.iter().cloned().collect();
     env.insert("PREFECT__FLOW_RUN_ID".into(), run.id.to_string());
     env.insert("PREFECT__WORKER_NAME".into(), ctx.worker_name.clone());
@@ -452,53 +441,7 @@ fn launch_spec(
         env.insert("PREFECT__DEPLOYMENT_ID".into(), d.id.to_string());
         env.insert("PREFECT__DEPLOYMENT_NAME".into(), d.name.clone());
     }
-    let mut env_remove = Vec::new();
-    for (key, value) in &job.env {
-        match value {
-            Some(v) => {
-                env.insert(key.clone(), v.clone());
-            }
-            None => {
-                env.remove(key);
-            }
-        }
-    }
-    // A flow process must not think it is the worker's own supervisor.
-    env_remove.push("PREFECT__WORKER_ID".into());
-    Ok(Launch {
-        program,
-        args,
-        env,
-        env_remove,
-        cwd: cwd.to_path_buf(),
-        stream_output: job.stream_output,
-        shim: None,
-    })
-}
-
-/// The configured working directory, or a temporary one removed when the run ends
-/// (`tempfile.TemporaryDirectory(suffix="prefect")` in the Python worker).
-enum WorkDir {
-    Given(PathBuf),
-    Temporary(tempfile::TempDir),
-}
-
-impl WorkDir {
-    fn new(given: Option<PathBuf>) -> std::io::Result<Self> {
-        match given {
-            Some(p) => Ok(WorkDir::Given(p)),
-            None => Ok(WorkDir::Temporary(
-                tempfile::Builder::new().suffix("prefect").tempdir()?,
-            )),
-        }
-    }
-
-    fn path(&self) -> &std::path::Path {
-        match self {
-            WorkDir::Given(p) => p,
-            WorkDir::Temporary(t) => t.path(),
-        }
-    }
+    env
 }
 
 async fn crash_before_start(

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cohort_api::models::FlowRun;
+use cohort_api::models::{FlowRun, WorkPool};
 use cohort_api::retry::jittered;
 use cohort_api::{ApiError, NotReady, PrefectClient};
 use cohort_events::related::{self, Named};
 use cohort_events::subscriber::SubscriberConfig;
 use cohort_events::{names, Event, EventSink, EventsAuth};
-use cohort_process::control::ControlListener;
+use cohort_infra::Infrastructure;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::cancel::{self, Cancellable};
 use crate::channel::{self, ChannelConfig};
-use crate::execution::{Executor, LogShipper, Shims};
+use crate::execution::{Executor, LogShipper};
 use crate::health::{self, LastPolled};
 use crate::journal::Journal;
 use crate::peers::{self, Peers};
@@ -31,15 +31,12 @@ use crate::submit::{self, Outcome, PollReads, RunContext, SharedPool};
 use crate::supervise::{Role, Supervisor};
 use crate::wake;
 
-/// The only infrastructure this worker runs.
-pub const PROCESS: &str = "process";
-
 /// Everything `cohort worker start` decides before the worker meets the server.
 #[derive(Clone)]
 pub struct WorkerOptions {
     pub pool: String,
     pub name: String,
-    /// `--type`; `None` takes the pool's type (or `process` when creating it).
+    /// `--type`; `None` takes the pool's type (or the first supported type when creating it).
     pub worker_type: Option<String>,
     pub work_queues: Vec<String>,
     /// `--limit`: at most this many runs at once; `None` is unlimited.
@@ -109,10 +106,17 @@ pub enum StartError {
         pool_type: String,
         worker_type: String,
     },
-    #[error("worker type {0:?} is not supported: Cohort runs `process` work pools")]
-    UnsupportedType(String),
-    #[error("work pool {pool:?} has type {pool_type:?}: Cohort runs `process` work pools only")]
-    PoolNotProcess { pool: String, pool_type: String },
+    #[error("worker type {worker_type:?} is not supported: Cohort runs {} work pools", supported.join(", "))]
+    UnsupportedType {
+        worker_type: String,
+        supported: Vec<&'static str>,
+    },
+    #[error("work pool {pool:?} has type {pool_type:?}: Cohort runs {} work pools only", supported.join(", "))]
+    UnsupportedPoolType {
+        pool: String,
+        pool_type: String,
+        supported: Vec<&'static str>,
+    },
     #[error("work pool {0:?} not found, and --no-create-pool-if-not-found was given")]
     PoolNotFound(String),
     #[error("worker name {0:?} may not contain '/' or '%'")]
@@ -150,13 +154,26 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Meets the server: its version, the pool (created when absent), the type checks.
-    pub async fn start(client: PrefectClient, options: WorkerOptions) -> Result<Self, StartError> {
+    /// Meets the server: its version, the pool (created when absent), the type checks against
+    /// the infrastructure types this build can run (`supported`, the first one the default).
+    /// The caller then builds the infrastructure of [`Worker::worker_type`] to [`Worker::run`].
+    pub async fn start(
+        client: PrefectClient,
+        options: WorkerOptions,
+        supported: &[&'static str],
+    ) -> Result<Self, StartError> {
         if options.name.contains('/') || options.name.contains('%') {
             return Err(StartError::InvalidName(options.name));
         }
-        if let Some(t) = options.worker_type.as_deref().filter(|t| *t != PROCESS) {
-            return Err(StartError::UnsupportedType(t.to_owned()));
+        if let Some(t) = options
+            .worker_type
+            .as_deref()
+            .filter(|t| !supported.contains(t))
+        {
+            return Err(StartError::UnsupportedType {
+                worker_type: t.to_owned(),
+                supported: supported.to_vec(),
+            });
         }
         let prefect_version = cohort_api::wait_for_server(&client).await?;
         let pool = match client
@@ -169,7 +186,11 @@ impl Worker {
                 return Err(StartError::PoolNotFound(options.pool.clone()))
             }
             None => {
-                let pool_type = options.worker_type.as_deref().unwrap_or(PROCESS);
+                let pool_type = options
+                    .worker_type
+                    .as_deref()
+                    .or(supported.first().copied())
+                    .unwrap_or_default();
                 let pool = client
                     .create_work_pool(&options.pool, pool_type, options.base_job_template.as_ref())
                     .await
@@ -191,25 +212,13 @@ impl Worker {
                 worker_type: t.to_owned(),
             });
         }
-        if pool.pool_type != PROCESS {
-            return Err(StartError::PoolNotProcess {
+        let Some(worker_type) = supported.iter().find(|t| **t == pool.pool_type) else {
+            return Err(StartError::UnsupportedPoolType {
                 pool: pool.name,
                 pool_type: pool.pool_type,
+                supported: supported.to_vec(),
             });
-        }
-        let mut pool = pool;
-        if pool
-            .base_job_template
-            .as_object()
-            .is_none_or(|o| o.is_empty())
-        {
-            let template = cohort_template::default_process_base_job_template();
-            client
-                .update_work_pool_template(&pool.name, &template)
-                .await
-                .map_err(|e| StartError::from_api(&client, e))?;
-            pool.base_job_template = template;
-        }
+        };
         if pool.is_paused {
             tracing::warn!(
                 "Work pool '{}' is paused. No flow runs will be submitted until it is resumed.",
@@ -220,13 +229,44 @@ impl Worker {
             client,
             options,
             pool: Arc::new(RwLock::new(Arc::new(pool))),
-            worker_type: PROCESS.to_owned(),
+            worker_type: (*worker_type).to_owned(),
             prefect_version,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.options.name
+    }
+
+    /// The pool's type: the infrastructure [`Worker::run`] must be given.
+    pub fn worker_type(&self) -> &str {
+        &self.worker_type
+    }
+
+    /// A pool found with an empty base job template gets the infrastructure's default, as
+    /// Prefect's worker gives it at start-up (`BaseWorker._update_local_work_pool_info`).
+    async fn fill_empty_template(&self, infra: &dyn Infrastructure) -> Result<(), StartError> {
+        let name = {
+            let pool = self.pool.read().expect("pool lock poisoned");
+            if pool
+                .base_job_template
+                .as_object()
+                .is_some_and(|o| !o.is_empty())
+            {
+                return Ok(());
+            }
+            pool.name.clone()
+        };
+        let template = infra.default_base_job_template();
+        self.client
+            .update_work_pool_template(&name, &template)
+            .await
+            .map_err(|e| StartError::from_api(&self.client, e))?;
+        let mut pool = self.pool.write().expect("pool lock poisoned");
+        let mut updated = WorkPool::clone(&pool);
+        updated.base_job_template = template;
+        *pool = Arc::new(updated);
+        Ok(())
     }
 
     pub fn prefect_version(&self) -> &str {
@@ -252,28 +292,23 @@ impl Worker {
         self,
         sink: Arc<dyn EventSink>,
         state: WorkerState,
+        infra: Arc<dyn Infrastructure>,
         supervisor: &Supervisor,
         shutdown: CancellationToken,
         force: CancellationToken,
     ) -> Result<(), StartError> {
+        debug_assert_eq!(infra.worker_type(), self.worker_type);
+        self.fill_empty_template(infra.as_ref()).await?;
         let background = CancellationToken::new();
         let tasks = supervisor.scope();
         let resource =
             related::worker_resource(&self.worker_type, &self.options.name, &self.prefect_version);
-        let control = match ControlListener::bind().await {
-            Ok(c) => Some(Arc::new(c)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open the engine control channel; cancellations will be plain SIGTERMs");
-                None
-            }
-        };
         let logs_closed = CancellationToken::new();
         let (logs, log_shipper) = LogShipper::start(self.client.clone(), logs_closed.clone());
         let ctx = Arc::new(RunContext {
             executor: Executor {
                 client: self.client.clone(),
                 sink: sink.clone(),
-                control,
                 // Prefect's process worker cancels through a per-run executor context whose
                 // runner is named "standalone" (`prefect/runner/_flow_run_executor.py`).
                 runner_resource: related::runner_resource("standalone", &self.prefect_version),
@@ -281,9 +316,9 @@ impl Worker {
                 // A worker's second signal is its drain's end: stops keep their grace.
                 hurry: CancellationToken::new(),
                 cancel_on_shutdown: None,
-                shims: state.shims,
                 logs: Some(logs),
             },
+            infra: infra.clone(),
             journal: state.journal,
             worker_name: self.options.name.clone(),
             worker_type: self.worker_type.clone(),
@@ -359,7 +394,7 @@ impl Worker {
             worker_type: self.worker_type.clone(),
             heartbeat_interval: self.options.heartbeat_interval,
             work_queue_names: self.options.work_queues.clone(),
-            default_base_job_template: cohort_template::default_process_base_job_template(),
+            default_base_job_template: infra.default_base_job_template(),
             auth_token: self.options.auth_token.clone(),
             authorization: self.options.authorization.clone(),
         };
@@ -444,11 +479,10 @@ impl Worker {
     }
 }
 
-/// What a worker keeps on disk so that a restart loses nothing: the claim journal, and the
-/// shims' status files of its flow runs.
+/// What a worker keeps on disk so that a restart loses nothing: the claim journal (its
+/// infrastructure keeps the rest).
 pub struct WorkerState {
     pub journal: Journal,
-    pub shims: Option<Shims>,
     /// What a worker of the same name left in an earlier release's layout, to take over before
     /// recovery (see [`crate::state`]).
     pub legacy: Option<crate::state::LegacyState>,
@@ -818,16 +852,23 @@ impl Poller<'_> {
                 .and_then(|sem| sem.clone().try_acquire_owned().ok());
             let ctx = self.ctx.clone();
             match recover::reconcile(&ctx, claim).await {
-                Recovery::Adopt(claim, process) => {
-                    tracing::info!(flow_run = %id, pid = process.pid(), "re-adopting flow run");
+                Recovery::Adopt(claim, started) => {
+                    tracing::info!(flow_run = %id, infrastructure = %started.identifier(), "re-adopting flow run");
                     self.spawn_run(id, permit, move |cancel, terminate| {
-                        recover::adopted(ctx, claim, process, cancel, terminate)
+                        recover::adopted(ctx, claim, started, cancel, terminate)
                     });
                 }
                 Recovery::Resume(claim, run) => {
                     tracing::info!(flow_run = %id, "resuming the submission of a claimed flow run that was never launched");
                     self.spawn_run(id, permit, move |cancel, terminate| {
-                        submit::submit(ctx, run, Some(claim), Default::default(), cancel, terminate)
+                        submit::submit(
+                            ctx,
+                            *run,
+                            Some(claim),
+                            Default::default(),
+                            cancel,
+                            terminate,
+                        )
                     });
                 }
                 Recovery::Forget(claim, why) => {

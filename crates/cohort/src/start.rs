@@ -8,9 +8,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use cohort_api::{ClientConfig, PrefectClient, Settings};
 use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, OutboxError, Tuning};
+use cohort_infra::Infrastructure;
+use cohort_process::infra::PROCESS;
+use cohort_process::{ProcessInfrastructure, Shims};
 use cohort_worker::supervise::{supervise_emitter, Supervisor};
 use cohort_worker::{
-    Journal, JournalError, LegacyState, Shims, StartError, Worker, WorkerOptions, WorkerState,
+    Journal, JournalError, LegacyState, StartError, Worker, WorkerOptions, WorkerState,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -122,19 +125,21 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     // Events are journaled before anything they report happens, claims before they are
     // made: no outbox or journal, no claims.
     let outbox = open_worker_outbox(&settings, &options).await?;
-    let state = open_worker_state(&settings, &options)?;
+    let (state, shims) = open_worker_state(&settings, &options)?;
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
     // Start-up waits for a server that is down; a signal meanwhile ends it cleanly.
     let worker = tokio::select! {
-        started = Worker::start(client.clone(), options.clone()) => started,
+        started = Worker::start(client.clone(), options.clone(), SUPPORTED_TYPES) => started,
         _ = shutdown.cancelled() => return Ok(()),
     }
     .map_err(|e| match e {
         StartError::InvalidName(_) => Failure::Usage(e.into()),
         other => Failure::Runtime(other.into()),
     })?;
+
+    let infra = infrastructure(worker.worker_type(), shims).await?;
 
     let auth = options.events_auth.clone();
     let (emitter, emitter_task) = Emitter::spawn_durable(
@@ -157,6 +162,7 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
         .run(
             Arc::new(emitter.clone()),
             state,
+            infra,
             &supervisor,
             shutdown,
             force,
@@ -170,6 +176,22 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     emitter.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), supervisor.join()).await;
     result.map_err(|e| Failure::Runtime(e.into()))
+}
+
+/// The work pool types this build runs, the first the default for a pool it creates.
+const SUPPORTED_TYPES: &[&str] = &[PROCESS];
+
+/// The infrastructure of a worker serving a pool of type `worker_type`.
+async fn infrastructure(
+    worker_type: &str,
+    shims: Shims,
+) -> Result<Arc<dyn Infrastructure>, Failure> {
+    match worker_type {
+        PROCESS => Ok(Arc::new(ProcessInfrastructure::new(Some(shims)).await)),
+        other => Err(Failure::Runtime(anyhow::anyhow!(
+            "no infrastructure for work pool type {other:?}"
+        ))),
+    }
 }
 
 /// `$PREFECT_HOME/cohort`, where Cohort keeps what must survive a restart.
@@ -187,7 +209,10 @@ fn state_home(settings: &Settings) -> Result<PathBuf, Failure> {
 /// ([`cohort_worker::state::worker_key`]): a worker restarted with the same pool and name
 /// recovers the runs of the one before, and takes over the claims of its pool that a worker
 /// of the same name left in the layout of earlier releases (keyed by the name alone).
-fn open_worker_state(settings: &Settings, options: &WorkerOptions) -> Result<WorkerState, Failure> {
+fn open_worker_state(
+    settings: &Settings,
+    options: &WorkerOptions,
+) -> Result<(WorkerState, Shims), Failure> {
     use cohort_worker::state::{legacy_worker_key, worker_key};
     let home = state_home(settings)?;
     let key = worker_key(&options.pool, &options.name);
@@ -207,14 +232,14 @@ fn open_worker_state(settings: &Settings, options: &WorkerOptions) -> Result<Wor
         )))
     })?;
     let legacy = legacy_worker_key(&options.name);
-    Ok(WorkerState {
+    let state = WorkerState {
         journal,
-        shims: Some(shims),
         legacy: Some(LegacyState {
             journal: home.join("journal").join(format!("{legacy}.redb")),
             runs: home.join("runs").join(legacy),
         }),
-    })
+    };
+    Ok((state, shims))
 }
 
 /// The event outbox of one worker (`$PREFECT_HOME/cohort/outbox/<key>.redb`, keyed as its

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-pub type Map = serde_json::Map<String, Value>;
+pub use cohort_infra::Map;
 
 /// A rendered job configuration that does not fit the process worker's fields.
 #[derive(Debug, thiserror::Error)]
