@@ -13,12 +13,12 @@ use cohort_api::{ApiError, NotReady, PrefectClient};
 use cohort_events::related;
 use cohort_events::subscriber::SubscriberConfig;
 use cohort_events::{EventSink, EventsAuth};
+use cohort_execution::cancel::{self, Cancellable};
+use cohort_execution::execution::{claim, propose_crashed, Executor, Gate, NotExecuted, RunLog};
 use cohort_process::ProcessInfrastructure;
 use cohort_process::{find_python, Launch};
-use cohort_worker::cancel::{self, Cancellable};
-use cohort_worker::execution::{claim, propose_crashed, Executor, Gate, NotExecuted, RunLog};
-use cohort_worker::health::LastPolled;
-use cohort_worker::supervise::{Role, Supervisor};
+use cohort_supervise::LastPolled;
+use cohort_supervise::{Role, Supervisor};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -224,7 +224,7 @@ impl Runner {
             logs: None,
         });
         let cancellable = Cancellable::default();
-        // Restarted if it dies (cohort_worker::supervise), until `background` stops it.
+        // Restarted if it dies (cohort_supervise), until `background` stops it.
         let cancel_watch = {
             let feed = SubscriberConfig {
                 api_url: self.client.api_url().clone(),

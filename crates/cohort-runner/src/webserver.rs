@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cohort_api::PrefectClient;
-use cohort_worker::health::LastPolled;
+use cohort_supervise::LastPolled;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

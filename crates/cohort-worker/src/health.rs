@@ -5,13 +5,11 @@
 //! restart would not bring the server back), and the claim journal is writable (after a
 //! write error it must be reopened: a restart does that); `GET /readyz` is OK while the last
 //! poll succeeded within three poll intervals and claims can be journaled. Both also read the
-//! [supervised background tasks](crate::supervise): `/livez` fails while a vital task (the
+//! [supervised background tasks](cohort_supervise): `/livez` fails while a vital task (the
 //! event emitter) is down or any task keeps failing, `/readyz` also while the worker channel
 //! (heartbeats) or the cancel watcher is down; the body names each failing task and why.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -21,40 +19,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::Journal;
-use crate::supervise;
-
-/// When the poller last completed a poll, shared between the poller and the health endpoint.
-#[derive(Debug, Clone)]
-pub struct LastPolled {
-    start: tokio::time::Instant,
-    millis: Arc<AtomicU64>,
-}
-
-impl Default for LastPolled {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl LastPolled {
-    /// Counts as polled now: Prefect also treats start-up as a poll.
-    pub fn new() -> Self {
-        Self {
-            start: tokio::time::Instant::now(),
-            millis: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    pub fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.millis.store(ms, Ordering::Relaxed);
-    }
-
-    pub fn age(&self) -> Duration {
-        let then = Duration::from_millis(self.millis.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(then)
-    }
-}
+use cohort_supervise as supervise;
+pub use cohort_supervise::LastPolled;
 
 /// What the health endpoints look at.
 #[derive(Debug, Clone)]
@@ -156,21 +122,9 @@ pub async fn serve(listener: tokio::net::TcpListener, probes: Probes, shutdown: 
 }
 
 #[cfg(test)]
-impl LastPolled {
-    /// Last touched `ago`.
-    fn polled_ago(ago: Duration) -> Self {
-        let now = tokio::time::Instant::now();
-        Self {
-            start: now.checked_sub(ago).unwrap_or(now),
-            millis: Arc::new(AtomicU64::new(0)),
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervise::{Policy, Role, Supervisor};
+    use cohort_supervise::{Policy, Role, Supervisor};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// `GET path` over a fresh connection: the status code and the JSON body.

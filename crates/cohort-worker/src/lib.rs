@@ -4,16 +4,13 @@
 
 #![forbid(unsafe_code)]
 
-pub mod cancel;
 mod channel;
-pub mod execution;
 pub mod health;
 pub mod journal;
 mod peers;
 mod recover;
 pub mod state;
 mod submit;
-pub mod supervise;
 mod wake;
 mod worker;
 

@@ -12,9 +12,9 @@ use cohort_events::related;
 use cohort_infra::Started;
 use tokio_util::sync::CancellationToken;
 
-use crate::execution::{Executed, NotExecuted, RunLog};
 use crate::journal::Claim;
 use crate::submit::{emit_executed, flow_run_objects, forget, Outcome, RunContext};
+use cohort_execution::execution::{Executed, NotExecuted, RunLog};
 
 /// What to do with one journaled claim.
 pub(crate) enum Recovery {

@@ -16,8 +16,10 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::execution::{claim, propose_crashed, Executed, Executor, Gate, NotExecuted, RunLog};
 use crate::journal::{Claim, Journal};
+use cohort_execution::execution::{
+    claim, propose_crashed, Executed, Executor, Gate, NotExecuted, RunLog,
+};
 
 /// The work pool as last read from the server, replaced whole on every update; each run takes
 /// a snapshot (an `Arc`, not a copy: a pool with its job template is a dozen KiB).

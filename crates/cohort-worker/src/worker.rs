@@ -20,16 +20,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::cancel::{self, Cancellable};
 use crate::channel::{self, ChannelConfig};
-use crate::execution::{Executor, LogShipper};
 use crate::health::{self, LastPolled};
 use crate::journal::Journal;
 use crate::peers::{self, Peers};
 use crate::recover::{self, Recovery};
 use crate::submit::{self, Outcome, PollReads, RunContext, SharedPool};
-use crate::supervise::{Role, Supervisor};
 use crate::wake;
+use cohort_execution::cancel::{self, Cancellable};
+use cohort_execution::execution::{Executor, LogShipper};
+use cohort_supervise::{Role, Supervisor};
 
 /// Everything `cohort worker start` decides before the worker meets the server.
 #[derive(Clone)]

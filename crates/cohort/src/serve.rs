@@ -10,7 +10,7 @@ use cohort_api::{ClientConfig, PrefectClient, Settings};
 use cohort_events::emitter::{Emitter, EmitterConfig};
 use cohort_events::EventsAuth;
 use cohort_runner::{Runner, RunnerError, RunnerOptions, ScheduleSpec, ServeSpec};
-use cohort_worker::supervise::{supervise_emitter, Supervisor};
+use cohort_supervise::{supervise_emitter, Supervisor};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 

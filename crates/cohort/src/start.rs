@@ -11,7 +11,7 @@ use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, OutboxE
 use cohort_infra::Infrastructure;
 use cohort_process::infra::PROCESS;
 use cohort_process::{ProcessInfrastructure, Shims};
-use cohort_worker::supervise::{supervise_emitter, Supervisor};
+use cohort_supervise::{supervise_emitter, Supervisor};
 use cohort_worker::{
     Journal, JournalError, LegacyState, StartError, Worker, WorkerOptions, WorkerState,
 };

@@ -3,7 +3,7 @@
 //! [`Supervisor`] that restarts it, with jittered exponential backoff, whenever it ends or
 //! panics before its stop token is cancelled, logs an error naming it (with the panic message),
 //! and keeps a health record the `/livez` and `/readyz` probes read
-//! ([`crate::health`]). Without this, a task that died was noticed only at shutdown, and the
+//! (the worker's health endpoints). Without this, a task that died was noticed only at shutdown, and the
 //! worker went on claiming runs while silently no longer heartbeating or hearing
 //! cancellations ("liveness without progress").
 //!
@@ -12,8 +12,11 @@
 //! [`Policy::healthy_after`] in between) makes `/livez` fail whatever its role, so an
 //! orchestrator restarts the process.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -327,6 +330,48 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(a non-text panic payload)".to_owned())
+}
+
+/// When the poller last completed a poll, shared between the poller and the health endpoint.
+#[derive(Debug, Clone)]
+pub struct LastPolled {
+    start: tokio::time::Instant,
+    millis: Arc<AtomicU64>,
+}
+
+impl Default for LastPolled {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LastPolled {
+    /// Counts as polled now: Prefect also treats start-up as a poll.
+    pub fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            millis: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// As if last touched `ago` (for probes' tests).
+    pub fn polled_ago(ago: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            start: now.checked_sub(ago).unwrap_or(now),
+            millis: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.millis.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn age(&self) -> Duration {
+        let then = Duration::from_millis(self.millis.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(then)
+    }
 }
 
 #[cfg(test)]
