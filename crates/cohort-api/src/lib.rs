@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod api;
 mod client;
 mod error;
 pub mod models;
@@ -12,6 +13,7 @@ mod ready;
 pub mod retry;
 pub mod settings;
 
+pub use api::{ApiFuture, PrefectApi};
 pub use client::{authorization, python_datetime, user_agent, ClientConfig, PrefectClient};
 pub use error::ApiError;
 pub use ready::{wait_for_server, NotReady};

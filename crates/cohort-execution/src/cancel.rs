@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cohort_api::models::{StateCreate, StateType};
-use cohort_api::PrefectClient;
+use cohort_api::{PrefectApi, PrefectClient};
 use cohort_events::subscriber::{subscribe, SubscriberConfig};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -173,7 +173,7 @@ pub fn finish(reason: StopReason, before: Option<StateType>, after: Option<State
 }
 
 /// The run's current state type; `None` when the server cannot tell us.
-pub async fn current_state(client: &PrefectClient, id: Uuid) -> Option<StateType> {
+pub async fn current_state(client: &dyn PrefectApi, id: Uuid) -> Option<StateType> {
     match client.read_flow_run(id).await {
         Ok(run) => run.state.map(|s| s.state_type),
         Err(e) => {
@@ -186,7 +186,7 @@ pub async fn current_state(client: &PrefectClient, id: Uuid) -> Option<StateType
 /// Makes the run durably Cancelled after its process is gone (forced, as Prefect does:
 /// [`finish`] decided it is ours to finish); true when it is Cancelled — then, and only
 /// then, the cancelled-flow-run event is due (`CancellationManager.finalize_cancelled_state`).
-pub async fn finalize_cancelled(client: &PrefectClient, id: Uuid, message: &str) -> bool {
+pub async fn finalize_cancelled(client: &dyn PrefectApi, id: Uuid, message: &str) -> bool {
     let state = StateCreate::new(StateType::Cancelled, "Cancelled").with_message(message);
     if let Err(e) = client.set_flow_run_state(id, &state, true).await {
         tracing::error!(flow_run = %id, error = %e, "could not mark the run Cancelled");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_api::models::{Deployment, Flow, FlowRun, SetStateStatus, StateCreate, StateType};
-use cohort_api::PrefectClient;
+use cohort_api::{PrefectApi, PrefectClient};
 use cohort_events::related::{self, Named};
 use cohort_events::{names, Event, EventSink, Resource};
 use cohort_infra::{CancelSignal, Job, Started};
@@ -19,7 +19,8 @@ use crate::cancel::{current_state, finalize_cancelled, finish, Finish, StopReaso
 
 /// What every execution of one worker or runner shares.
 pub struct Executor {
-    pub client: PrefectClient,
+    /// The server, as far as running a claimed flow run needs it.
+    pub api: Arc<dyn PrefectApi>,
     pub sink: Arc<dyn EventSink>,
     /// Resource of `prefect.runner.cancelled-flow-run`: `prefect.runner.standalone` for a
     /// worker, `prefect.runner.<slug>` for a runner.
@@ -70,7 +71,15 @@ impl Executor {
     pub async fn ship(&self, log: &mut RunLog) {
         match &self.logs {
             Some(shipper) => log.flush(shipper).await,
-            None => log.flush(&self.client).await,
+            None => {
+                let entries = std::mem::take(&mut log.entries);
+                if entries.is_empty() {
+                    return;
+                }
+                if let Err(e) = self.api.create_logs(&entries).await {
+                    tracing::debug!(error = %e, "could not ship flow-run logs");
+                }
+            }
         }
     }
 
@@ -79,7 +88,7 @@ impl Executor {
     pub async fn propose_submitting(&self, run: &FlowRun, cancel: &CancellationToken) -> Gate {
         let submitting = StateCreate::new(StateType::Pending, "Submitting");
         let mut current = match self
-            .client
+            .api
             .set_flow_run_state(run.id, &submitting, false)
             .await
         {
@@ -91,7 +100,7 @@ impl Executor {
         };
         if cancel.is_cancelled() {
             current = self
-                .client
+                .api
                 .read_flow_run(run.id)
                 .await
                 .ok()
@@ -101,7 +110,7 @@ impl Executor {
             Some(StateType::Cancelling) => {
                 let state = StateCreate::new(StateType::Cancelled, "Cancelled")
                     .with_message("Flow run was cancelled before execution started.");
-                if let Err(e) = self.client.set_flow_run_state(run.id, &state, true).await {
+                if let Err(e) = self.api.set_flow_run_state(run.id, &state, true).await {
                     tracing::warn!(error = %e, "could not mark the run Cancelled");
                 }
                 tracing::info!("flow run was cancelled before execution started");
@@ -136,12 +145,12 @@ impl Executor {
                     run.name
                 ));
                 self.ship(log).await;
-                propose_crashed(&self.client, run.id, &message).await;
+                propose_crashed(self.api.as_ref(), run.id, &message).await;
                 return Err(NotExecuted::CouldNotStart(message));
             }
         };
         let pid = started.identifier();
-        if let Err(e) = self.client.set_infrastructure_pid(run.id, &pid).await {
+        if let Err(e) = self.api.set_infrastructure_pid(run.id, &pid).await {
             tracing::error!(error = %e, "could not set the `infrastructure_pid` of the flow run; it will not be cancellable by other tools");
         }
         log.info(format!(
@@ -209,7 +218,7 @@ impl Executor {
                 // A run that reached its final state before we stopped it (its process
                 // still exiting) keeps it, and its log says nothing of a crash.
                 let finished = started.concluded()
-                    || current_state(&self.client, run.id)
+                    || current_state(self.api.as_ref(), run.id)
                         .await
                         .is_some_and(StateType::is_final);
                 let code = self
@@ -222,7 +231,7 @@ impl Executor {
                         "{message} The flow run was stopped because its supervisor shut down."
                     ));
                     self.ship(log).await;
-                    propose_crashed(&self.client, run.id, &message).await;
+                    propose_crashed(self.api.as_ref(), run.id, &message).await;
                 }
                 code
             }
@@ -241,7 +250,7 @@ impl Executor {
                 log.info(resolution);
             }
             self.ship(log).await;
-            propose_crashed(&self.client, run.id, &message).await;
+            propose_crashed(self.api.as_ref(), run.id, &message).await;
         }
         Ok(Executed {
             pid,
@@ -264,7 +273,7 @@ impl Executor {
         message: &str,
     ) -> i64 {
         tracing::info!(?reason, "cancelling flow run");
-        let before = current_state(&self.client, run.id).await;
+        let before = current_state(self.api.as_ref(), run.id).await;
         if let Some(state) = before.filter(|s| *s != StateType::Cancelled && s.is_final()) {
             tracing::info!(
                 ?state,
@@ -291,7 +300,7 @@ impl Executor {
                 -1
             }
         };
-        let after = current_state(&self.client, run.id).await;
+        let after = current_state(self.api.as_ref(), run.id).await;
         let cancelled = match finish(reason, before, after) {
             Finish::Keep(state) => {
                 tracing::info!(
@@ -301,7 +310,7 @@ impl Executor {
                 false
             }
             Finish::Cancelled => true,
-            Finish::ForceCancelled => finalize_cancelled(&self.client, run.id, message).await,
+            Finish::ForceCancelled => finalize_cancelled(self.api.as_ref(), run.id, message).await,
         };
         if cancelled {
             self.emit_cancelled(run, deployment, flow).await;
@@ -372,7 +381,7 @@ impl Executor {
 
 /// Claims a scheduled run: proposes Pending, and only an accepted Pending makes it ours
 /// (`BaseWorker._propose_pending_state`; the runner's poller does the same).
-pub async fn claim(client: &PrefectClient, run: &FlowRun) -> Result<(), String> {
+pub async fn claim(client: &dyn PrefectApi, run: &FlowRun) -> Result<(), String> {
     let pending = StateCreate::new(StateType::Pending, "Pending");
     match client.set_flow_run_state(run.id, &pending, false).await {
         Ok(r)
@@ -404,7 +413,7 @@ pub async fn claim(client: &PrefectClient, run: &FlowRun) -> Result<(), String> 
 }
 
 /// Proposes Crashed; an ABORT (the run already reached a final state) is expected and quiet.
-pub async fn propose_crashed(client: &PrefectClient, id: Uuid, message: &str) {
+pub async fn propose_crashed(client: &dyn PrefectApi, id: Uuid, message: &str) {
     let state = StateCreate::new(StateType::Crashed, "Crashed").with_message(message);
     match client.set_flow_run_state(id, &state, false).await {
         Ok(r) => tracing::debug!(status = ?r.status, "proposed Crashed"),

@@ -6,6 +6,8 @@
 
 pub mod cancel;
 pub mod execution;
+#[cfg(test)]
+mod tests;
 
 pub use execution::{
     claim, propose_crashed, Executed, Executor, Gate, LogShipper, NotExecuted, RunLog, ShipLogs,

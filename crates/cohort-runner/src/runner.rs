@@ -215,7 +215,7 @@ impl Runner {
         // A runner cancels its runs when it stops, and does not re-adopt: no shims.
         let infra = Arc::new(ProcessInfrastructure::new(None).await);
         let executor = Arc::new(Executor {
-            client: self.client.clone(),
+            api: Arc::new(self.client.clone()),
             sink,
             runner_resource: related::runner_resource(&self.options.name, &self.prefect_version),
             termination_grace: self.options.termination_grace,
@@ -314,6 +314,7 @@ impl Runner {
                         let Some(served) = served else { continue };
                         let cancel = cancellable.register(id);
                         let ctx = RunCtx {
+                            client: self.client.clone(),
                             executor: executor.clone(),
                             infra: infra.clone(),
                             options: self.options.clone(),
@@ -359,6 +360,7 @@ impl Runner {
 
 /// What one run of the runner needs.
 struct RunCtx {
+    client: PrefectClient,
     executor: Arc<Executor>,
     infra: Arc<ProcessInfrastructure>,
     options: RunnerOptions,
@@ -367,7 +369,7 @@ struct RunCtx {
 
 impl RunCtx {
     async fn execute(self, run: FlowRun, cancel: CancellationToken, terminate: CancellationToken) {
-        let client = &self.executor.client;
+        let client = &self.client;
         let mut log = RunLog::new(run.id, "prefect.flow_runs.runner");
         if claim(client, &run).await.is_err() {
             return;

@@ -28,6 +28,7 @@ pub(crate) type SharedPool = Arc<RwLock<Arc<WorkPool>>>;
 /// What every run of one worker shares.
 pub(crate) struct RunContext {
     pub executor: Executor,
+    pub client: PrefectClient,
     /// Where runs run.
     pub infra: Arc<dyn Infrastructure>,
     pub journal: Journal,
@@ -136,7 +137,7 @@ async fn submit_journaled(
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
-    let client = &ctx.executor.client;
+    let client = &ctx.client;
     let mut log = RunLog::new(run.id, "prefect.flow_runs.worker");
     log.info(format!(
         "Worker '{}' {} flow run '{}'",
@@ -457,6 +458,6 @@ async fn crash_before_start(
         run.name
     ));
     ctx.executor.ship(log).await;
-    propose_crashed(&ctx.executor.client, run.id, &message).await;
+    propose_crashed(&ctx.client, run.id, &message).await;
     Outcome::FailedToSubmit(message)
 }

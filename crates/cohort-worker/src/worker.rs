@@ -306,8 +306,9 @@ impl Worker {
         let logs_closed = CancellationToken::new();
         let (logs, log_shipper) = LogShipper::start(self.client.clone(), logs_closed.clone());
         let ctx = Arc::new(RunContext {
+            client: self.client.clone(),
             executor: Executor {
-                client: self.client.clone(),
+                api: Arc::new(self.client.clone()),
                 sink: sink.clone(),
                 // Prefect's process worker cancels through a per-run executor context whose
                 // runner is named "standalone" (`prefect/runner/_flow_run_executor.py`).

@@ -1,0 +1,441 @@
+//! The executor's supervision, crash and cancellation paths with paused time, against
+//! `InProcessPrefect` (an in-process fake of the few flow-run endpoints, with the one
+//! orchestration rule these paths meet: a final state refuses an unforced proposal) and
+//! `ScriptedInfrastructure` (a run whose exit and whose answer to a stop the test decides).
+//! The same paths run end to end against a real Prefect server in the `cohort` crate's tests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cohort_api::models::{
+    FlowRun, OrchestrationResult, SetStateStatus, State, StateCreate, StateType,
+};
+use cohort_api::{ApiError, ApiFuture, PrefectApi};
+use cohort_events::{names, EventSink, RecordingSink, Resource};
+use cohort_infra::{BoxFuture, Job, Started};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::execution::{Executed, Executor, NotExecuted, RunLog};
+
+/// In-process fake of the flow-run endpoints the executor calls.
+#[derive(Default)]
+struct InProcessPrefect {
+    runs: Mutex<HashMap<Uuid, StateType>>,
+    /// Every proposal: (state, forced, accepted).
+    proposals: Mutex<Vec<(StateType, bool, bool)>>,
+    pids: Mutex<Vec<String>>,
+    logs: Mutex<Vec<Value>>,
+}
+
+impl InProcessPrefect {
+    fn with_run(id: Uuid, state: StateType) -> Arc<Self> {
+        let fake = Self::default();
+        fake.runs.lock().unwrap().insert(id, state);
+        Arc::new(fake)
+    }
+
+    fn set(&self, id: Uuid, state: StateType) {
+        self.runs.lock().unwrap().insert(id, state);
+    }
+
+    fn state(&self, id: Uuid) -> StateType {
+        self.runs.lock().unwrap()[&id]
+    }
+
+    fn proposals(&self) -> Vec<(StateType, bool, bool)> {
+        self.proposals.lock().unwrap().clone()
+    }
+
+    fn log_messages(&self) -> Vec<String> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+fn state(state_type: StateType) -> State {
+    serde_json::from_value(json!({"type": state_type, "name": format!("{state_type:?}")}))
+        .expect("a state")
+}
+
+impl PrefectApi for InProcessPrefect {
+    fn read_flow_run(&self, id: Uuid) -> ApiFuture<'_, FlowRun> {
+        let current = self.runs.lock().unwrap().get(&id).copied();
+        Box::pin(async move {
+            let current = current.ok_or_else(|| ApiError::Status {
+                method: "GET".into(),
+                path: format!("flow_runs/{id}"),
+                status: reqwest::StatusCode::NOT_FOUND,
+                body: String::new(),
+            })?;
+            Ok(flow_run(id, Some(current)))
+        })
+    }
+
+    fn set_flow_run_state<'a>(
+        &'a self,
+        id: Uuid,
+        proposed: &'a StateCreate,
+        force: bool,
+    ) -> ApiFuture<'a, OrchestrationResult> {
+        Box::pin(async move {
+            let mut runs = self.runs.lock().unwrap();
+            let current = runs.get(&id).copied().unwrap_or(StateType::Scheduled);
+            let accepted = force || !current.is_final();
+            if accepted {
+                runs.insert(id, proposed.state_type);
+            }
+            self.proposals
+                .lock()
+                .unwrap()
+                .push((proposed.state_type, force, accepted));
+            Ok(OrchestrationResult {
+                state: Some(state(if accepted {
+                    proposed.state_type
+                } else {
+                    current
+                })),
+                status: if accepted {
+                    SetStateStatus::Accept
+                } else {
+                    SetStateStatus::Reject
+                },
+                details: json!({}),
+            })
+        })
+    }
+
+    fn set_infrastructure_pid<'a>(&'a self, _id: Uuid, pid: &'a str) -> ApiFuture<'a, ()> {
+        self.pids.lock().unwrap().push(pid.to_owned());
+        Box::pin(async { Ok(()) })
+    }
+
+    fn create_logs<'a>(&'a self, logs: &'a [Value]) -> ApiFuture<'a, ()> {
+        self.logs.lock().unwrap().extend(logs.iter().cloned());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn flow_run(id: Uuid, state_type: Option<StateType>) -> FlowRun {
+    let mut run: FlowRun = serde_json::from_value(json!({
+        "id": id,
+        "name": "tidy-otter",
+        "flow_id": Uuid::new_v4(),
+    }))
+    .expect("a flow run");
+    run.state = state_type.map(state);
+    run
+}
+
+/// How a scripted run answers a graceful stop.
+#[derive(Clone, Copy)]
+enum OnStop {
+    /// Exits with this code at once.
+    Exit(i64),
+    /// Ignores it: only the forced stop after the grace ends it (-9).
+    Ignore,
+}
+
+/// What the test sees of a scripted run.
+#[derive(Clone)]
+struct Script {
+    /// Send `Some(code)` to make the run exit.
+    exit: watch::Sender<Option<i64>>,
+    stops: Arc<Mutex<Vec<Duration>>>,
+}
+
+/// A run whose exit and whose answer to a stop the test decides.
+struct ScriptedJob {
+    script: Script,
+    on_stop: OnStop,
+    launch_error: Option<String>,
+}
+
+struct ScriptedRun {
+    exit: watch::Receiver<Option<i64>>,
+    script: Script,
+    on_stop: OnStop,
+}
+
+fn scripted(on_stop: OnStop) -> (Box<dyn Job>, Script) {
+    let (exit, _) = watch::channel(None);
+    let script = Script {
+        exit,
+        stops: Arc::default(),
+    };
+    let job = ScriptedJob {
+        script: script.clone(),
+        on_stop,
+        launch_error: None,
+    };
+    (Box::new(job), script)
+}
+
+impl Job for ScriptedJob {
+    fn launch(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Started>, String>> {
+        Box::pin(async move {
+            if let Some(e) = self.launch_error {
+                return Err(e);
+            }
+            Ok(Box::new(ScriptedRun {
+                exit: self.script.exit.subscribe(),
+                script: self.script,
+                on_stop: self.on_stop,
+            }) as Box<dyn Started>)
+        })
+    }
+}
+
+impl Started for ScriptedRun {
+    fn identifier(&self) -> String {
+        "scripted:1".into()
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, std::io::Result<i64>> {
+        Box::pin(async move {
+            let code = self
+                .exit
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| std::io::Error::other("script dropped"))?;
+            Ok(code.expect("some"))
+        })
+    }
+
+    fn stop(
+        &mut self,
+        grace: Duration,
+        hurry: CancellationToken,
+    ) -> BoxFuture<'_, std::io::Result<i64>> {
+        self.script.stops.lock().unwrap().push(grace);
+        Box::pin(async move {
+            let code = match self.on_stop {
+                OnStop::Exit(code) => code,
+                OnStop::Ignore => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(grace) => {}
+                        _ = hurry.cancelled() => {}
+                    }
+                    -9
+                }
+            };
+            self.script.exit.send_replace(Some(code));
+            Ok(code)
+        })
+    }
+
+    fn crashed_message(&self, code: i64) -> String {
+        format!("scripted run exited with {code}")
+    }
+
+    fn crash_resolution(&self, _code: i64) -> Option<String> {
+        Some("scripted resolution".into())
+    }
+}
+
+const GRACE: Duration = Duration::from_secs(30);
+
+fn executor(api: Arc<InProcessPrefect>, sink: Arc<RecordingSink>) -> Executor {
+    Executor {
+        api,
+        sink: sink as Arc<dyn EventSink>,
+        runner_resource: Resource::new("prefect.runner.standalone"),
+        termination_grace: GRACE,
+        hurry: CancellationToken::new(),
+        cancel_on_shutdown: None,
+        logs: None,
+    }
+}
+
+struct Harness {
+    api: Arc<InProcessPrefect>,
+    sink: Arc<RecordingSink>,
+    run: FlowRun,
+    cancel: CancellationToken,
+    terminate: CancellationToken,
+}
+
+impl Harness {
+    fn new(state: StateType) -> Self {
+        let id = Uuid::new_v4();
+        Self {
+            api: InProcessPrefect::with_run(id, state),
+            sink: Arc::new(RecordingSink::new()),
+            run: flow_run(id, Some(state)),
+            cancel: CancellationToken::new(),
+            terminate: CancellationToken::new(),
+        }
+    }
+
+    /// Executes `job` in a task; the test drives it through its script and tokens.
+    fn execute(&self, job: Box<dyn Job>) -> tokio::task::JoinHandle<Result<Executed, NotExecuted>> {
+        let executor = executor(self.api.clone(), self.sink.clone());
+        let (run, cancel, terminate) = (
+            self.run.clone(),
+            self.cancel.clone(),
+            self.terminate.clone(),
+        );
+        tokio::spawn(async move {
+            let mut log = RunLog::new(run.id, "prefect.flow_runs.worker");
+            executor
+                .execute(&run, None, None, job, &mut log, &cancel, &terminate)
+                .await
+        })
+    }
+
+    fn cancelled_events(&self) -> usize {
+        self.sink
+            .events()
+            .iter()
+            .filter(|e| e.event == names::RUNNER_CANCELLED_FLOW_RUN)
+            .count()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_non_zero_exit_with_no_outcome_reported_is_proposed_crashed() {
+    let h = Harness::new(StateType::Running);
+    let (job, script) = scripted(OnStop::Exit(-15));
+    let execution = h.execute(job);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    script.exit.send_replace(Some(3));
+    let executed = execution.await.unwrap().unwrap();
+
+    assert_eq!(executed.status_code, 3);
+    assert_eq!(executed.pid, "scripted:1");
+    assert_eq!(*h.api.pids.lock().unwrap(), ["scripted:1"]);
+    assert_eq!(h.api.proposals(), [(StateType::Crashed, false, true)]);
+    let logs = h.api.log_messages();
+    assert!(
+        logs.contains(&"scripted run exited with 3".to_owned()),
+        "{logs:?}"
+    );
+    assert!(logs.contains(&"scripted resolution".to_owned()), "{logs:?}");
+    assert_eq!(h.cancelled_events(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_exit_proposes_nothing() {
+    let h = Harness::new(StateType::Running);
+    let (job, script) = scripted(OnStop::Exit(-15));
+    let execution = h.execute(job);
+    h.api.set(h.run.id, StateType::Completed);
+    script.exit.send_replace(Some(0));
+    let executed = execution.await.unwrap().unwrap();
+    assert_eq!(executed.status_code, 0);
+    assert!(h.api.proposals().is_empty());
+    assert_eq!(h.api.state(h.run.id), StateType::Completed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_that_cannot_launch_is_crashed_with_the_reason() {
+    let h = Harness::new(StateType::Pending);
+    let (_, script) = scripted(OnStop::Exit(0));
+    let job = Box::new(ScriptedJob {
+        script,
+        on_stop: OnStop::Exit(0),
+        launch_error: Some("no such image".into()),
+    });
+    let outcome = h.execute(job).await.unwrap();
+    assert_eq!(
+        outcome,
+        Err(NotExecuted::CouldNotStart(
+            "Flow run could not start: no such image".into()
+        ))
+    );
+    assert_eq!(h.api.proposals(), [(StateType::Crashed, false, true)]);
+    assert!(h.api.pids.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_stops_the_run_forces_cancelled_and_then_emits_the_event() {
+    let h = Harness::new(StateType::Running);
+    let (job, script) = scripted(OnStop::Exit(-15));
+    let execution = h.execute(job);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.api.set(h.run.id, StateType::Cancelling);
+    h.cancel.cancel();
+    let executed = execution.await.unwrap().unwrap();
+
+    assert_eq!(executed.status_code, -15);
+    assert_eq!(*script.stops.lock().unwrap(), [GRACE]);
+    assert_eq!(h.api.proposals(), [(StateType::Cancelled, true, true)]);
+    assert_eq!(h.api.state(h.run.id), StateType::Cancelled);
+    assert_eq!(h.cancelled_events(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_that_ignores_the_stop_is_forced_after_the_grace() {
+    let h = Harness::new(StateType::Running);
+    let (job, _script) = scripted(OnStop::Ignore);
+    let execution = h.execute(job);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.api.set(h.run.id, StateType::Cancelling);
+    let cancelled_at = tokio::time::Instant::now();
+    h.cancel.cancel();
+    let executed = execution.await.unwrap().unwrap();
+    assert_eq!(executed.status_code, -9);
+    assert!(
+        cancelled_at.elapsed() >= GRACE,
+        "{:?}",
+        cancelled_at.elapsed()
+    );
+    assert_eq!(h.api.state(h.run.id), StateType::Cancelled);
+    assert_eq!(h.cancelled_events(), 1);
+}
+
+/// A final state is sacred: a run that completed before the cancel reached it keeps Completed,
+/// and no `cancelled-flow-run` is emitted for a cancellation that did not happen.
+#[tokio::test(start_paused = true)]
+async fn a_run_that_completed_before_the_cancel_keeps_its_state_and_gets_no_event() {
+    let h = Harness::new(StateType::Running);
+    let (job, script) = scripted(OnStop::Exit(-15));
+    let execution = h.execute(job);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.api.set(h.run.id, StateType::Completed);
+    h.cancel.cancel();
+    // It exits on its own within the grace.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    script.exit.send_replace(Some(0));
+    let executed = execution.await.unwrap().unwrap();
+
+    assert_eq!(executed.status_code, 0);
+    assert!(script.stops.lock().unwrap().is_empty());
+    assert!(h.api.proposals().is_empty(), "{:?}", h.api.proposals());
+    assert_eq!(h.api.state(h.run.id), StateType::Completed);
+    assert_eq!(h.cancelled_events(), 0);
+}
+
+/// A worker's shutdown stops what still runs: Crashed, unless the run already has its final
+/// state, which it keeps.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_crashes_a_running_run_but_keeps_a_final_state() {
+    for (before, expected) in [
+        (StateType::Running, StateType::Crashed),
+        (StateType::Failed, StateType::Failed),
+    ] {
+        let h = Harness::new(StateType::Running);
+        let (job, script) = scripted(OnStop::Exit(-15));
+        let execution = h.execute(job);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        h.api.set(h.run.id, before);
+        h.terminate.cancel();
+        let executed = execution.await.unwrap().unwrap();
+        assert_eq!(executed.status_code, -15);
+        assert_eq!(*script.stops.lock().unwrap(), [GRACE]);
+        assert_eq!(h.api.state(h.run.id), expected, "from {before:?}");
+        assert!(
+            h.api.proposals().iter().all(|(_, forced, _)| !forced),
+            "{:?}",
+            h.api.proposals()
+        );
+        assert_eq!(h.cancelled_events(), 0);
+    }
+}
