@@ -10,6 +10,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod exit_codes;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -36,8 +38,7 @@ pub trait Infrastructure: Send + Sync + 'static {
     /// (`BaseWorker.get_default_base_job_template`).
     fn default_base_job_template(&self) -> serde_json::Value;
 
-    /// What the worker channel's hello advertises beyond the base worker's: `worker_metadata`
-    /// and extra capabilities (prefect-docker's cleanup delivery, say).
+    /// What the worker channel's hello says of the infrastructure (`worker_metadata`).
     fn channel_hello(&self) -> ChannelHello {
         ChannelHello::default()
     }
@@ -64,7 +65,6 @@ pub trait Infrastructure: Send + Sync + 'static {
 #[derive(Debug, Clone, Default)]
 pub struct ChannelHello {
     pub worker_metadata: Option<serde_json::Value>,
-    pub extra_capabilities: Vec<&'static str>,
 }
 
 /// What every infrastructure is given for one run beyond its job configuration.
@@ -75,6 +75,11 @@ pub struct RunSpec {
     /// explicit `PREFECT_*` settings and the `PREFECT__*` run identifiers. The job's own `env`
     /// goes on top of it (a `null` value unsets).
     pub env: BTreeMap<String, String>,
+    /// The labels Prefect gives the run's infrastructure before the job's own `labels`
+    /// (`prefect/workers/base.py: BaseJobConfiguration.prepare_for_flow_run`):
+    /// `prefect.io/flow-run-id`, `…/flow-run-name`, `…/version`, the pool, worker, flow and
+    /// deployment.
+    pub labels: BTreeMap<String, String>,
     /// Where infrastructure events go, and what they relate to.
     pub events: EventContext,
 }

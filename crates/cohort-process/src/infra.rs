@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::control::{Attempt, ControlListener, Intent, SignalStatus};
-use crate::exit_codes::{crashed_message, exit_info};
 use crate::job::ProcessJob;
 use crate::process::{find_python, FlowRunProcess, Launch};
 use crate::shim::ShimSpec;
+use cohort_infra::exit_codes::{crashed_message, exit_info};
 
 /// The work pool type this infrastructure serves.
 pub const PROCESS: &str = "process";

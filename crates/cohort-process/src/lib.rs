@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
-pub mod exit_codes;
+pub use cohort_infra::exit_codes;
 pub mod infra;
 pub mod job;
 pub mod process;

@@ -36,6 +36,8 @@ pub struct ChannelConfig {
     pub heartbeat_interval: Duration,
     pub work_queue_names: Vec<String>,
     pub default_base_job_template: Value,
+    /// The hello's `worker_metadata` (`null` for a process worker).
+    pub worker_metadata: Value,
     /// First frame token: the auth string (self-hosted) or key; `None` sends `null`.
     pub auth_token: Option<String>,
     /// `Authorization` header for the upgrade request (Cloud, or proxies in front of a server).
@@ -258,7 +260,7 @@ async fn connect(
         // The worker creates the pool itself over REST before connecting.
         "create_pool_if_not_found": false,
         "default_base_job_template": config.default_base_job_template,
-        "worker_metadata": null,
+        "worker_metadata": config.worker_metadata,
     });
     let consumer_id = hello["consumer_id"].clone();
     socket

@@ -229,6 +229,7 @@ async fn submit_journaled(
         flow_run_id: run.id,
         flow_run_name: run.name.clone(),
         env: run_env(ctx, &run, &flow, deployment),
+        labels: run_labels(ctx, &run, &flow, deployment, &pool),
         events: EventContext {
             sink: ctx.executor.sink.clone(),
             worker: ctx.resource.clone(),
@@ -424,6 +425,55 @@ async fn configure(
     }
     cohort_template::validate_base_fields(&config).map_err(|e| format!("ValidationError: {e}"))?;
     Ok(config)
+}
+
+/// The labels every infrastructure gives a run before its job's own `labels`
+/// (`prefect/workers/base.py: BaseJobConfiguration._base_flow_run_labels`,
+/// `_base_work_pool_labels`, `_base_worker_name_label`, `_base_flow_labels`,
+/// `_base_deployment_labels`).
+fn run_labels(
+    ctx: &RunContext,
+    run: &FlowRun,
+    flow: &Flow,
+    deployment: Option<&Deployment>,
+    pool: &WorkPool,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        ("prefect.io/flow-run-id".to_owned(), run.id.to_string()),
+        ("prefect.io/flow-run-name".to_owned(), run.name.clone()),
+        (
+            "prefect.io/version".to_owned(),
+            ctx.resource
+                .get("prefect.version")
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+        ("prefect.io/work-pool-name".to_owned(), pool.name.clone()),
+        ("prefect.io/work-pool-id".to_owned(), pool.id.to_string()),
+        ("prefect.io/worker-name".to_owned(), ctx.worker_name.clone()),
+        ("prefect.io/flow-id".to_owned(), flow.id.to_string()),
+        ("prefect.io/flow-name".to_owned(), flow.name.clone()),
+    ]);
+    if let Some(d) = deployment {
+        labels.insert("prefect.io/deployment-id".into(), d.id.to_string());
+        labels.insert("prefect.io/deployment-name".into(), d.name.clone());
+        if let Some(updated) = d.updated {
+            labels.insert(
+                "prefect.io/deployment-updated".into(),
+                python_isoformat(updated),
+            );
+        }
+    }
+    labels
+}
+
+/// Python's `datetime.isoformat()` of an aware UTC time (microseconds only when non-zero).
+fn python_isoformat(t: chrono::DateTime<chrono::Utc>) -> String {
+    if t.timestamp_subsec_micros() == 0 {
+        t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+    } else {
+        t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+    }
 }
 
 /// The environment every infrastructure gives a flow run before its job's own `env`

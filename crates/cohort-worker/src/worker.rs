@@ -396,6 +396,7 @@ impl Worker {
             heartbeat_interval: self.options.heartbeat_interval,
             work_queue_names: self.options.work_queues.clone(),
             default_base_job_template: infra.default_base_job_template(),
+            worker_metadata: infra.channel_hello().worker_metadata.unwrap_or(Value::Null),
             auth_token: self.options.auth_token.clone(),
             authorization: self.options.authorization.clone(),
         };

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cohort_api::{ClientConfig, PrefectClient, Settings};
+use cohort_docker::{DockerInfrastructure, DockerOptions, DOCKER};
 use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, OutboxError, Tuning};
 use cohort_infra::Infrastructure;
 use cohort_process::infra::PROCESS;
@@ -179,7 +180,17 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
 }
 
 /// The work pool types this build runs, the first the default for a pool it creates.
-const SUPPORTED_TYPES: &[&str] = &[PROCESS];
+const SUPPORTED_TYPES: &[&str] = &[PROCESS, DOCKER];
+
+/// Prefect's default worker name: the worker class and a fresh uuid
+/// (`prefect/workers/base.py: BaseWorker.__init__`).
+fn default_worker_name(worker_type: Option<&str>) -> String {
+    let class = match worker_type {
+        Some(DOCKER) => "DockerWorker",
+        _ => "ProcessWorker",
+    };
+    format!("{class} {}", uuid::Uuid::new_v4())
+}
 
 /// The infrastructure of a worker serving a pool of type `worker_type`.
 async fn infrastructure(
@@ -188,6 +199,17 @@ async fn infrastructure(
 ) -> Result<Arc<dyn Infrastructure>, Failure> {
     match worker_type {
         PROCESS => Ok(Arc::new(ProcessInfrastructure::new(Some(shims)).await)),
+        DOCKER => {
+            let options = DockerOptions {
+                // Not a Prefect setting: Prefect's Docker worker never removes a container.
+                keep_containers: std::env::var("COHORT_DOCKER_KEEP_CONTAINERS")
+                    .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes")),
+            };
+            let docker = DockerInfrastructure::connect(options)
+                .await
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            Ok(Arc::new(docker))
+        }
         other => Err(Failure::Runtime(anyhow::anyhow!(
             "no infrastructure for work pool type {other:?}"
         ))),
@@ -385,7 +407,7 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
         name: args
             .name
             .clone()
-            .unwrap_or_else(|| format!("ProcessWorker {}", uuid::Uuid::new_v4())),
+            .unwrap_or_else(|| default_worker_name(args.worker_type.as_deref())),
         worker_type: args.worker_type.clone(),
         work_queues: args.work_queues.clone(),
         limit: args.limit,

@@ -1,0 +1,283 @@
+//! End-to-end tests of `cohort worker start --type docker` against a real Prefect 3.8.8 server
+//! and the machine's real Docker Engine. No registry is reachable, so the images are built
+//! here by `scripts/docker-test-images.sh` (a Debian rootfs with tini and the pinned Prefect,
+//! and a static busybox), once per test binary; a missing `docker` fails the tests loudly.
+//! Flow code reaches the container through a bind mount of `examples/flows` at the same path;
+//! the server's loopback URL makes the worker put the container on the host's network.
+//! Every assertion reads the outcome back: the run's state from the server, the events through
+//! `POST /api/events/filter`, the container through `docker inspect`.
+
+// End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+mod util;
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use util::{examples_flows_dir, server, unique, DeploySpec, Worker};
+
+const FINAL_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The tags `scripts/docker-test-images.sh` printed, by image.
+fn images() -> &'static (String, String) {
+    static IMAGES: OnceLock<(String, String)> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/docker-test-images.sh"
+        );
+        let out = Command::new("bash")
+            .arg(script)
+            .arg("all")
+            .output()
+            .expect("run scripts/docker-test-images.sh (is bash installed?)");
+        assert!(
+            out.status.success(),
+            "scripts/docker-test-images.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let tag = |what: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{what} ")))
+                .unwrap_or_else(|| panic!("no {what} image in:\n{stdout}"))
+                .trim()
+                .to_owned()
+        };
+        (tag("prefect"), tag("busybox"))
+    })
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker (is the Docker CLI installed?)")
+}
+
+fn inspect(container: &str) -> Option<Value> {
+    let out = docker(&["inspect", container]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice::<Value>(&out.stdout).expect("inspect is JSON")[0].clone())
+}
+
+/// The containers the engine has for a run, by Prefect's label.
+fn containers_of(run_id: &str) -> Vec<String> {
+    let out = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=io.prefect.flow-run-id={run_id}"),
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A docker pool created empty (the worker gives it prefect-docker's template) and a worker.
+fn pool_and_worker(what: &str, keep: bool) -> (String, Worker) {
+    let s = server();
+    let pool = unique(&format!("dk-{what}"));
+    s.create_work_pool(&pool, "docker");
+    let name = unique(&format!("dk-worker-{what}"));
+    let mut builder = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "docker", "--name", &name],
+    );
+    if keep {
+        builder = builder.env("COHORT_DOCKER_KEEP_CONTAINERS", "1");
+    }
+    (pool, builder.spawn())
+}
+
+fn flow_mount() -> String {
+    let dir = examples_flows_dir().to_string_lossy().into_owned();
+    format!("{dir}:{dir}:ro")
+}
+
+fn run_events(run_id: &str) -> Vec<Value> {
+    let s = server();
+    s.wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{run_id}")]},
+               "event": {"prefix": ["prefect.worker.executed", "prefect.docker.container."]}}),
+        4,
+        Duration::from_secs(30),
+    )
+}
+
+fn names(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_real_flow_runs_in_a_container_to_completed_with_prefect_dockers_events() {
+    let (prefect_image, _) = images();
+    let s = server();
+    let (pool, _worker) = pool_and_worker("ok", true);
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello")
+            .tags(&["dk"])
+            .job_variables(json!({"image": prefect_image, "volumes": [flow_mount()],
+                                  "labels": {"team": "data"}, "env": {"EXTRA": "1"}})),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}");
+
+    let events = run_events(&run.id);
+    let names = names(&events);
+    for expected in [
+        "prefect.docker.container.created",
+        "prefect.docker.container.running",
+        "prefect.docker.container.exited",
+        "prefect.worker.executed-flow-run",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let executed = events
+        .iter()
+        .find(|e| e["event"] == "prefect.worker.executed-flow-run")
+        .unwrap();
+    let flow_run = executed["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["prefect.resource.role"] == "flow-run")
+        .unwrap();
+    let identifier = flow_run["prefect.infrastructure.identifier"]
+        .as_str()
+        .unwrap();
+    let id = identifier
+        .strip_prefix("http+docker://localhost:")
+        .unwrap_or_else(|| panic!("identifier {identifier}"));
+    assert_eq!(id.len(), 64, "{identifier}");
+    assert_eq!(flow_run["prefect.infrastructure.status-code"], "0");
+    assert_eq!(s.read_flow_run(&run.id)["infrastructure_pid"], identifier);
+    let created = events
+        .iter()
+        .find(|e| e["event"] == "prefect.docker.container.created")
+        .unwrap();
+    assert_eq!(
+        created["resource"]["prefect.resource.id"],
+        format!("prefect.docker.container.{id}")
+    );
+    assert!(created["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["prefect.resource.role"] == "worker" && r["prefect.worker-type"] == "docker"));
+
+    let c = inspect(id).expect("the container is kept with COHORT_DOCKER_KEEP_CONTAINERS");
+    let labels = &c["Config"]["Labels"];
+    assert_eq!(labels["io.prefect.flow-run-id"], run.id);
+    assert_eq!(labels["io.prefect.deployment-id"], dep.id);
+    assert_eq!(labels["io.prefect.version"], "3.8.8");
+    assert_eq!(labels["team"], "data");
+    assert_eq!(c["HostConfig"]["NetworkMode"], "host");
+    assert_eq!(c["State"]["ExitCode"], 0);
+    let env: Vec<&str> = c["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&format!("PREFECT__FLOW_RUN_ID={}", run.id).as_str()),
+        "{env:?}"
+    );
+    assert!(env.contains(&"EXTRA=1"), "{env:?}");
+    assert!(
+        env.iter()
+            .any(|e| e.starts_with("PREFECT_API_URL=http://127.0.0.1:")),
+        "{env:?}"
+    );
+    assert!(docker(&["rm", "-f", id]).status.success());
+}
+
+#[test]
+fn a_non_zero_exit_is_crashed_with_the_real_code_and_the_container_is_removed() {
+    let (_, busybox) = images();
+    let s = server();
+    let (pool, _worker) = pool_and_worker("exit3", false);
+    // `stream_output: false` is where prefect-docker reports 0 (spec §2.7); Cohort must not.
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": busybox, "command": "sh -c 'echo out; exit 3'", "stream_output": false
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    assert!(
+        state["message"]
+            .as_str()
+            .unwrap()
+            .contains("non-zero status code 3"),
+        "{state}"
+    );
+    let events = run_events(&run.id);
+    let executed = events
+        .iter()
+        .find(|e| e["event"] == "prefect.worker.executed-flow-run")
+        .expect("executed-flow-run");
+    let code = executed["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|r| r["prefect.infrastructure.status-code"].as_str())
+        .unwrap();
+    assert_eq!(code, "3");
+    assert!(names(&events).contains(&"prefect.docker.container.exited"));
+    // Read, then removed: nothing left behind.
+    util::poll(
+        "the container to be removed",
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || containers_of(&run.id).is_empty().then_some(()),
+    );
+}
+
+#[test]
+fn a_missing_image_with_policy_never_is_crashed_with_the_engines_message() {
+    let s = server();
+    let (pool, mut worker) = pool_and_worker("never", false);
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": "cohort-test/does-not-exist:1", "image_pull_policy": "Never"
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let message = state["message"].as_str().unwrap();
+    assert!(message.contains("No such image"), "{message}");
+    assert!(
+        message.contains("cohort-test/does-not-exist:1"),
+        "{message}"
+    );
+    let failed = s.wait_for_events(
+        json!({"event": {"name": ["prefect.docker.container.creation-failed"]},
+               "related": {"id": [format!("prefect.flow-run.{}", run.id)]}}),
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(failed.len(), 1);
+    assert!(containers_of(&run.id).is_empty());
+    // The worker goes on serving the pool.
+    let (_, busybox) = images();
+    let ok = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": busybox, "command": "sh -c 'exit 3'"
+    })));
+    let next = s.create_flow_run(&ok.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&next.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    assert!(worker.try_wait().is_none(), "the worker exited");
+}
