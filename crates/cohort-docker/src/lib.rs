@@ -25,7 +25,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use cohort_events::{Event, Resource};
-use cohort_infra::exit_codes::{crashed_message, exit_info};
+use cohort_infra::exit_codes::{exit_info, infrastructure_crashed_message};
 use cohort_infra::{
     BoxFuture, ChannelHello, EventContext, Infrastructure, Job, Map, PrepareError, RunSpec, Started,
 };
@@ -679,7 +679,7 @@ impl Started for ContainerStarted {
     }
 
     fn crashed_message(&self, code: i64) -> String {
-        let message = crashed_message(code);
+        let message = infrastructure_crashed_message(code);
         if self.oom_killed {
             format!(
                 "{message} The container was killed for exceeding its memory limit (OOMKilled)."

@@ -70,6 +70,16 @@ pub fn crashed_message(code: i64) -> String {
     )
 }
 
+/// The Crashed message of a worker whose infrastructure reports its own exit
+/// (`prefect/workers/base.py: BaseWorker._submit_run_and_capture_errors`; the process worker
+/// words it as its runner does, [`crashed_message`]).
+pub fn infrastructure_crashed_message(code: i64) -> String {
+    format!(
+        "Flow run infrastructure exited with non-zero status code {code}. {}",
+        exit_info(code).explanation
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
