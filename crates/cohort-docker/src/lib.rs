@@ -678,6 +678,12 @@ impl Started for ContainerStarted {
         })
     }
 
+    /// `prefect flow-run execute` in the container cancels its run itself (spec: prefect-docker
+    /// has no cancel of a running container but the server's cleanup after a timeout).
+    fn cancels_itself(&self) -> bool {
+        true
+    }
+
     fn crashed_message(&self, code: i64) -> String {
         let message = infrastructure_crashed_message(code);
         if self.oom_killed {

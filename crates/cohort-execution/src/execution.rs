@@ -281,6 +281,24 @@ impl Executor {
             );
             return self.let_exit(started).await;
         }
+        if started.cancels_itself() {
+            // Its engine cancels the run itself and reports it; we only step in for one that
+            // is stuck.
+            if let Ok(Ok(code)) = tokio::time::timeout(self.termination_grace, started.wait()).await
+            {
+                let after = current_state(self.api.as_ref(), run.id).await;
+                match finish(reason, before, after) {
+                    Finish::Keep(_) | Finish::Cancelled => return code,
+                    Finish::ForceCancelled => {
+                        if finalize_cancelled(self.api.as_ref(), run.id, message).await {
+                            self.emit_cancelled(run, deployment, flow).await;
+                        }
+                        return code;
+                    }
+                }
+            }
+            tracing::warn!(grace = ?self.termination_grace, "the flow run did not end within the grace after its cancellation; stopping it");
+        }
         match started.signal_cancel().await {
             CancelSignal::AlreadyConcluded => {
                 // The engine already reported a final state: nothing to cancel, no event

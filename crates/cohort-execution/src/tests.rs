@@ -156,12 +156,14 @@ struct ScriptedJob {
     script: Script,
     on_stop: OnStop,
     launch_error: Option<String>,
+    cancels_itself: bool,
 }
 
 struct ScriptedRun {
     exit: watch::Receiver<Option<i64>>,
     script: Script,
     on_stop: OnStop,
+    cancels_itself: bool,
 }
 
 fn scripted(on_stop: OnStop) -> (Box<dyn Job>, Script) {
@@ -174,6 +176,7 @@ fn scripted(on_stop: OnStop) -> (Box<dyn Job>, Script) {
         script: script.clone(),
         on_stop,
         launch_error: None,
+        cancels_itself: false,
     };
     (Box::new(job), script)
 }
@@ -188,6 +191,7 @@ impl Job for ScriptedJob {
                 exit: self.script.exit.subscribe(),
                 script: self.script,
                 on_stop: self.on_stop,
+                cancels_itself: self.cancels_itself,
             }) as Box<dyn Started>)
         })
     }
@@ -229,6 +233,10 @@ impl Started for ScriptedRun {
             self.script.exit.send_replace(Some(code));
             Ok(code)
         })
+    }
+
+    fn cancels_itself(&self) -> bool {
+        self.cancels_itself
     }
 
     fn crashed_message(&self, code: i64) -> String {
@@ -342,6 +350,7 @@ async fn a_run_that_cannot_launch_is_crashed_with_the_reason() {
         script,
         on_stop: OnStop::Exit(0),
         launch_error: Some("no such image".into()),
+        cancels_itself: false,
     });
     let outcome = h.execute(job).await.unwrap();
     assert_eq!(
@@ -438,4 +447,58 @@ async fn a_shutdown_crashes_a_running_run_but_keeps_a_final_state() {
         );
         assert_eq!(h.cancelled_events(), 0);
     }
+}
+
+fn self_cancelling(on_stop: OnStop) -> (Box<dyn Job>, Script) {
+    let (exit, _) = watch::channel(None);
+    let script = Script {
+        exit,
+        stops: Arc::default(),
+    };
+    let job = ScriptedJob {
+        script: script.clone(),
+        on_stop,
+        launch_error: None,
+        cancels_itself: true,
+    };
+    (Box::new(job), script)
+}
+
+/// A container's engine cancels its run itself and reports it: the supervisor stops nothing,
+/// proposes nothing and emits no second `cancelled-flow-run`.
+#[tokio::test(start_paused = true)]
+async fn a_run_that_cancels_itself_is_left_to_do_so() {
+    let h = Harness::new(StateType::Running);
+    let (job, script) = self_cancelling(OnStop::Exit(-15));
+    let execution = h.execute(job);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.api.set(h.run.id, StateType::Cancelling);
+    h.cancel.cancel();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.api.set(h.run.id, StateType::Cancelled);
+    script.exit.send_replace(Some(0));
+    let executed = execution.await.unwrap().unwrap();
+    assert_eq!(executed.status_code, 0);
+    assert!(script.stops.lock().unwrap().is_empty());
+    assert!(h.api.proposals().is_empty(), "{:?}", h.api.proposals());
+    assert_eq!(h.cancelled_events(), 0);
+}
+
+/// One whose engine does not end it within the grace is stopped, and then it is ours to
+/// report.
+#[tokio::test(start_paused = true)]
+async fn a_run_that_should_cancel_itself_but_hangs_is_stopped_after_the_grace() {
+    let h = Harness::new(StateType::Running);
+    let (job, script) = self_cancelling(OnStop::Exit(137));
+    let execution = h.execute(job);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.api.set(h.run.id, StateType::Cancelling);
+    let cancelled_at = tokio::time::Instant::now();
+    h.cancel.cancel();
+    let executed = execution.await.unwrap().unwrap();
+    assert!(cancelled_at.elapsed() >= GRACE);
+    assert_eq!(executed.status_code, 137);
+    assert_eq!(*script.stops.lock().unwrap(), [GRACE]);
+    assert_eq!(h.api.state(h.run.id), StateType::Cancelled);
+    assert_eq!(h.cancelled_events(), 1);
 }

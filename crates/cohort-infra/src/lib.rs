@@ -142,6 +142,13 @@ pub trait Started: Send {
         false
     }
 
+    /// The engine inside watches for its own cancellation and ends the run itself, writing
+    /// Cancelled and its `prefect.runner.cancelled-flow-run` (a container's
+    /// `prefect flow-run execute`): a cancel gives it the grace before stopping anything.
+    fn cancels_itself(&self) -> bool {
+        false
+    }
+
     /// Tells the engine it is being cancelled, over a control channel, when there is one.
     fn signal_cancel(&self) -> BoxFuture<'_, CancelSignal> {
         Box::pin(async { CancelSignal::NoChannel })

@@ -281,3 +281,124 @@ fn a_missing_image_with_policy_never_is_crashed_with_the_engines_message() {
     assert_eq!(state["type"], "CRASHED", "{state}");
     assert!(worker.try_wait().is_none(), "the worker exited");
 }
+
+/// Proposes Cancelling as `prefect flow-run cancel` does.
+fn request_cancel(run_id: &str) {
+    let r = server().request(
+        reqwest::Method::POST,
+        &format!("/flow_runs/{run_id}/set_state"),
+        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": false})),
+    );
+    assert_eq!(r["status"], "ACCEPT", "cancel request: {r}");
+}
+
+fn wait_for_state(run_id: &str, state: &str) {
+    let s = server();
+    util::poll(
+        &format!("flow run {run_id} to be {state}"),
+        FINAL_TIMEOUT,
+        Duration::from_millis(500),
+        || (s.read_flow_run(run_id)["state"]["type"] == state).then_some(()),
+    );
+}
+
+/// The engine in the container cancels its own run, as with Prefect's Docker worker: Cancelled,
+/// one `prefect.runner.cancelled-flow-run` (the engine's), the container gone.
+#[test]
+fn a_running_flow_is_cancelled_by_its_engine_in_the_container() {
+    let (prefect_image, _) = images();
+    let s = server();
+    let (pool, _worker) = pool_and_worker("cancel", false);
+    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").job_variables(json!({
+        "image": prefect_image, "volumes": [flow_mount()]
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 300}));
+    wait_for_state(&run.id, "RUNNING");
+    request_cancel(&run.id);
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CANCELLED", "{state}");
+    let cancelled = s.wait_for_events(
+        json!({"event": {"name": ["prefect.runner.cancelled-flow-run"]},
+               "related": {"id": [format!("prefect.flow-run.{}", run.id)]}}),
+        1,
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let again = s.read_events(
+        json!({"event": {"name": ["prefect.runner.cancelled-flow-run"]},
+        "related": {"id": [format!("prefect.flow-run.{}", run.id)]}}),
+    );
+    assert_eq!((cancelled.len(), again.len()), (1, 1), "{again:?}");
+    util::poll(
+        "the container to be removed",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || containers_of(&run.id).is_empty().then_some(()),
+    );
+}
+
+/// Containers outlive their worker: one SIGKILLed while its container runs is restarted with
+/// the same name and `PREFECT_HOME`, re-adopts the container and reports its end with an
+/// `executed-flow-run` that follows the original `submitted-flow-run`.
+#[test]
+fn a_restarted_worker_re_adopts_its_running_container() {
+    let (_, busybox) = images();
+    let s = server();
+    let pool = unique("dk-readopt");
+    s.create_work_pool(&pool, "docker");
+    let name = unique("dk-worker-readopt");
+    let home = tempfile::tempdir().expect("a PREFECT_HOME");
+    let args = [
+        "--pool",
+        pool.as_str(),
+        "--type",
+        "docker",
+        "--name",
+        name.as_str(),
+    ];
+    let mut first = Worker::builder(util::WorkerKind::Cohort, &args)
+        .home(home.path())
+        .spawn();
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": busybox, "command": "sh -c 'sleep 8; exit 4'"
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    util::poll(
+        "the container to start",
+        FINAL_TIMEOUT,
+        Duration::from_millis(250),
+        || (!containers_of(&run.id).is_empty()).then_some(()),
+    );
+    first.sigkill();
+    let _second = Worker::builder(util::WorkerKind::Cohort, &args)
+        .home(home.path())
+        .spawn();
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    assert!(
+        state["message"].as_str().unwrap().contains("status code 4"),
+        "{state}"
+    );
+    let events = s.wait_for_events(
+        json!({"event": {"prefix": ["prefect.worker.submitted", "prefect.worker.executed"]},
+               "related": {"id": [format!("prefect.flow-run.{}", run.id)]}}),
+        2,
+        Duration::from_secs(30),
+    );
+    let submitted = events
+        .iter()
+        .find(|e| e["event"] == "prefect.worker.submitted-flow-run")
+        .unwrap();
+    let executed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "prefect.worker.executed-flow-run")
+        .collect();
+    assert_eq!(executed.len(), 1, "{events:?}");
+    assert_eq!(executed[0]["follows"], submitted["id"]);
+    util::poll(
+        "the container to be removed",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || containers_of(&run.id).is_empty().then_some(()),
+    );
+}
