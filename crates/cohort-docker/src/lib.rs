@@ -23,6 +23,7 @@ use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions,
     LogsOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
+use bollard::auth::DockerCredentials;
 use bollard::Docker;
 use cohort_events::{Event, Resource};
 use cohort_infra::exit_codes::{exit_info, infrastructure_crashed_message};
@@ -167,6 +168,7 @@ impl Infrastructure for DockerInfrastructure {
                 .image_pull_policy
                 .unwrap_or_else(|| default_policy(&image)),
             image,
+            credentials: job.registry_credentials.as_ref().map(credentials),
             networks: job.networks.iter().skip(1).cloned().collect(),
             stream_output: job.stream_output,
             request,
@@ -244,6 +246,8 @@ struct ContainerRun {
     keep: bool,
     policy: PullPolicy,
     image: String,
+    /// For the pull only (prefect-docker logs in only when it pulls, since 0.7.0).
+    credentials: Option<DockerCredentials>,
     /// Networks after the first, connected before start.
     networks: Vec<String>,
     stream_output: bool,
@@ -271,7 +275,7 @@ impl ContainerRun {
                 ..Default::default()
             }),
             None,
-            None,
+            self.credentials.clone(),
         );
         let mut failure = None;
         while let Some(item) = stream.next().await {
@@ -299,6 +303,17 @@ impl ContainerRun {
 
     fn emit(&self, event: &str, id: &str, name: &str, follows: Option<&Event>) -> Event {
         container_event(&self.events, event, id, name, follows)
+    }
+}
+
+/// A `DockerRegistryCredentials` block's data (`username`, `password`, `registry_url`).
+fn credentials(block: &Map) -> DockerCredentials {
+    let field = |k: &str| block.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    DockerCredentials {
+        username: field("username"),
+        password: field("password"),
+        serveraddress: field("registry_url"),
+        ..Default::default()
     }
 }
 
