@@ -19,16 +19,17 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use bollard::auth::DockerCredentials;
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions,
     LogsOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
-use bollard::auth::DockerCredentials;
 use bollard::Docker;
 use cohort_events::{Event, Resource};
 use cohort_infra::exit_codes::{exit_info, infrastructure_crashed_message};
 use cohort_infra::{
-    BoxFuture, ChannelHello, EventContext, Infrastructure, Job, Map, PrepareError, RunSpec, Started,
+    BoxFuture, ChannelHello, EventContext, Infrastructure, Job, KillError, Map, PrepareError,
+    RunSpec, Started,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -138,7 +139,38 @@ impl Infrastructure for DockerInfrastructure {
             worker_metadata: Some(serde_json::json!({
                 "integrations": [{"name": "prefect-docker", "version": "0.7.4"}]
             })),
+            handles_cleanup: true,
         }
+    }
+
+    /// `docker stop` with the grace; the identifier's host part is ignored, as prefect-docker
+    /// ignores it (`DockerWorker.kill_infrastructure`: `rsplit(":", 1)`). The container is left
+    /// to its watcher (or to the start-up of a worker that journaled it) to remove.
+    fn kill<'a>(
+        &'a self,
+        identifier: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), KillError>> {
+        Box::pin(async move {
+            let container = identifier.rsplit(':').next().unwrap_or(identifier);
+            match self
+                .docker
+                .stop_container(
+                    container,
+                    Some(StopContainerOptions {
+                        t: Some(grace.as_secs().min(i32::MAX as u64) as i32),
+                        ..Default::default()
+                    }),
+                )
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Err(KillError::NotFound),
+                Err(e) => Err(KillError::Unavailable(engine_message(&e))),
+            }
+        })
     }
 
     fn prepare(&self, config: &Map, spec: RunSpec) -> Result<Box<dyn Job>, PrepareError> {

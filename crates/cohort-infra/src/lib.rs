@@ -59,12 +59,40 @@ pub trait Infrastructure: Send + Sync + 'static {
 
     /// Drops what the infrastructure kept on this machine about a run whose story is told.
     fn forget(&self, _flow_run: Uuid) {}
+
+    /// Stops the infrastructure an identifier names, gracefully then forcibly after `grace`
+    /// (`BaseWorker.kill_infrastructure`): the server's clean-up of a run stuck in Cancelling.
+    fn kill<'a>(
+        &'a self,
+        _identifier: &'a str,
+        _grace: Duration,
+    ) -> BoxFuture<'a, Result<(), KillError>> {
+        Box::pin(async { Err(KillError::Unsupported) })
+    }
+}
+
+/// Why [`Infrastructure::kill`] did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum KillError {
+    /// Nothing by that identifier exists (any more): the clean-up is done.
+    #[error("no infrastructure by that identifier")]
+    NotFound,
+    /// This infrastructure cannot be killed by identifier.
+    #[error("this worker type cannot stop infrastructure by identifier")]
+    Unsupported,
+    /// It could not be reached now; worth another delivery.
+    #[error("the infrastructure is not available: {0}")]
+    Unavailable(String),
 }
 
 /// A worker-channel hello's infrastructure-specific part.
 #[derive(Debug, Clone, Default)]
 pub struct ChannelHello {
     pub worker_metadata: Option<serde_json::Value>,
+    /// The worker handles the server's `cancelling_timeout_teardown.v1` clean-ups with
+    /// [`Infrastructure::kill`] (Prefect asks for them for worker classes that implement
+    /// `kill_infrastructure`: `prefect/workers/_cleanup_handlers.py`).
+    pub handles_cleanup: bool,
 }
 
 /// What every infrastructure is given for one run beyond its job configuration.

@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::cleanup::{self, Cleaner};
 use crate::submit::SharedPool;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -38,6 +39,8 @@ pub struct ChannelConfig {
     pub default_base_job_template: Value,
     /// The hello's `worker_metadata` (`null` for a process worker).
     pub worker_metadata: Value,
+    /// Request `cleanup_delivery.v1` and handle `cancelling_timeout_teardown.v1`.
+    pub handles_cleanup: bool,
     /// First frame token: the auth string (self-hosted) or key; `None` sends `null`.
     pub auth_token: Option<String>,
     /// `Authorization` header for the upgrade request (Cloud, or proxies in front of a server).
@@ -74,6 +77,7 @@ pub async fn run(
     client: PrefectClient,
     config: ChannelConfig,
     pool: SharedPool,
+    infra: Arc<dyn cohort_infra::Infrastructure>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -106,7 +110,18 @@ pub async fn run(
                         apply_snapshot(&pool, wp);
                     }
                     tracing::debug!(pool = %config.pool_name, "worker channel connected");
-                    match healthy(socket, &config, &consumer_id, interval, &pool, &shutdown).await {
+                    let cleaner = Cleaner::new(client.clone(), infra.clone());
+                    match healthy(
+                        socket,
+                        &config,
+                        &consumer_id,
+                        interval,
+                        &pool,
+                        cleaner,
+                        &shutdown,
+                    )
+                    .await
+                    {
                         Ok(()) => return,
                         Err(ChannelError::Terminal(reason)) => {
                             tracing::info!(%reason, "worker channel closed for good; using REST heartbeats");
@@ -247,16 +262,33 @@ async fn connect(
         .await
         .map_err(|e| ChannelError::Retryable(e.to_string()))?;
     expect_frame(&mut socket, "auth_success").await?;
+    let (capabilities, handled, max_cleanup) = if config.handles_cleanup {
+        (
+            json!([
+                "worker_heartbeat.v1",
+                "work_pool_snapshot.v1",
+                cleanup::CAPABILITY
+            ]),
+            json!([cleanup::CANCELLING_TIMEOUT_TEARDOWN]),
+            1,
+        )
+    } else {
+        (
+            json!(["worker_heartbeat.v1", "work_pool_snapshot.v1"]),
+            json!([]),
+            0,
+        )
+    };
     let hello = json!({
         "consumer_id": uuid::Uuid::now_v7(),
         "worker_name": config.worker_name,
         "worker_type": config.worker_type,
         "heartbeat_interval_seconds": config.heartbeat_interval.as_secs().max(1),
         "supported_channel_versions": ["work_pool_worker_channel.v1"],
-        "requested_capabilities": ["worker_heartbeat.v1", "work_pool_snapshot.v1"],
+        "requested_capabilities": capabilities,
         "work_queue_names": config.work_queue_names,
-        "handled_cleanup_kinds": [],
-        "max_cleanup_concurrency": 0,
+        "handled_cleanup_kinds": handled,
+        "max_cleanup_concurrency": max_cleanup,
         // The worker creates the pool itself over REST before connecting.
         "create_pool_if_not_found": false,
         "default_base_job_template": config.default_base_job_template,
@@ -312,6 +344,10 @@ async fn healthy(
     consumer_id: &Value,
     interval: Duration,
     pool: &RwLock<Arc<WorkPool>>,
+    (cleaner, mut replies): (
+        Cleaner,
+        tokio::sync::mpsc::UnboundedReceiver<cleanup::Reply>,
+    ),
     shutdown: &CancellationToken,
 ) -> Result<(), ChannelError> {
     // The first heartbeat goes one interval after ready, as Prefect's does.
@@ -332,10 +368,18 @@ async fn healthy(
                 socket.send(frame("worker.heartbeat.v1", payload)).await
                     .map_err(|e| ChannelError::Retryable(e.to_string()))?;
             }
+            Some((kind, payload)) = replies.recv() => {
+                socket.send(frame(kind, payload)).await
+                    .map_err(|e| ChannelError::Retryable(e.to_string()))?;
+            }
             msg = socket.next() => match msg {
                 Some(Ok(Message::Text(text))) => {
                     let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
-                    if v["type"] == "work_pool.snapshot.v1" {
+                    if v["type"] == "cleanup.message.v1" && config.handles_cleanup {
+                        cleaner.handle(&v["payload"]);
+                    } else if v["type"] == "cleanup.operation_result.v1" {
+                        tracing::debug!(result = %v["payload"], "clean-up operation result");
+                    } else if v["type"] == "work_pool.snapshot.v1" {
                         let seq = v.pointer("/payload/snapshot_sequence").and_then(Value::as_u64).unwrap_or(0);
                         // Only newer snapshots apply (sequence restarts per connection).
                         if seq > last_sequence {

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod channel;
+mod cleanup;
 pub mod health;
 pub mod journal;
 mod peers;

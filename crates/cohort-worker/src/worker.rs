@@ -397,10 +397,12 @@ impl Worker {
             work_queue_names: self.options.work_queues.clone(),
             default_base_job_template: infra.default_base_job_template(),
             worker_metadata: infra.channel_hello().worker_metadata.unwrap_or(Value::Null),
+            handles_cleanup: infra.channel_hello().handles_cleanup,
             auth_token: self.options.auth_token.clone(),
             authorization: self.options.authorization.clone(),
         };
         let (client, pool, stop) = (self.client.clone(), self.pool.clone(), background.clone());
+        let channel_infra = infra.clone();
         tasks.spawn(
             "worker-channel",
             Role::Ready,
@@ -410,6 +412,7 @@ impl Worker {
                     client.clone(),
                     channel_config.clone(),
                     pool.clone(),
+                    channel_infra.clone(),
                     stop.clone(),
                 )
             },

@@ -17,9 +17,32 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use util::{examples_flows_dir, server, unique, DeploySpec, Worker};
+use util::{
+    configure_server, examples_flows_dir, unique, DeploySpec, PrefectServer, ServerOptions, Worker,
+};
 
 const FINAL_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long the server lets a run stay Cancelling before it cancels it and sends a worker
+/// the clean-up (300 s by default).
+const CANCELLING_TIMEOUT_SECONDS: u64 = 15;
+
+/// The shared server of this binary, with a short Cancelling timeout.
+fn server() -> &'static PrefectServer {
+    configure_server(ServerOptions {
+        auth_string: None,
+        env: vec![
+            (
+                "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_CANCELLING_TIMEOUT_SECONDS".into(),
+                CANCELLING_TIMEOUT_SECONDS.to_string(),
+            ),
+            (
+                "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS".into(),
+                "5".into(),
+            ),
+        ],
+    });
+    util::server()
+}
 
 /// The tags `scripts/docker-test-images.sh` printed, by image.
 fn images() -> &'static (String, String) {
@@ -401,4 +424,71 @@ fn a_restarted_worker_re_adopts_its_running_container() {
         Duration::from_millis(250),
         || containers_of(&run.id).is_empty().then_some(()),
     );
+}
+
+/// A run left Cancelling by a worker that died is cancelled by the server after its timeout,
+/// which asks a worker of the pool to tear the container down (`cancelling_timeout_teardown.v1`
+/// over the worker channel): another Docker worker stops it.
+#[test]
+fn the_servers_cleanup_after_a_cancelling_timeout_stops_the_container() {
+    let (_, busybox) = images();
+    let s = server();
+    let pool = unique("dk-cleanup");
+    s.create_work_pool(&pool, "docker");
+    let (first_name, second_name) = (unique("dk-dies"), unique("dk-cleans"));
+    let mut first = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "docker", "--name", &first_name],
+    )
+    .spawn();
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": busybox, "command": "sh -c 'trap \"exit 0\" TERM; sleep 600 & wait'"
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let container = util::poll(
+        "the container to start",
+        FINAL_TIMEOUT,
+        Duration::from_millis(250),
+        || containers_of(&run.id).into_iter().next(),
+    );
+    util::poll(
+        "infrastructure_pid to be set",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || {
+            s.read_flow_run(&run.id)["infrastructure_pid"]
+                .as_str()
+                .map(|_| ())
+        },
+    );
+    // Nobody supervises it any more.
+    first.sigkill();
+    let second = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "docker", "--name", &second_name],
+    )
+    .spawn();
+    let r = s.request(
+        reqwest::Method::POST,
+        &format!("/flow_runs/{}/set_state", run.id),
+        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+    );
+    assert_eq!(r["status"], "ACCEPT", "{r}");
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CANCELLED", "{state}");
+    util::poll(
+        "the container to be stopped by the clean-up",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || match inspect(&container) {
+            None => Some(()),
+            Some(c) => (c["State"]["Running"] == false).then_some(()),
+        },
+    );
+    assert!(
+        second.stderr().contains("after its Cancelling timeout"),
+        "the clean-up was not the second worker's:\n{}",
+        second.stderr()
+    );
+    let _ = docker(&["rm", "-f", &container]);
 }
