@@ -492,3 +492,54 @@ fn the_servers_cleanup_after_a_cancelling_timeout_stops_the_container() {
     );
     let _ = docker(&["rm", "-f", &container]);
 }
+
+/// A container killed for exceeding `mem_limit` is Crashed with 137 and says it was OOM-killed
+/// (prefect-docker reports only the code, and with `stream_output` off not even that).
+#[test]
+fn an_oom_killed_container_is_crashed_as_oom_killed() {
+    let (_, busybox) = images();
+    let s = server();
+    let (pool, _worker) = pool_and_worker("oom", false);
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": busybox, "mem_limit": "16m", "memswap_limit": "16m",
+        "command": "sh -c 'x=$(head -c 200000000 /dev/zero | tr \"\\\\0\" a); echo ${#x}'"
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let message = state["message"].as_str().unwrap();
+    assert!(message.contains("status code 137"), "{message}");
+    assert!(message.contains("OOMKilled"), "{message}");
+}
+
+/// A taken container name gets `-1`, as prefect-docker retries it.
+#[test]
+fn a_taken_container_name_gets_a_suffix() {
+    let (_, busybox) = images();
+    let s = server();
+    let (pool, _worker) = pool_and_worker("name", true);
+    let name = unique("fixed");
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": busybox, "command": "sh -c 'exit 5'", "name": name
+    })));
+    let mut containers = Vec::new();
+    for _ in 0..2 {
+        let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+        s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+        containers.extend(containers_of(&run.id));
+    }
+    let names: Vec<String> = containers
+        .iter()
+        .map(|c| {
+            inspect(c).expect("kept")["Name"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches('/')
+                .to_owned()
+        })
+        .collect();
+    for c in &containers {
+        let _ = docker(&["rm", "-f", c]);
+    }
+    assert_eq!(names, [name.clone(), format!("{name}-1")]);
+}
