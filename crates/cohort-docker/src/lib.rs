@@ -143,6 +143,79 @@ impl Infrastructure for DockerInfrastructure {
         }
     }
 
+    /// Containers of this worker and pool that ended and were never removed (a worker killed
+    /// between reading an exit code and removing the container, or one whose claim was lost),
+    /// found by prefect-docker's labels; a running one is never touched.
+    fn sweep<'a>(
+        &'a self,
+        worker_name: &'a str,
+        pool_id: Uuid,
+        journaled: &'a [Uuid],
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if self.options.keep_containers {
+                return;
+            }
+            let filters = HashMap::from([
+                (
+                    "label".to_owned(),
+                    vec![
+                        format!("io.prefect.worker-name={worker_name}"),
+                        format!("io.prefect.work-pool-id={pool_id}"),
+                    ],
+                ),
+                (
+                    "status".to_owned(),
+                    vec!["created".to_owned(), "exited".to_owned(), "dead".to_owned()],
+                ),
+            ]);
+            let found = match self
+                .docker
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(filters),
+                    ..Default::default()
+                }))
+                .await
+            {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list leftover containers");
+                    return;
+                }
+            };
+            for container in found {
+                let run = container
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(FLOW_RUN_LABEL))
+                    .and_then(|r| Uuid::parse_str(r).ok());
+                let (Some(id), false) = (container.id, run.is_some_and(|r| journaled.contains(&r)))
+                else {
+                    continue;
+                };
+                match self
+                    .docker
+                    .remove_container(
+                        &id,
+                        Some(RemoveContainerOptions {
+                            force: false,
+                            ..Default::default()
+                        }),
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(container = %id, "removed a leftover container of an earlier worker")
+                    }
+                    Err(e) => {
+                        tracing::warn!(container = %id, error = %e, "cannot remove a leftover container")
+                    }
+                }
+            }
+        })
+    }
+
     /// `docker stop` with the grace; the identifier's host part is ignored, as prefect-docker
     /// ignores it (`DockerWorker.kill_infrastructure`: `rsplit(":", 1)`). The container is left
     /// to its watcher (or to the start-up of a worker that journaled it) to remove.

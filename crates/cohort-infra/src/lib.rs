@@ -60,6 +60,17 @@ pub trait Infrastructure: Send + Sync + 'static {
     /// Drops what the infrastructure kept on this machine about a run whose story is told.
     fn forget(&self, _flow_run: Uuid) {}
 
+    /// At start-up, after recovery: removes what earlier workers of this name and pool left
+    /// behind for runs whose story is told (none of `journaled`), and that no longer runs.
+    fn sweep<'a>(
+        &'a self,
+        _worker_name: &'a str,
+        _pool_id: Uuid,
+        _journaled: &'a [Uuid],
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
     /// Stops the infrastructure an identifier names, gracefully then forcibly after `grace`
     /// (`BaseWorker.kill_infrastructure`): the server's clean-up of a run stuck in Cancelling.
     fn kill<'a>(

@@ -842,6 +842,12 @@ impl Poller<'_> {
                 return;
             }
         };
+        let journaled: Vec<_> = claims.iter().map(|c| c.flow_run_id).collect();
+        let pool_id = self.ctx.pool.read().expect("pool lock poisoned").id;
+        self.ctx
+            .infra
+            .sweep(&self.ctx.worker_name, pool_id, &journaled)
+            .await;
         if claims.is_empty() {
             return;
         }

@@ -543,3 +543,65 @@ fn a_taken_container_name_gets_a_suffix() {
     }
     assert_eq!(names, [name.clone(), format!("{name}-1")]);
 }
+
+/// Containers an earlier worker of the same name and pool left behind for runs it already
+/// reported are removed when a worker starts; a running one, or another worker's, is not.
+#[test]
+fn leftover_containers_of_the_worker_are_removed_at_start() {
+    let (_, busybox) = images();
+    let s = server();
+    let pool = unique("dk-sweep");
+    let pool_id = s.create_work_pool(&pool, "docker")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let name = unique("dk-sweeper");
+    let create = |worker: &str, command: &[&str]| {
+        let run = uuid::Uuid::new_v4().to_string();
+        let mut args = vec![
+            "create".to_owned(),
+            "--label".to_owned(),
+            format!("io.prefect.worker-name={worker}"),
+            "--label".to_owned(),
+            format!("io.prefect.work-pool-id={pool_id}"),
+            "--label".to_owned(),
+            format!("io.prefect.flow-run-id={run}"),
+            busybox.clone(),
+        ];
+        args.extend(command.iter().map(|c| (*c).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = docker(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let exited = create(&name, &["true"]);
+    assert!(docker(&["start", "-a", &exited]).status.success());
+    let never_started = create(&name, &["true"]);
+    let running = create(&name, &["sleep", "600"]);
+    assert!(docker(&["start", &running]).status.success());
+    let other_workers = create("someone-else", &["true"]);
+
+    let _worker = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "docker", "--name", &name],
+    )
+    .spawn();
+    util::poll(
+        "the leftovers to be removed",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || (inspect(&exited).is_none() && inspect(&never_started).is_none()).then_some(()),
+    );
+    let still = [
+        inspect(&running).is_some(),
+        inspect(&other_workers).is_some(),
+    ];
+    for c in [&running, &other_workers] {
+        let _ = docker(&["rm", "-f", c]);
+    }
+    assert_eq!(still, [true, true]);
+}
