@@ -662,7 +662,10 @@ impl Watch {
                     tracing::warn!(container = %self.id, error = %e, "lost the Docker Engine while waiting for a container; retrying");
                     None
                 }
-                None => None,
+                None => {
+                    tracing::warn!(container = %self.id, "the Docker Engine closed the wait for a container; retrying");
+                    None
+                }
             };
             match code {
                 Some(code) => {

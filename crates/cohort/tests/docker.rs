@@ -605,3 +605,119 @@ fn leftover_containers_of_the_worker_are_removed_at_start() {
     }
     assert_eq!(still, [true, true]);
 }
+
+/// A proxy on a unix socket in front of the Engine's, whose connections the test can cut: the
+/// Engine itself cannot be made to drop a client's connection.
+struct EngineProxy {
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl EngineProxy {
+    fn start() -> EngineProxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        const ENGINE: &str = "/var/run/docker.sock";
+        assert!(
+            std::path::Path::new(ENGINE).exists(),
+            "no Docker Engine socket at {ENGINE}"
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let socket = dir.path().join("docker.sock");
+        let listener = UnixListener::bind(&socket).expect("bind the proxy socket");
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::<UnixStream>::new()));
+        let conns = open.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(upstream) = UnixStream::connect(ENGINE) else {
+                    continue;
+                };
+                let mut list = conns.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(upstream.try_clone().unwrap());
+                drop(list);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        EngineProxy {
+            _dir: dir,
+            socket,
+            open,
+        }
+    }
+
+    fn docker_host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Cuts every connection open through the proxy.
+    fn drop_connections(&self) -> usize {
+        let conns: Vec<_> = self.open.lock().unwrap().drain(..).collect();
+        for c in &conns {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        conns.len()
+    }
+}
+
+/// The worker's connection to the Engine drops while a container runs: the watcher connects
+/// again and still reports the container's real exit code, and the container is removed.
+#[test]
+fn a_dropped_engine_connection_mid_run_loses_nothing() {
+    let (_, busybox) = images();
+    let s = server();
+    let proxy = EngineProxy::start();
+    let pool = unique("dk-drop");
+    s.create_work_pool(&pool, "docker");
+    let name = unique("dk-worker-drop");
+    let worker = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "docker", "--name", &name],
+    )
+    .env("DOCKER_HOST", &proxy.docker_host())
+    .spawn();
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": busybox, "command": "sh -c 'sleep 8; exit 7'"
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    util::poll(
+        "infrastructure_pid to be set",
+        FINAL_TIMEOUT,
+        Duration::from_millis(250),
+        || {
+            s.read_flow_run(&run.id)["infrastructure_pid"]
+                .as_str()
+                .map(|_| ())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        proxy.drop_connections() > 0,
+        "nothing went through the proxy"
+    );
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    assert!(
+        state["message"].as_str().unwrap().contains("status code 7"),
+        "{state}"
+    );
+    util::poll(
+        "the container to be removed",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || containers_of(&run.id).is_empty().then_some(()),
+    );
+    assert!(
+        worker.stderr().contains("; retrying"),
+        "the wait was not cut:\n{}",
+        worker.stderr()
+    );
+}
