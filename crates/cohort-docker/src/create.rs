@@ -122,16 +122,7 @@ pub fn environment(
                 .replace("127.0.0.1", "host.docker.internal");
         }
     }
-    for (key, value) in &job.env {
-        match value {
-            Some(v) => {
-                env.insert(key.clone(), v.clone());
-            }
-            None => {
-                env.remove(key);
-            }
-        }
-    }
+    cohort_template::fields::apply_env(&mut env, &job.env);
     env
 }
 

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 
 use cohort_infra::Map;
+pub use cohort_template::fields::JobConfigurationError;
+use cohort_template::fields::{self, boolean, opt_string};
 use serde_json::Value;
 
 /// When to pull the image (`prefect_docker/worker.py: ImagePullPolicy`).
@@ -41,42 +43,10 @@ pub struct DockerJob {
     pub container_create_kwargs: Map,
 }
 
-/// A rendered configuration that does not fit the Docker worker's fields.
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("invalid job configuration: `{field}` {reason}")]
-pub struct JobConfigurationError {
-    pub field: &'static str,
-    pub reason: String,
-}
-
 impl DockerJob {
     pub fn from_config(config: &Map) -> Result<Self, JobConfigurationError> {
-        let command = match config.get("command") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.trim().is_empty() => None,
-            Some(Value::String(s)) => Some(
-                shlex::split(s)
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| err("command", format!("cannot be split into words: {s:?}")))?,
-            ),
-            Some(other) => return Err(wrong_type("command", "a string", other)),
-        };
-        let env = match config.get("env") {
-            None | Some(Value::Null) => BTreeMap::new(),
-            Some(Value::Object(map)) => map
-                .iter()
-                .map(|(k, v)| {
-                    let v = match v {
-                        Value::Null => None,
-                        Value::String(s) => Some(s.clone()),
-                        // `BaseJobConfiguration._coerce_env`: Python's `str()`.
-                        other => Some(cohort_template_str(other)),
-                    };
-                    (k.clone(), v)
-                })
-                .collect(),
-            Some(other) => return Err(wrong_type("env", "an object of strings", other)),
-        };
+        let command = fields::command(config)?;
+        let env = fields::env(config)?;
         let labels = match config.get("labels") {
             None | Some(Value::Null) => BTreeMap::new(),
             Some(Value::Object(map)) => map
@@ -138,23 +108,6 @@ impl DockerJob {
     }
 }
 
-fn cohort_template_str(v: &Value) -> String {
-    match v {
-        Value::Bool(true) => "True".into(),
-        Value::Bool(false) => "False".into(),
-        Value::Number(n) => n.to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn opt_string(config: &Map, field: &'static str) -> Result<Option<String>, JobConfigurationError> {
-    match config.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(wrong_type(field, "a string", other)),
-    }
-}
-
 fn string_list(config: &Map, field: &'static str) -> Result<Vec<String>, JobConfigurationError> {
     match config.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -166,24 +119,6 @@ fn string_list(config: &Map, field: &'static str) -> Result<Vec<String>, JobConf
             })
             .collect(),
         Some(other) => Err(wrong_type(field, "a list of strings", other)),
-    }
-}
-
-/// Pydantic's lax boolean.
-fn boolean(
-    config: &Map,
-    field: &'static str,
-    default: bool,
-) -> Result<bool, JobConfigurationError> {
-    match config.get(field) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" | "t" | "y" => Ok(true),
-            "false" | "0" | "no" | "off" | "f" | "n" => Ok(false),
-            _ => Err(wrong_type(field, "a boolean", &Value::String(s.clone()))),
-        },
-        Some(other) => Err(wrong_type(field, "a boolean", other)),
     }
 }
 
@@ -224,19 +159,11 @@ fn check_volume(volume: &str) -> Result<(), JobConfigurationError> {
 }
 
 fn err(field: &'static str, reason: String) -> JobConfigurationError {
-    JobConfigurationError { field, reason }
+    JobConfigurationError::new(field, reason)
 }
 
 fn wrong_type(field: &'static str, expected: &str, got: &Value) -> JobConfigurationError {
-    let kind = match got {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    };
-    err(field, format!("must be {expected}, got {kind}"))
+    JobConfigurationError::wrong_type(field, expected, got)
 }
 
 #[cfg(test)]

@@ -112,16 +112,7 @@ impl Infrastructure for ProcessInfrastructure {
             PrepareError::Unavailable(format!("cannot create a working directory: {e}"))
         })?;
         let mut env = spec.env;
-        for (key, value) in job.env {
-            match value {
-                Some(v) => {
-                    env.insert(key, v);
-                }
-                None => {
-                    env.remove(&key);
-                }
-            }
-        }
+        cohort_template::fields::apply_env(&mut env, &job.env);
         Ok(Box::new(ProcessRun {
             program: job
                 .command

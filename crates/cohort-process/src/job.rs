@@ -4,17 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use cohort_template::fields;
+pub use cohort_template::fields::JobConfigurationError;
 use serde_json::Value;
 
 pub use cohort_infra::Map;
-
-/// A rendered job configuration that does not fit the process worker's fields.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid job configuration: `{field}` {reason}")]
-pub struct JobConfigurationError {
-    pub field: &'static str,
-    pub reason: String,
-}
 
 /// What the process worker needs to start one flow run.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,82 +23,24 @@ pub struct ProcessJob {
 
 impl ProcessJob {
     pub fn from_config(config: &Map) -> Result<Self, JobConfigurationError> {
-        let command = match config.get("command") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.trim().is_empty() => None,
-            Some(Value::String(s)) => {
-                Some(shlex::split(s).filter(|v| !v.is_empty()).ok_or_else(|| {
-                    JobConfigurationError {
-                        field: "command",
-                        reason: format!("cannot be split into words: {s:?}"),
-                    }
-                })?)
-            }
-            Some(other) => return Err(wrong_type("command", "a string", other)),
-        };
-        let env = match config.get("env") {
-            None | Some(Value::Null) => BTreeMap::new(),
-            Some(Value::Object(map)) => map
-                .iter()
-                .map(|(k, v)| -> Result<_, JobConfigurationError> {
-                    let v = match v {
-                        Value::Null => None,
-                        Value::String(s) => Some(s.clone()),
-                        // Prefect stringifies every other value with Python's `str()`
-                        // (`prefect/workers/base.py: BaseJobConfiguration._coerce_env`).
-                        other => Some(cohort_template::python_str(other)),
-                    };
-                    Ok((k.clone(), v))
-                })
-                .collect::<Result<_, _>>()?,
-            Some(other) => return Err(wrong_type("env", "an object of strings", other)),
-        };
-        let stream_output = match config.get("stream_output") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" | "t" | "y" => true,
-                "false" | "0" | "no" | "off" | "f" | "n" => false,
-                _ => {
-                    return Err(wrong_type(
-                        "stream_output",
-                        "a boolean",
-                        &Value::String(s.clone()),
-                    ))
-                }
-            },
-            Some(other) => return Err(wrong_type("stream_output", "a boolean", other)),
-        };
         let working_dir = match config.get("working_dir") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
             Some(Value::String(s)) => Some(PathBuf::from(s)),
-            Some(other) => return Err(wrong_type("working_dir", "a path string", other)),
+            Some(other) => {
+                return Err(JobConfigurationError::wrong_type(
+                    "working_dir",
+                    "a path string",
+                    other,
+                ))
+            }
         };
         Ok(Self {
-            command,
-            env,
-            stream_output,
+            command: fields::command(config)?,
+            env: fields::env(config)?,
+            stream_output: fields::boolean(config, "stream_output", true)?,
             working_dir,
         })
-    }
-}
-
-fn wrong_type(field: &'static str, expected: &str, got: &Value) -> JobConfigurationError {
-    JobConfigurationError {
-        field,
-        reason: format!("must be {expected}, got {}", json_type(got)),
-    }
-}
-
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
     }
 }
 

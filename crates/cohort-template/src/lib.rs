@@ -46,6 +46,7 @@ mod blocks;
 mod collections;
 mod defaults;
 mod error;
+pub mod fields;
 mod placeholder;
 mod pystr;
 mod render;
