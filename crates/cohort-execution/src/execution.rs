@@ -71,6 +71,8 @@ impl Executor {
     pub async fn ship(&self, log: &mut RunLog) {
         match &self.logs {
             Some(shipper) => log.flush(shipper).await,
+            // `RunLog::flush` takes a `ShipLogs`, whose unboxed future is not `Send` for a
+            // trait object; the one call is made here.
             None => {
                 let entries = std::mem::take(&mut log.entries);
                 if entries.is_empty() {
@@ -281,41 +283,41 @@ impl Executor {
             );
             return self.let_exit(started).await;
         }
-        if started.cancels_itself() {
-            // Its engine cancels the run itself and reports it; we only step in for one that
-            // is stuck.
-            if let Ok(Ok(code)) = tokio::time::timeout(self.termination_grace, started.wait()).await
-            {
-                let after = current_state(self.api.as_ref(), run.id).await;
-                match finish(reason, before, after) {
-                    Finish::Keep(_) | Finish::Cancelled => return code,
-                    Finish::ForceCancelled => {
-                        if finalize_cancelled(self.api.as_ref(), run.id, message).await {
-                            self.emit_cancelled(run, deployment, flow).await;
-                        }
-                        return code;
-                    }
+        // An engine that cancels its run itself (and reports it) gets the grace to do so; we
+        // only step in for one that is stuck.
+        let ended_itself = if started.cancels_itself() {
+            match tokio::time::timeout(self.termination_grace, started.wait()).await {
+                Ok(Ok(code)) => Some(code),
+                _ => {
+                    tracing::warn!(grace = ?self.termination_grace, "the flow run did not end within the grace after its cancellation; stopping it");
+                    None
                 }
             }
-            tracing::warn!(grace = ?self.termination_grace, "the flow run did not end within the grace after its cancellation; stopping it");
-        }
-        match started.signal_cancel().await {
-            CancelSignal::AlreadyConcluded => {
-                // The engine already reported a final state: nothing to cancel, no event
-                // (`CancellationManager.cancel`).
-                tracing::info!("the flow run concluded before the cancellation reached it");
-                return self.let_exit(started).await;
-            }
-            CancelSignal::Sent(status) => tracing::debug!(%status, "cancel intent sent"),
-            CancelSignal::NoChannel => {}
-        }
-        // Returns as soon as the process is gone: Cancelled is reported without waiting out
-        // the grace period.
-        let code = match self.stop_process(started).await {
-            Ok(code) => code,
-            Err(e) => {
-                tracing::error!(error = %e, "could not stop the flow run's infrastructure");
-                -1
+        } else {
+            None
+        };
+        let code = match ended_itself {
+            Some(code) => code,
+            None => {
+                match started.signal_cancel().await {
+                    CancelSignal::AlreadyConcluded => {
+                        // The engine already reported a final state: nothing to cancel, no
+                        // event (`CancellationManager.cancel`).
+                        tracing::info!("the flow run concluded before the cancellation reached it");
+                        return self.let_exit(started).await;
+                    }
+                    CancelSignal::Sent(status) => tracing::debug!(%status, "cancel intent sent"),
+                    CancelSignal::NoChannel => {}
+                }
+                // Returns as soon as the process is gone: Cancelled is reported without waiting
+                // out the grace period.
+                match self.stop_process(started).await {
+                    Ok(code) => code,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not stop the flow run's infrastructure");
+                        -1
+                    }
+                }
             }
         };
         let after = current_state(self.api.as_ref(), run.id).await;
@@ -327,7 +329,8 @@ impl Executor {
                 );
                 false
             }
-            Finish::Cancelled => true,
+            // An engine that ended itself reported its own cancellation.
+            Finish::Cancelled => ended_itself.is_none(),
             Finish::ForceCancelled => finalize_cancelled(self.api.as_ref(), run.id, message).await,
         };
         if cancelled {

@@ -167,6 +167,15 @@ struct ScriptedRun {
 }
 
 fn scripted(on_stop: OnStop) -> (Box<dyn Job>, Script) {
+    scripted_job(on_stop, false)
+}
+
+/// A run whose engine cancels it itself, as a container's does.
+fn self_cancelling(on_stop: OnStop) -> (Box<dyn Job>, Script) {
+    scripted_job(on_stop, true)
+}
+
+fn scripted_job(on_stop: OnStop, cancels_itself: bool) -> (Box<dyn Job>, Script) {
     let (exit, _) = watch::channel(None);
     let script = Script {
         exit,
@@ -176,7 +185,7 @@ fn scripted(on_stop: OnStop) -> (Box<dyn Job>, Script) {
         script: script.clone(),
         on_stop,
         launch_error: None,
-        cancels_itself: false,
+        cancels_itself,
     };
     (Box::new(job), script)
 }
@@ -447,21 +456,6 @@ async fn a_shutdown_crashes_a_running_run_but_keeps_a_final_state() {
         );
         assert_eq!(h.cancelled_events(), 0);
     }
-}
-
-fn self_cancelling(on_stop: OnStop) -> (Box<dyn Job>, Script) {
-    let (exit, _) = watch::channel(None);
-    let script = Script {
-        exit,
-        stops: Arc::default(),
-    };
-    let job = ScriptedJob {
-        script: script.clone(),
-        on_stop,
-        launch_error: None,
-        cancels_itself: true,
-    };
-    (Box::new(job), script)
 }
 
 /// A container's engine cancels its run itself and reports it: the supervisor stops nothing,
