@@ -101,10 +101,12 @@ impl DockerInfrastructure {
             options,
         })
     }
+}
 
-    fn identifier(&self, container: &str) -> String {
-        format!("{}:{container}", self.base_url)
-    }
+/// `infrastructure_pid`: docker-py's base URL and the full container id
+/// (`DockerWorker._get_infrastructure_pid`).
+fn identifier(base_url: &str, container: &str) -> String {
+    format!("{base_url}:{container}")
 }
 
 /// docker-py's normalised `base_url` for a `DOCKER_HOST` (`docker/api/client.py`).
@@ -326,7 +328,10 @@ impl Infrastructure for DockerInfrastructure {
                 events: None,
                 stream_output: false,
             };
-            Some(Box::new(watch.start(self.identifier(&container), name)) as Box<dyn Started>)
+            Some(
+                Box::new(watch.start(identifier(&self.base_url, &container), name))
+                    as Box<dyn Started>,
+            )
         })
     }
 }
@@ -505,12 +510,18 @@ impl Job for ContainerRun {
                 }
             };
             let (id, name) = created;
-            let inspect = self.docker.inspect_container(&id, None).await.ok();
-            let name = inspect
-                .and_then(|i| i.name)
-                .map(|n| n.trim_start_matches('/').to_owned())
-                .or(name)
-                .unwrap_or_default();
+            // Only a name the Engine picked has to be asked for.
+            let name = match name {
+                Some(name) => name,
+                None => self
+                    .docker
+                    .inspect_container(&id, None)
+                    .await
+                    .ok()
+                    .and_then(|i| i.name)
+                    .map(|n| n.trim_start_matches('/').to_owned())
+                    .unwrap_or_default(),
+            };
             let created_event = self.emit("prefect.docker.container.created", &id, &name, None);
             self.events.sink.emit(created_event.clone()).await;
             let started = async {
@@ -559,7 +570,7 @@ impl Job for ContainerRun {
                 events: Some((self.events.clone(), running)),
                 stream_output: self.stream_output,
             };
-            Ok(Box::new(watch.start(format!("{}:{id}", self.base_url), name)) as Box<dyn Started>)
+            Ok(Box::new(watch.start(identifier(&self.base_url, &id), name)) as Box<dyn Started>)
         })
     }
 }

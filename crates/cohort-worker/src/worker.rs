@@ -389,6 +389,7 @@ impl Worker {
                 )
             },
         );
+        let hello = infra.channel_hello();
         let channel_config = ChannelConfig {
             pool_name: self.options.pool.clone(),
             worker_name: self.options.name.clone(),
@@ -396,8 +397,8 @@ impl Worker {
             heartbeat_interval: self.options.heartbeat_interval,
             work_queue_names: self.options.work_queues.clone(),
             default_base_job_template: infra.default_base_job_template(),
-            worker_metadata: infra.channel_hello().worker_metadata.unwrap_or(Value::Null),
-            handles_cleanup: infra.channel_hello().handles_cleanup,
+            worker_metadata: hello.worker_metadata.unwrap_or(Value::Null),
+            handles_cleanup: hello.handles_cleanup,
             auth_token: self.options.auth_token.clone(),
             authorization: self.options.authorization.clone(),
         };
