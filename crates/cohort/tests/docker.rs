@@ -119,6 +119,31 @@ fn pool_and_worker(what: &str, keep: bool) -> (String, Worker) {
     (pool, builder.spawn())
 }
 
+/// Polls until the engine has no container of the run.
+fn wait_until_removed(run_id: &str, timeout: Duration) {
+    util::poll(
+        "the container to be removed",
+        timeout,
+        Duration::from_millis(250),
+        || containers_of(run_id).is_empty().then_some(()),
+    );
+}
+
+/// Polls until the server has the run's `infrastructure_pid`.
+fn wait_for_infrastructure_pid(run_id: &str, timeout: Duration) {
+    let s = server();
+    util::poll(
+        "infrastructure_pid to be set",
+        timeout,
+        Duration::from_millis(250),
+        || {
+            s.read_flow_run(run_id)["infrastructure_pid"]
+                .as_str()
+                .map(|_| ())
+        },
+    );
+}
+
 fn flow_mount() -> String {
     let dir = examples_flows_dir().to_string_lossy().into_owned();
     format!("{dir}:{dir}:ro")
@@ -262,12 +287,7 @@ fn a_non_zero_exit_is_crashed_with_the_real_code_and_the_container_is_removed() 
     assert_eq!(code, "3");
     assert!(names(&events).contains(&"prefect.docker.container.exited"));
     // Read, then removed: nothing left behind.
-    util::poll(
-        "the container to be removed",
-        Duration::from_secs(20),
-        Duration::from_millis(250),
-        || containers_of(&run.id).is_empty().then_some(()),
-    );
+    wait_until_removed(&run.id, Duration::from_secs(20));
 }
 
 #[test]
@@ -352,12 +372,7 @@ fn a_running_flow_is_cancelled_by_its_engine_in_the_container() {
         "related": {"id": [format!("prefect.flow-run.{}", run.id)]}}),
     );
     assert_eq!((cancelled.len(), again.len()), (1, 1), "{again:?}");
-    util::poll(
-        "the container to be removed",
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || containers_of(&run.id).is_empty().then_some(()),
-    );
+    wait_until_removed(&run.id, Duration::from_secs(60));
 }
 
 /// Containers outlive their worker: one SIGKILLed while its container runs is restarted with
@@ -418,12 +433,7 @@ fn a_restarted_worker_re_adopts_its_running_container() {
         .collect();
     assert_eq!(executed.len(), 1, "{events:?}");
     assert_eq!(executed[0]["follows"], submitted["id"]);
-    util::poll(
-        "the container to be removed",
-        Duration::from_secs(30),
-        Duration::from_millis(250),
-        || containers_of(&run.id).is_empty().then_some(()),
-    );
+    wait_until_removed(&run.id, Duration::from_secs(30));
 }
 
 /// A run left Cancelling by a worker that died is cancelled by the server after its timeout,
@@ -451,16 +461,7 @@ fn the_servers_cleanup_after_a_cancelling_timeout_stops_the_container() {
         Duration::from_millis(250),
         || containers_of(&run.id).into_iter().next(),
     );
-    util::poll(
-        "infrastructure_pid to be set",
-        Duration::from_secs(30),
-        Duration::from_millis(250),
-        || {
-            s.read_flow_run(&run.id)["infrastructure_pid"]
-                .as_str()
-                .map(|_| ())
-        },
-    );
+    wait_for_infrastructure_pid(&run.id, Duration::from_secs(30));
     // Nobody supervises it any more.
     first.sigkill();
     let second = Worker::builder(
@@ -688,16 +689,7 @@ fn a_dropped_engine_connection_mid_run_loses_nothing() {
         "image": busybox, "command": "sh -c 'sleep 8; exit 7'"
     })));
     let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
-    util::poll(
-        "infrastructure_pid to be set",
-        FINAL_TIMEOUT,
-        Duration::from_millis(250),
-        || {
-            s.read_flow_run(&run.id)["infrastructure_pid"]
-                .as_str()
-                .map(|_| ())
-        },
-    );
+    wait_for_infrastructure_pid(&run.id, FINAL_TIMEOUT);
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         proxy.drop_connections() > 0,
@@ -709,12 +701,7 @@ fn a_dropped_engine_connection_mid_run_loses_nothing() {
         state["message"].as_str().unwrap().contains("status code 7"),
         "{state}"
     );
-    util::poll(
-        "the container to be removed",
-        Duration::from_secs(30),
-        Duration::from_millis(250),
-        || containers_of(&run.id).is_empty().then_some(()),
-    );
+    wait_until_removed(&run.id, Duration::from_secs(30));
     assert!(
         worker.stderr().contains("; retrying"),
         "the wait was not cut:\n{}",
