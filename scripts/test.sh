@@ -66,12 +66,25 @@ export RUST_TEST_THREADS="${RUST_TEST_THREADS:-6}"
 # but was not before fails the run, whatever the tests said.
 untracked() { git -C "$repo_root" ls-files --others --exclude-standard | LC_ALL=C sort; }
 untracked_before="$(untracked)"
+# Nor containers: what carries Prefect's run label after the run but did not before fails
+# the run too (every Docker test removes what it kept).
+containers() {
+    command -v docker >/dev/null 2>&1 || return 0
+    docker ps -aq --no-trunc --filter label=io.prefect.flow-run-id 2>/dev/null | LC_ALL=C sort
+}
+containers_before="$(containers)"
 log "cargo test --workspace"
 tests_status=0
 cargo test --workspace --no-fail-fast "$@" </dev/null || tests_status=$?
 left="$(LC_ALL=C comm -13 <(printf '%s\n' "$untracked_before") <(printf '%s\n' "$(untracked)") | sed '/^$/d')"
 if [[ -n $left ]]; then
     printf 'test.sh: error: the tests left files in the tree:\n%s\n' "$left" >&2
+    exit 1
+fi
+leaked="$(LC_ALL=C comm -13 <(printf '%s\n' "$containers_before") <(printf '%s\n' "$(containers)") | sed '/^$/d')"
+if [[ -n $leaked ]]; then
+    printf 'test.sh: error: the tests left containers behind:\n' >&2
+    docker ps -a --no-trunc --filter label=io.prefect.flow-run-id >&2
     exit 1
 fi
 exit "$tests_status"

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::execution::{Executed, Executor, NotExecuted, RunLog};
+use crate::execution::{Executed, Executor, Gate, NotExecuted, RunLog};
 
 /// In-process fake of the flow-run endpoints the executor calls.
 #[derive(Default)]
@@ -88,7 +88,12 @@ impl PrefectApi for InProcessPrefect {
         Box::pin(async move {
             let mut runs = self.runs.lock().unwrap();
             let current = runs.get(&id).copied().unwrap_or(StateType::Scheduled);
-            let accepted = force || !current.is_final();
+            // Prefect's core policy: a final state refuses an unforced proposal, and a
+            // Cancelling run accepts only Cancelled (`EnforceCancellingToCancelledTransition`).
+            let accepted = force
+                || !(current.is_final()
+                    || (current == StateType::Cancelling
+                        && proposed.state_type != StateType::Cancelled));
             if accepted {
                 runs.insert(id, proposed.state_type);
             }
@@ -495,4 +500,43 @@ async fn a_run_that_should_cancel_itself_but_hangs_is_stopped_after_the_grace() 
     assert_eq!(*script.stops.lock().unwrap(), [GRACE]);
     assert_eq!(h.api.state(h.run.id), StateType::Cancelled);
     assert_eq!(h.cancelled_events(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_cancelling_before_launch_is_held_back_and_forced_cancelled() {
+    let h = Harness::new(StateType::Cancelling);
+    let gate = executor(h.api.clone(), h.sink.clone())
+        .propose_submitting(&h.run, &h.cancel)
+        .await;
+    assert_eq!(gate, Gate::Cancelled);
+    assert_eq!(
+        h.api.proposals(),
+        [
+            (StateType::Pending, false, false),
+            (StateType::Cancelled, true, true)
+        ]
+    );
+    assert_eq!(h.api.state(h.run.id), StateType::Cancelled);
+    // Cancelled before it ran: the cancellation is the state, not a runner's event.
+    assert_eq!(h.cancelled_events(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_already_cancelled_is_skipped_without_another_proposal() {
+    let h = Harness::new(StateType::Cancelled);
+    let gate = executor(h.api.clone(), h.sink.clone())
+        .propose_submitting(&h.run, &h.cancel)
+        .await;
+    assert_eq!(gate, Gate::Cancelled);
+    assert_eq!(h.api.proposals(), [(StateType::Pending, false, false)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pending_run_is_let_through_to_launch() {
+    let h = Harness::new(StateType::Pending);
+    let gate = executor(h.api.clone(), h.sink.clone())
+        .propose_submitting(&h.run, &h.cancel)
+        .await;
+    assert_eq!(gate, Gate::Go);
+    assert_eq!(h.api.proposals(), [(StateType::Pending, false, true)]);
 }

@@ -325,6 +325,76 @@ fn a_missing_image_with_policy_never_is_crashed_with_the_engines_message() {
     assert!(worker.try_wait().is_none(), "the worker exited");
 }
 
+/// An image name the Engine cannot parse fails at the pull (prefect-docker's default policy
+/// pulls an untagged image), before any container exists: Crashed with the Engine's reason and
+/// the image named, no `creation-failed` (nothing was created), and the worker serves on.
+#[test]
+fn a_bad_image_name_is_crashed_with_the_engines_reason() {
+    let s = server();
+    let (pool, mut worker) = pool_and_worker("badname", false);
+    let bad = "Cohort Test/Not A Valid Name";
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({ "image": bad })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let message = state["message"].as_str().unwrap();
+    assert!(message.contains("invalid reference format"), "{message}");
+    assert!(message.contains(bad), "{message}");
+    assert!(containers_of(&run.id).is_empty());
+    let executed = s.read_events(json!({
+        "event": {"name": ["prefect.docker.container.creation-failed", "prefect.worker.executed-flow-run"]},
+        "related": {"id": [format!("prefect.flow-run.{}", run.id)]}}));
+    assert!(executed.is_empty(), "{executed:?}");
+
+    let (_, busybox) = images();
+    let ok = s.deploy(
+        &DeploySpec::new(&pool, "hello")
+            .job_variables(json!({ "image": busybox, "command": "true" })),
+    );
+    let next = s.create_flow_run(&ok.id, &[], json!({}), json!({}));
+    // `true` reports no state: the worker's clean exit leaves the run where the engine would
+    // have, so wait for the executed event instead.
+    let events = s.wait_for_events(
+        json!({"event": {"name": ["prefect.worker.executed-flow-run"]},
+               "related": {"id": [format!("prefect.flow-run.{}", next.id)]}}),
+        1,
+        FINAL_TIMEOUT,
+    );
+    assert_eq!(events.len(), 1);
+    assert!(worker.try_wait().is_none(), "the worker exited");
+}
+
+/// A flow that fails reports Failed from inside the container, and the engine then exits 0
+/// (an outcome it reported is handled: `prefect/engine.py`): the run stays Failed, never
+/// Crashed, and the executed event carries the container's real code, 0.
+#[test]
+fn a_failed_flow_keeps_its_failed_state() {
+    let (prefect_image, _) = images();
+    let s = server();
+    let (pool, _worker) = pool_and_worker("fail", false);
+    let dep = s.deploy(&DeploySpec::new(&pool, "fail").job_variables(json!({
+        "image": prefect_image, "volumes": [flow_mount()]
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "FAILED", "{state}");
+    let events = run_events(&run.id);
+    let executed = events
+        .iter()
+        .find(|e| e["event"] == "prefect.worker.executed-flow-run")
+        .expect("executed-flow-run");
+    let code = executed["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|r| r["prefect.infrastructure.status-code"].as_str())
+        .unwrap();
+    assert_eq!(code, "0");
+    // Still Failed once the worker has seen the exit.
+    assert_eq!(s.read_flow_run(&run.id)["state"]["type"], "FAILED");
+    wait_until_removed(&run.id, Duration::from_secs(20));
+}
+
 /// Proposes Cancelling as `prefect flow-run cancel` does.
 fn request_cancel(run_id: &str) {
     let r = server().request(
