@@ -9,7 +9,12 @@
 #   4. deploy examples/flows (hello, fail, a tagged hello), create one run each, wait for
 #      their final states and print them
 #   5. print the worker's events from POST /api/events/filter
-#   6. SIGTERM the worker, print its `prefect.worker.stopped` event, stop the server
+#   6. SIGTERM the worker, print its `prefect.worker.stopped` event
+#   7. when a Docker Engine is reachable: build the Prefect test image locally
+#      (scripts/docker-test-images.sh prefect, 2-3 minutes the first time), start
+#      `cohort worker start --pool demo-docker-pool --type docker`, run hello and fail in
+#      containers, print the worker's and the containers' events; otherwise say why not
+#   8. stop the server
 #
 #   COHORT_DEMO_WORKER=python  run Prefect's own `prefect worker start` instead (same steps,
 #                              to compare; skips the cargo build)
@@ -75,7 +80,7 @@ cleanup() {
         stop_pid "$server_pid" 15
     fi
     if ((rc != 0)); then
-        for f in server.log worker.log; do
+        for f in server.log worker.log docker-worker.log; do
             [[ -s $work/$f ]] || continue
             printf '\n----- last lines of %s -----\n' "$f" >&2
             tail -n 40 "$work/$f" >&2
@@ -142,4 +147,56 @@ step "worker log (last 15 lines)"
 tail -n 15 "$work/worker.log"
 
 ((status == 0)) || die "the worker exited with status $status after SIGTERM"
+
+# --- the same flows in containers --------------------------------------------------------
+docker_pool=demo-docker-pool
+docker_worker_name="Demo Docker Worker"
+step "Docker work pool"
+if [[ $worker_kind != cohort ]]; then
+    echo "skipped: Prefect's Docker worker (prefect-docker) is not in the demo's Prefect venv"
+elif ! command -v docker >/dev/null 2>&1; then
+    echo "skipped: the docker CLI is not installed, so no Docker Engine to run containers on"
+elif ! docker info >/dev/null 2>&1; then
+    echo "skipped: no Docker Engine is reachable (\`docker info\` failed); the process pool above ran"
+else
+    # No registry is needed: the image is built from the Debian mirror and PyPI.
+    echo "building the Prefect image locally (scripts/docker-test-images.sh prefect)"
+    image="$(bash "$repo_root/scripts/docker-test-images.sh" prefect | awk '$1 == "prefect" { print $2 }')"
+    [[ -n $image ]] || die "scripts/docker-test-images.sh printed no prefect image"
+    echo "image $image"
+
+    step "worker: ${worker_cmd[*]} --pool $docker_pool --type docker --name \"$docker_worker_name\""
+    mkdir -p "$work/docker-worker-home"
+    PREFECT_API_URL="$api" \
+        PREFECT_HOME="$work/docker-worker-home" \
+        PREFECT_WORKER_QUERY_SECONDS=5 \
+        "${worker_cmd[@]}" --pool "$docker_pool" --type docker --name "$docker_worker_name" \
+        </dev/null >"$work/docker-worker.log" 2>&1 &
+    worker_pid=$!
+    echo "pid $worker_pid, log $work/docker-worker.log"
+
+    step "run hello and fail in containers"
+    # The flows reach the container through a read-only bind mount at the same path; a
+    # loopback API URL puts the container on the host's network (as prefect-docker does).
+    flows="$repo_root/examples/flows"
+    "${client[@]}" run --api "$api" --pool "$docker_pool" --flows-dir "$flows" \
+        --only hello-demo fail-demo --suffix=-docker \
+        --job-variables "{\"image\": \"$image\", \"volumes\": [\"$flows:$flows:ro\"]}" \
+        --timeout 300
+
+    docker_resource="prefect.worker.docker.demo-docker-worker"
+    step "Docker worker events (resource $docker_resource)"
+    # started + 2 submitted + 2 executed
+    "${client[@]}" events --api "$api" --resource-id "$docker_resource" --min-count 5
+    step "container events (prefect.docker.container.*)"
+    # created, running, exited for each of the two runs
+    "${client[@]}" events --api "$api" --prefix prefect.docker.container. --min-count 6
+
+    step "SIGTERM the Docker worker"
+    stop_pid "$worker_pid" 60
+    status=$stopped_status
+    worker_pid=""
+    echo "worker exited with status $status"
+    ((status == 0)) || die "the Docker worker exited with status $status after SIGTERM"
+fi
 step "done"

@@ -5,13 +5,16 @@ REST to the server so every step is visible: POST /flows/, POST /deployments/,
 POST /deployments/{id}/create_flow_run, GET /flow_runs/{id}, POST /events/filter.
 
     demo_client.py wait-health  --api URL [--timeout S]
-    demo_client.py run          --api URL --pool NAME --flows-dir DIR [--timeout S]
-    demo_client.py events       --api URL --resource-id ID [--expect NAME] [--min-count N] [--timeout S]
+    demo_client.py run          --api URL --pool NAME --flows-dir DIR [--only DEPLOYMENT ...]
+                                [--suffix S] [--job-variables JSON] [--timeout S]
+    demo_client.py events       --api URL [--resource-id ID] [--prefix P] [--expect NAME]
+                                [--min-count N] [--timeout S]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -81,11 +84,22 @@ def wait_for_pool(api: Api, pool: str, timeout: float) -> dict:
     sys.exit(f"work pool {pool!r} was not created within {timeout:.0f}s (is the worker running?)")
 
 
-def run(api: Api, pool: str, flows_dir: str, timeout: float) -> int:
+def run(
+    api: Api,
+    pool: str,
+    flows_dir: str,
+    only: list[str],
+    suffix: str,
+    job_variables: dict,
+    timeout: float,
+) -> int:
     work_pool = wait_for_pool(api, pool, timeout)
     print(f"work pool {pool!r} exists (type {work_pool['type']}, id {work_pool['id']})")
     runs = []
     for dep_name, function, dep_tags, run_tags, params in SCENARIOS:
+        if only and dep_name not in only:
+            continue
+        dep_name += suffix
         flow = api.json("POST", "/flows/", {"name": function})
         dep = api.json(
             "POST",
@@ -101,6 +115,7 @@ def run(api: Api, pool: str, flows_dir: str, timeout: float) -> int:
                 ],
                 "tags": dep_tags,
                 "parameters": params,
+                "job_variables": job_variables,
                 "enforce_parameter_schema": False,
             },
         )
@@ -123,7 +138,7 @@ def run(api: Api, pool: str, flows_dir: str, timeout: float) -> int:
         time.sleep(1)
 
     print()
-    header = f"{'flow/deployment':<26} {'flow run':<26} {'tags':<38} {'pid':<8} state"
+    header = f"{'flow/deployment':<26} {'flow run':<26} {'tags':<38} {'infrastructure':<22} state"
     print(header)
     print("-" * len(header))
     for label, flow_run in runs:
@@ -131,12 +146,15 @@ def run(api: Api, pool: str, flows_dir: str, timeout: float) -> int:
         state = current["state"]
         tags = ", ".join(sorted(current["tags"]))
         pid = current.get("infrastructure_pid") or "-"
+        if pid.startswith("http+docker://"):
+            # The container id is 64 hex digits: its first 12, as `docker ps` shows them.
+            pid = "container " + pid.rsplit(":", 1)[1][:12]
         text = state["type"]
         if state["name"].upper() != state["type"]:
             text += f" ({state['name']})"
         if state.get("message"):
             text += f": {state['message']}"
-        print(f"{label:<26} {current['name']:<26} {tags:<38} {pid:<8} {text}")
+        print(f"{label:<26} {current['name']:<26} {tags:<38} {pid:<22} {text}")
     missing = len(runs) - len(final)
     if missing:
         print(f"\n{missing} flow run(s) did not finish within {timeout:.0f}s", file=sys.stderr)
@@ -144,7 +162,7 @@ def run(api: Api, pool: str, flows_dir: str, timeout: float) -> int:
     return 0
 
 
-def read_events(api: Api, resource_id: str) -> list[dict]:
+def read_events(api: Api, resource_id: str | None, prefix: str) -> list[dict]:
     now = datetime.now(timezone.utc)
     body = {
         "filter": {
@@ -152,12 +170,13 @@ def read_events(api: Api, resource_id: str) -> list[dict]:
                 "since": (now - timedelta(days=1)).isoformat(),
                 "until": (now + timedelta(hours=1)).isoformat(),
             },
-            "event": {"prefix": ["prefect.worker."]},
-            "resource": {"id": [resource_id]},
+            "event": {"prefix": [prefix]},
             "order": "ASC",
         },
         "limit": 50,
     }
+    if resource_id:
+        body["filter"]["resource"] = {"id": [resource_id]}
     page = api.json("POST", "/events/filter", body)
     events = list(page["events"])
     while page.get("next_page"):
@@ -183,17 +202,19 @@ def print_event(e: dict, index: dict) -> None:
         print(f"    related:  {r['prefect.resource.role']:<11} {r['prefect.resource.id']}{rest_text}")
 
 
-def events(api: Api, resource_id: str, expect: str | None, min_count: int, timeout: float) -> int:
+def events(
+    api: Api, resource_id: str | None, prefix: str, expect: str | None, min_count: int, timeout: float
+) -> int:
     # Events are persisted asynchronously (the server flushes them every few seconds).
     def complete(found: list[dict]) -> bool:
         matching = [e for e in found if expect is None or e["event"] == expect]
         return len(matching) >= max(min_count, 1 if expect else 0)
 
     deadline = time.monotonic() + timeout
-    found = read_events(api, resource_id)
+    found = read_events(api, resource_id, prefix)
     while not complete(found) and time.monotonic() < deadline:
         time.sleep(1)
-        found = read_events(api, resource_id)
+        found = read_events(api, resource_id, prefix)
     index = {e["id"]: i + 1 for i, e in enumerate(found)}
     for e in found:
         if expect is None or e["event"] == expect:
@@ -215,10 +236,14 @@ def main() -> int:
     p.add_argument("--api", required=True)
     p.add_argument("--pool", required=True)
     p.add_argument("--flows-dir", required=True)
+    p.add_argument("--only", nargs="*", default=[], help="run only these deployments")
+    p.add_argument("--suffix", default="", help="appended to the deployments' names")
+    p.add_argument("--job-variables", default="{}", help="the deployments' job variables (JSON)")
     p.add_argument("--timeout", type=float, default=240)
     p = sub.add_parser("events")
     p.add_argument("--api", required=True)
-    p.add_argument("--resource-id", required=True)
+    p.add_argument("--resource-id")
+    p.add_argument("--prefix", default="prefect.worker.", help="event name prefix")
     p.add_argument("--expect", help="wait for (and print only) events with this name")
     p.add_argument("--min-count", type=int, default=0, help="wait for at least N matching events")
     p.add_argument("--timeout", type=float, default=60)
@@ -229,8 +254,16 @@ def main() -> int:
         wait_health(api, args.timeout)
         return 0
     if args.command == "run":
-        return run(api, args.pool, args.flows_dir, args.timeout)
-    return events(api, args.resource_id, args.expect, args.min_count, args.timeout)
+        return run(
+            api,
+            args.pool,
+            args.flows_dir,
+            args.only,
+            args.suffix,
+            json.loads(args.job_variables),
+            args.timeout,
+        )
+    return events(api, args.resource_id, args.prefix, args.expect, args.min_count, args.timeout)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,43 @@
 #!/usr/bin/env bash
 # Ensure the pinned Prefect 3.8.8 virtualenv exists and print its path as the last line of stdout.
 #
-#   COHORT_PREFECT_VENV  where the venv lives (default: $HOME/.cache/cohort/prefect-3.8.8)
-#   PYTHON               interpreter used to create it (default: python3; Prefect 3.8.8 needs >= 3.10)
+#   bash scripts/prefect-venv.sh           prefect==3.8.8 (constraints/prefect-3.8.8.txt)
+#   bash scripts/prefect-venv.sh docker    prefect==3.8.8 and prefect-docker==0.7.4, Prefect's
+#                                          own Docker worker, for the benchmarks' side by side
+#                                          (constraints/prefect-3.8.8-integrations.txt: the
+#                                          same pins plus the integration's)
 #
-# Idempotent: the venv records the sha256 of constraints/prefect-3.8.8.txt it was installed
-# with; when that matches and `prefect` is present, nothing is done. Everything but the final
-# path goes to stderr, so callers can use `venv=$(scripts/prefect-venv.sh | tail -n1)`.
+#   COHORT_PREFECT_VENV         the first venv (default: $HOME/.cache/cohort/prefect-3.8.8)
+#   COHORT_PREFECT_DOCKER_VENV  the second (default: $HOME/.cache/cohort/prefect-3.8.8-docker)
+#   PYTHON                      interpreter used to create it (default: python3; >= 3.10)
+#
+# Two venvs, not one: Prefect's server and its worker CLI import every installed integration
+# at start (`prefect.plugins.load_prefect_collections`), so prefect-docker in the tests' venv
+# would change the server the tests and the process benchmarks run against.
+#
+# Idempotent: the venv records the sha256 of the constraints it was installed with; when that
+# matches and `prefect` is present, nothing is done. Everything but the final path goes to
+# stderr, so callers can use `venv=$(scripts/prefect-venv.sh | tail -n1)`.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-constraints="$repo_root/constraints/prefect-3.8.8.txt"
-venv="${COHORT_PREFECT_VENV:-$HOME/.cache/cohort/prefect-3.8.8}"
+flavour="${1:-prefect}"
+case $flavour in
+    prefect)
+        constraints="$repo_root/constraints/prefect-3.8.8.txt"
+        venv="${COHORT_PREFECT_VENV:-$HOME/.cache/cohort/prefect-3.8.8}"
+        packages=(prefect==3.8.8)
+        ;;
+    docker)
+        constraints="$repo_root/constraints/prefect-3.8.8-integrations.txt"
+        venv="${COHORT_PREFECT_DOCKER_VENV:-$HOME/.cache/cohort/prefect-3.8.8-docker}"
+        packages=(prefect==3.8.8 prefect-docker==0.7.4)
+        ;;
+    *)
+        echo "prefect-venv: unknown flavour '$flavour' (expected prefect or docker)" >&2
+        exit 2
+        ;;
+esac
 python="${PYTHON:-python3}"
 marker="$venv/.cohort-constraints.sha256"
 
@@ -54,9 +80,9 @@ if [[ ! -x $venv/bin/python ]]; then
     fi
 fi
 
-log "installing prefect==3.8.8 with $constraints"
+log "installing ${packages[*]} with $constraints"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-"$venv/bin/python" -m pip install --quiet -c "$constraints" prefect==3.8.8 >&2
+"$venv/bin/python" -m pip install --quiet -c "$constraints" "${packages[@]}" >&2
 got="$("$venv/bin/python" -c 'import prefect; print(prefect.__version__)')" ||
     die "prefect does not import in $venv"
 [[ $got == 3.8.8 ]] || die "$venv has prefect $got, expected 3.8.8"

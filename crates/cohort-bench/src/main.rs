@@ -1,4 +1,4 @@
-//! `cohort-bench`: runs Prefect's Python process worker and Cohort on identical workloads
+//! `cohort-bench`: runs Prefect's Python workers and Cohort's on identical workloads
 //! against one local Prefect server, and writes `BENCHMARKS.md` and
 //! `bench-results/<date>.json`. Started by `scripts/bench.sh`, which installs what it needs.
 //!
@@ -30,7 +30,9 @@ use crate::scenarios::{Ctx, Plan};
 use crate::server::{Database, PrefectServer};
 use crate::worker::Programs;
 
-/// Benchmark Prefect's Python process worker against Cohort.
+const ALL_SCENARIOS: [&str; 6] = ["idle", "burst", "flows", "scale", "server", "docker"];
+
+/// Benchmark Prefect's Python workers against Cohort's.
 #[derive(Debug, Parser)]
 #[command(name = "cohort-bench")]
 struct Args {
@@ -51,19 +53,27 @@ struct Args {
     /// Runs of each burst of scenario 6 (default: 30 quick, 100 full).
     #[arg(long)]
     server_runs: Option<usize>,
-    /// Scenarios to run, comma-separated: idle (1 and 2), burst, flows, scale, server.
+    /// Scenarios to run, comma-separated: idle (1 and 2), burst, flows, scale, server,
+    /// docker.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,burst,flows,scale,server"
+        default_value = "idle,burst,flows,scale,server,docker"
     )]
     scenarios: Vec<String>,
+    /// Runs of scenario 7's burst (default: 10 quick, 50 full).
+    #[arg(long)]
+    docker_runs: Option<usize>,
     /// Run the server on PostgreSQL at this `postgresql+asyncpg://` URL (default: SQLite).
     #[arg(long)]
     database_url: Option<String>,
     /// The Prefect 3.8.8 virtualenv.
     #[arg(long, env = "COHORT_PREFECT_VENV")]
     venv: PathBuf,
+    /// A Prefect 3.8.8 virtualenv with prefect-docker 0.7.4, for Prefect's Docker worker
+    /// (scenario 7).
+    #[arg(long, env = "COHORT_PREFECT_DOCKER_VENV")]
+    docker_venv: Option<PathBuf>,
     /// The `cohort` binary (a release build).
     #[arg(long)]
     cohort: PathBuf,
@@ -106,10 +116,19 @@ fn run(args: Args) -> Result<()> {
     if let Some(n) = args.server_runs {
         plan.server_runs = n.max(1);
     }
+    if let Some(n) = args.docker_runs {
+        plan.docker_runs = n.max(1);
+    }
+    if let Some(r) = args.reps {
+        plan.docker_reps = r.max(1);
+    }
     for s in &args.scenarios {
-        if !["idle", "burst", "flows", "scale", "server"].contains(&s.as_str()) {
-            bail!("unknown scenario {s:?}: expected idle, burst, flows, scale or server");
+        if !ALL_SCENARIOS.contains(&s.as_str()) {
+            bail!("unknown scenario {s:?}: expected idle, burst, flows, scale, server or docker");
         }
+    }
+    if args.scenarios.iter().any(|s| s == "docker") && args.docker_venv.is_none() {
+        bail!("the docker scenario needs --docker-venv (scripts/prefect-venv.sh docker)");
     }
     let repo = args.repo.canonicalize().context("--repo")?;
     let flows_dir = repo.join("examples/flows");
@@ -136,7 +155,9 @@ fn run(args: Args) -> Result<()> {
         programs: Programs {
             venv: args.venv.clone(),
             cohort: args.cohort.clone(),
+            docker_venv: args.docker_venv.clone(),
         },
+        repo: repo.clone(),
         flows_dir,
         template,
         plan: plan.clone(),
@@ -160,6 +181,9 @@ fn run(args: Args) -> Result<()> {
     }
     if wants("server") {
         scenarios.push(scenarios::server_load::run(&ctx));
+    }
+    if wants("docker") {
+        scenarios.push(scenarios::docker::run(&ctx));
     }
 
     let run_info = RunInfo {
@@ -185,7 +209,7 @@ fn run(args: Args) -> Result<()> {
         rustc: command_line("rustc", &["--version"], None),
         worker_settings: "defaults for both (`PREFECT_WORKER_QUERY_SECONDS` 10, \
                           `PREFECT_WORKER_PREFETCH_SECONDS` 10, no `--limit`); \
-                          `worker start --pool P --type process --name N`"
+                          `worker start --pool P --type process|docker --name N`"
             .to_owned(),
         duration_s: started.elapsed().as_secs_f64(),
     };
@@ -200,13 +224,25 @@ fn run(args: Args) -> Result<()> {
     let json_name = format!("{stamp}-{}-{}.json", plan.mode, report_db_label(&args));
     let json_path = repo.join("bench-results").join(&json_name);
     report.write_json(&json_path)?;
-    let md_path = repo.join("BENCHMARKS.md");
-    report.write_markdown(&md_path, &json_name)?;
-    eprintln!(
-        "[bench] wrote {} and {}",
-        md_path.display(),
-        json_path.display()
-    );
+    // Only a run of every scenario replaces the generated part of BENCHMARKS.md: a partial
+    // run would drop the sections it did not run. Its tables are printed below instead.
+    let every = ALL_SCENARIOS
+        .iter()
+        .all(|s| args.scenarios.iter().any(|x| x == s));
+    if every {
+        let md_path = repo.join("BENCHMARKS.md");
+        report.write_markdown(&md_path, &json_name)?;
+        eprintln!(
+            "[bench] wrote {} and {}",
+            md_path.display(),
+            json_path.display()
+        );
+    } else {
+        eprintln!(
+            "[bench] wrote {}; BENCHMARKS.md is left alone (not every scenario ran)",
+            json_path.display()
+        );
+    }
     println!("{}", report.markdown(&json_name));
     Ok(())
 }

@@ -310,13 +310,13 @@ impl PrefectServer {
 
     // -- pools, deployments, runs ---------------------------------------------------------
 
-    /// Create a `process` pool with Prefect's default base job template (what
-    /// `prefect work-pool create --type process` does).
-    pub fn create_process_pool(&self, name: &str, template: &Value) -> Result<()> {
+    /// Create a pool of this type with this base job template (what `prefect work-pool
+    /// create --type <type>` does with the type's default template).
+    pub fn create_pool(&self, name: &str, pool_type: &str, template: &Value) -> Result<()> {
         self.request(
             Method::POST,
             "/work_pools/",
-            Some(&json!({"name": name, "type": "process", "base_job_template": template})),
+            Some(&json!({"name": name, "type": pool_type, "base_job_template": template})),
         )?;
         Ok(())
     }
@@ -506,6 +506,33 @@ impl PrefectServer {
             Method::POST,
             "/events/filter",
             Some(&json!({"filter": events_filter(resource_ids, names, since), "limit": 50})),
+        )?;
+        let mut events = Vec::new();
+        loop {
+            events.extend(page["events"].as_array().cloned().unwrap_or_default());
+            match page["next_page"].as_str() {
+                Some(next) if !next.is_empty() => {
+                    page = self.request(Method::GET, next, None)?;
+                }
+                _ => return Ok(events),
+            }
+        }
+    }
+
+    /// Events with these names whose resource id starts with `prefix` (a container's
+    /// `prefect.docker.container.<id>`), oldest first, occurred since `since`.
+    pub fn read_events_by_prefix(
+        &self,
+        prefix: &str,
+        names: &[&str],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<Value>> {
+        let mut filter = events_filter(&[], names, since);
+        filter["resource"] = json!({"id_prefix": [prefix]});
+        let mut page = self.request(
+            Method::POST,
+            "/events/filter",
+            Some(&json!({"filter": filter, "limit": 50})),
         )?;
         let mut events = Vec::new();
         loop {

@@ -56,12 +56,17 @@ impl WorkerKind {
 pub struct Programs {
     pub venv: PathBuf,
     pub cohort: PathBuf,
+    /// A Prefect 3.8.8 venv with prefect-docker 0.7.4 (`scripts/prefect-venv.sh docker`),
+    /// for Prefect's Docker worker.
+    pub docker_venv: Option<PathBuf>,
 }
 
 /// A running worker. Dropping it stops it (and everything in its tree).
 pub struct Worker<'s> {
     pub kind: WorkerKind,
     pub name: String,
+    /// `process` or `docker`.
+    pub worker_type: &'static str,
     /// Wall-clock time just before `exec`.
     pub spawned_at: DateTime<Utc>,
     server: &'s PrefectServer,
@@ -93,7 +98,27 @@ impl<'s> Worker<'s> {
         name: &str,
         env: &[(&str, &str)],
     ) -> Result<Worker<'s>> {
-        let venv_bin = programs.venv.join("bin");
+        Self::spawn_typed(server, programs, kind, "process", pool, name, env)
+    }
+
+    /// `<worker> worker start --pool <pool> --type <worker_type> --name <name>`; Prefect's
+    /// Docker worker runs from the venv that has prefect-docker.
+    pub fn spawn_typed(
+        server: &'s PrefectServer,
+        programs: &Programs,
+        kind: WorkerKind,
+        worker_type: &'static str,
+        pool: &str,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Worker<'s>> {
+        let venv = match (kind, worker_type) {
+            (WorkerKind::Python, "docker") => programs.docker_venv.as_ref().context(
+                "Prefect's Docker worker needs a venv with prefect-docker (--docker-venv)",
+            )?,
+            _ => &programs.venv,
+        };
+        let venv_bin = venv.join("bin");
         let home = tempfile::Builder::new()
             .prefix("worker-home-")
             .tempdir_in(server.scratch_dir())?;
@@ -105,7 +130,14 @@ impl<'s> Worker<'s> {
         };
         scrub_prefect_env(&mut cmd);
         cmd.args([
-            "worker", "start", "--pool", pool, "--type", "process", "--name", name,
+            "worker",
+            "start",
+            "--pool",
+            pool,
+            "--type",
+            worker_type,
+            "--name",
+            name,
         ])
         .env("PREFECT_API_URL", server.api_url())
         .env("PREFECT_HOME", home.path().join("prefect"))
@@ -126,6 +158,7 @@ impl<'s> Worker<'s> {
         Ok(Worker {
             kind,
             name: name.to_owned(),
+            worker_type,
             spawned_at,
             server,
             child,
@@ -142,7 +175,7 @@ impl<'s> Worker<'s> {
 
     /// `prefect.worker.<type>.<slug of the name>`, the resource of its events.
     pub fn resource_id(&self) -> String {
-        format!("prefect.worker.process.{}", slugify(&self.name))
+        format!("prefect.worker.{}.{}", self.worker_type, slugify(&self.name))
     }
 
     /// The exit status, if it has exited.

@@ -49,7 +49,7 @@ const ENGINE_RETRY: Duration = Duration::from_secs(1);
 const ENGINE_RETRIES: u32 = 60;
 
 /// prefect-docker's default base job template, verbatim.
-const BASE_JOB_TEMPLATE: &str = include_str!("base-job-template.json");
+pub const BASE_JOB_TEMPLATE: &str = include_str!("base-job-template.json");
 
 /// Why the Engine cannot be used.
 #[derive(Debug, thiserror::Error)]

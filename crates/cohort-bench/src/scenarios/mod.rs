@@ -1,4 +1,4 @@
-//! The six scenarios of the benchmark, and what they share: the plan (counts per mode),
+//! The seven scenarios of the benchmark, and what they share: the plan (counts per mode),
 //! the per-repetition fixture (a fresh pool and deployment, removed afterwards) and time
 //! helpers.
 //!
@@ -6,6 +6,7 @@
 //! the other on identical, fresh pools ([`WorkerKind::order`] alternates who goes first).
 
 pub mod burst;
+pub mod docker;
 pub mod flows;
 pub mod scale;
 pub mod server_load;
@@ -51,6 +52,11 @@ pub struct Plan {
     pub server_runs: usize,
     /// Scenario 6's idle window, over which idle requests per minute are counted.
     pub server_idle_s: f64,
+    /// Containers of scenario 7's burst, all running at once …
+    pub docker_runs: usize,
+    /// … for this long each.
+    pub docker_sleep_s: u64,
+    pub docker_reps: usize,
     /// Client threads creating runs: 1 on SQLite, where concurrent writers only wait on
     /// each other's lock (one thread creates ~30 runs/s on an idle server, four fewer);
     /// 4 on PostgreSQL.
@@ -74,6 +80,9 @@ impl Plan {
             scale_deadline_s: 60.0,
             server_runs: 30,
             server_idle_s: 20.0,
+            docker_runs: 10,
+            docker_sleep_s: 20,
+            docker_reps: 1,
             client_threads: 1,
         }
     }
@@ -94,6 +103,9 @@ impl Plan {
             scale_deadline_s: 180.0,
             server_runs: 100,
             server_idle_s: 60.0,
+            docker_runs: 50,
+            docker_sleep_s: 60,
+            docker_reps: 2,
             client_threads: 1,
         }
     }
@@ -103,6 +115,8 @@ impl Plan {
 pub struct Ctx<'a> {
     pub server: &'a PrefectServer,
     pub programs: Programs,
+    /// The repository (its scripts build the Docker test images).
+    pub repo: PathBuf,
     /// `examples/flows` (the deployments' working directory).
     pub flows_dir: PathBuf,
     /// Prefect's default process base job template.
@@ -117,6 +131,13 @@ pub struct Fixture {
     pub deployment_id: String,
 }
 
+/// The pool a fixture creates: its type and base job template.
+#[derive(Clone, Copy)]
+pub struct PoolKind<'a> {
+    pub worker_type: &'static str,
+    pub template: &'a Value,
+}
+
 impl Fixture {
     /// Pool `bench-<scenario>-<worker>-r<rep>-<hex>`, a deployment of `flows.py:hello` with
     /// these job variables, and the worker's name.
@@ -125,11 +146,13 @@ impl Fixture {
         scenario: &str,
         kind: WorkerKind,
         rep: usize,
+        pool_kind: PoolKind<'_>,
         job_variables: Value,
     ) -> Result<Fixture> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let pool = format!("bench-{scenario}-{}-r{rep}-{}", kind.label(), &id[..6]);
-        ctx.server.create_process_pool(&pool, &ctx.template)?;
+        ctx.server
+            .create_pool(&pool, pool_kind.worker_type, pool_kind.template)?;
         let deployment_id = ctx
             .server
             .deploy(&pool, &ctx.flows_dir, "hello", job_variables)?;
@@ -157,13 +180,30 @@ impl Fixture {
     }
 }
 
-/// Run `body` for one worker and repetition on a fresh fixture, record an error instead of
-/// failing, and always clean up.
+/// Run `body` for one worker and repetition on a fresh fixture with a process pool, record
+/// an error instead of failing, and always clean up.
 pub fn one_rep(
     ctx: &Ctx<'_>,
     scenario: &str,
     rep: usize,
     kind: WorkerKind,
+    job_variables: Value,
+    body: impl FnOnce(&Fixture, &mut RepResult) -> Result<()>,
+) -> RepResult {
+    let process = PoolKind {
+        worker_type: "process",
+        template: &ctx.template,
+    };
+    one_rep_on(ctx, scenario, rep, kind, process, job_variables, body)
+}
+
+/// [`one_rep`] on a pool of another kind.
+pub fn one_rep_on(
+    ctx: &Ctx<'_>,
+    scenario: &str,
+    rep: usize,
+    kind: WorkerKind,
+    pool_kind: PoolKind<'_>,
     job_variables: Value,
     body: impl FnOnce(&Fixture, &mut RepResult) -> Result<()>,
 ) -> RepResult {
@@ -174,6 +214,7 @@ pub fn one_rep(
         match scenario {
             "scale" => ctx.plan.scale_reps,
             "flows" => ctx.plan.flow_reps,
+            "docker" => ctx.plan.docker_reps,
             _ => ctx.plan.reps,
         },
         kind.label()
@@ -181,7 +222,7 @@ pub fn one_rep(
     let settled = settle_server(ctx);
     result.detail("server_settle_s", settled);
     let started = Instant::now();
-    match Fixture::create(ctx, scenario, kind, rep, job_variables) {
+    match Fixture::create(ctx, scenario, kind, rep, pool_kind, job_variables) {
         Ok(fx) => {
             let server_cpu0 = server_cpu(ctx);
             if let Err(e) = body(&fx, &mut result) {
