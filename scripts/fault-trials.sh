@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The fault trials alone (crates/cohort/tests/fault_trials.rs): Cohort against a real
-# Prefect 3.8.8 server while the server is stopped and restarted, the worker is SIGKILLed and
+# Prefect 3.8.8 server while the server is stopped and restarted (flows in processes, and in
+# containers on the machine's Docker Engine), the worker is SIGKILLed and
 # restarted, the server answers 503 bursts and drops websockets, flow processes are
 # SIGKILLed, and PREFECT_HOME is unwritable or full. Each trial prints its figures (runs, events
 # expected/stored, duplicates, orphans). `scripts/test.sh` runs them too, with everything else.

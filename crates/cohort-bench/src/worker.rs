@@ -175,7 +175,11 @@ impl<'s> Worker<'s> {
 
     /// `prefect.worker.<type>.<slug of the name>`, the resource of its events.
     pub fn resource_id(&self) -> String {
-        format!("prefect.worker.{}.{}", self.worker_type, slugify(&self.name))
+        format!(
+            "prefect.worker.{}.{}",
+            self.worker_type,
+            slugify(&self.name)
+        )
     }
 
     /// The exit status, if it has exited.

@@ -12,14 +12,11 @@
 
 mod util;
 
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use util::{
-    configure_server, examples_flows_dir, unique, DeploySpec, PrefectServer, ServerOptions, Worker,
-};
+use util::docker::{containers_of, docker, flow_mount, images, inspect};
+use util::{configure_server, unique, DeploySpec, PrefectServer, ServerOptions, Worker};
 
 const FINAL_TIMEOUT: Duration = Duration::from_secs(240);
 /// How long the server lets a run stay Cancelling before it cancels it and sends a worker
@@ -42,65 +39,6 @@ fn server() -> &'static PrefectServer {
         ],
     });
     util::server()
-}
-
-/// The tags `scripts/docker-test-images.sh` printed, by image.
-fn images() -> &'static (String, String) {
-    static IMAGES: OnceLock<(String, String)> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/docker-test-images.sh"
-        );
-        let out = Command::new("bash")
-            .arg(script)
-            .arg("all")
-            .output()
-            .expect("run scripts/docker-test-images.sh (is bash installed?)");
-        assert!(
-            out.status.success(),
-            "scripts/docker-test-images.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let tag = |what: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{what} ")))
-                .unwrap_or_else(|| panic!("no {what} image in:\n{stdout}"))
-                .trim()
-                .to_owned()
-        };
-        (tag("prefect"), tag("busybox"))
-    })
-}
-
-fn docker(args: &[&str]) -> std::process::Output {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .expect("run docker (is the Docker CLI installed?)")
-}
-
-fn inspect(container: &str) -> Option<Value> {
-    let out = docker(&["inspect", container]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice::<Value>(&out.stdout).expect("inspect is JSON")[0].clone())
-}
-
-/// The containers the engine has for a run, by Prefect's label.
-fn containers_of(run_id: &str) -> Vec<String> {
-    let out = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=io.prefect.flow-run-id={run_id}"),
-    ]);
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
 }
 
 /// A docker pool created empty (the worker gives it prefect-docker's template) and a worker.
@@ -142,11 +80,6 @@ fn wait_for_infrastructure_pid(run_id: &str, timeout: Duration) {
                 .map(|_| ())
         },
     );
-}
-
-fn flow_mount() -> String {
-    let dir = examples_flows_dir().to_string_lossy().into_owned();
-    format!("{dir}:{dir}:ro")
 }
 
 fn run_events(run_id: &str) -> Vec<Value> {

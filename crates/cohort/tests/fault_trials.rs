@@ -3,7 +3,7 @@
 //! expected and stored, duplicates, orphaned processes — and asserting on them.
 //!
 //! Real faults wherever they can be produced: the real server is stopped and started again
-//! (trial 1), the worker is SIGKILLed and restarted (trial 2), a real flow process is
+//! (trial 1, with flows in processes and, on a Docker pool, in containers), the worker is SIGKILLed and restarted (trial 2), a real flow process is
 //! SIGKILLed (trial 5), the worker's disk is unwritable or full (trial 6, the latter by a
 //! file-size limit set with `prlimit`). The in-process fault proxy (`util::fault_proxy`) is
 //! used only for what a real server cannot be made to do on demand: bursts of 503/429 answers
@@ -56,6 +56,24 @@ fn trial_1_server_stopped_for_30_s_while_runs_execute() {
             runs: 3,
             before: Duration::from_secs(2),
             down: Duration::from_secs(30),
+            infra: Infra::Process,
+        },
+    );
+}
+
+/// Trial 1 on a Docker pool: the flows run in containers on the real Engine (their engines
+/// ride the outage inside them), the short runs are busybox containers whose exit falls in
+/// the outage. Every run completes, every worker event is stored exactly once, and no
+/// container is left behind.
+#[test]
+fn trial_1_docker_server_stopped_for_30_s_while_containers_run() {
+    server_outage(
+        "trial 1 (docker)",
+        &Outage {
+            runs: 2,
+            before: Duration::from_secs(2),
+            down: Duration::from_secs(30),
+            infra: Infra::Docker,
         },
     );
 }
@@ -138,6 +156,7 @@ fn soak_trials_with_random_fault_timing() {
                             Duration::from_secs(3),
                             Duration::from_secs(if full { 30 } else { 10 }),
                         ),
+                        infra: Infra::Process,
                     };
                     server_outage(&label, &outage);
                 }
@@ -208,9 +227,18 @@ fn soak_trials_with_random_fault_timing() {
 // Trial 1: the server goes away
 // ---------------------------------------------------------------------------------------
 
+/// Where the trial's runs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Infra {
+    Process,
+    /// Containers on the machine's Docker Engine, from the locally built test images.
+    Docker,
+}
+
 struct Outage {
     /// Runs of `sleepy` in flight during the outage.
     runs: usize,
+    infra: Infra,
     /// How long after the short runs were submitted the server is stopped.
     before: Duration,
     /// How long the server stays down once its process has exited.
@@ -233,15 +261,34 @@ fn server_outage(label: &str, o: &Outage) -> Figures {
     let started = Instant::now();
     let mut fig = Figures::new(label);
     let pool = unique("trial-outage");
-    s.create_work_pool(&pool, "process");
+    let (pool_type, flow_vars, short_vars) = match o.infra {
+        Infra::Process => ("process", json!({}), json!({})),
+        Infra::Docker => {
+            let (prefect_image, busybox) = util::docker::images();
+            (
+                "docker",
+                json!({"image": prefect_image, "volumes": [util::docker::flow_mount()]}),
+                json!({"image": busybox}),
+            )
+        }
+    };
+    s.create_work_pool(&pool, pool_type);
     let sleep_s = (o.before + o.down + RESTART_ALLOWANCE).as_secs();
-    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").parameters(json!({"seconds": sleep_s})));
-    let short = s.deploy(&DeploySpec::new(&pool, "hello").tags(&["short"]));
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "sleepy")
+            .parameters(json!({"seconds": sleep_s}))
+            .job_variables(flow_vars),
+    );
+    let short = s.deploy(
+        &DeploySpec::new(&pool, "hello")
+            .tags(&["short"])
+            .job_variables(short_vars),
+    );
     let flow_ids: Vec<String> = (0..o.runs)
         .map(|_| s.create_flow_run(&dep.id, &[], json!({}), json!({})).id)
         .collect();
     let name = unique("Trial Outage");
-    let mut worker = Worker::cohort(&["--pool", &pool, "--type", "process", "--name", &name]);
+    let mut worker = Worker::cohort(&["--pool", &pool, "--type", pool_type, "--name", &name]);
 
     // Every flow is running (its engine has talked to the server) before the server goes.
     let first_running = wait_all_running(s, &mut worker, &flow_ids, Duration::from_secs(180));
@@ -292,7 +339,19 @@ fn server_outage(label: &str, o: &Outage) -> Figures {
     fig.runs = ids.len();
     fig.events = collect_events(s, &name, &expected, EVENTS_TIMEOUT, EVENTS_SETTLE);
     fig.states = state_counts(s, &ids);
+    // Processes in containers are the host's too: the same check finds a container's engine.
     fig.orphans = orphans_after(&ids, ORPHAN_TIMEOUT);
+    if o.infra == Infra::Docker {
+        let left: Vec<String> = ids
+            .iter()
+            .flat_map(|id| util::docker::containers_of(id))
+            .collect();
+        fig.note("containers left", left.len());
+        for c in &left {
+            let _ = util::docker::docker(&["rm", "-f", c]);
+        }
+        assert!(left.is_empty(), "{label}: containers left behind: {left:?}");
+    }
     // Worker events that happened while the server was down: they waited in the outbox.
     let while_down = fig
         .events
@@ -1082,7 +1141,8 @@ fn poll_worker<T>(
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
+            "timed out after {timeout:?} waiting for {what}; worker output:\n{}",
+            worker.output()
         );
         sleep(Duration::from_millis(500));
     }

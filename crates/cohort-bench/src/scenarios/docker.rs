@@ -54,7 +54,11 @@ const METRICS: [MetricDef; 12] = [
         "REST requests to the server per run",
         "count",
     ),
-    MetricDef::new("pickup_p50_s", "pickup latency p50 (expected start → submitted)", "s"),
+    MetricDef::new(
+        "pickup_p50_s",
+        "pickup latency p50 (expected start → submitted)",
+        "s",
+    ),
     MetricDef::new(
         "submitted_to_running_p50_s",
         "submitted → container running, p50",
@@ -101,7 +105,9 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
     let template: Value = match serde_json::from_str(cohort_docker::BASE_JOB_TEMPLATE) {
         Ok(t) => t,
         Err(e) => {
-            report.notes.push(format!("not run: the base job template: {e}"));
+            report
+                .notes
+                .push(format!("not run: the base job template: {e}"));
             return report;
         }
     };
@@ -201,8 +207,10 @@ fn body(ctx: &Ctx<'_>, fx: &Fixture, kind: WorkerKind, r: &mut RepResult) -> Res
         || {
             worker.ensure_alive()?;
             max_concurrent = max_concurrent.max(running_containers(&fx.deployment_id));
-            Ok((server.count_events(&rid, &[EVENT_EXECUTED], worker.spawned_at)? >= want)
-                .then_some(()))
+            Ok(
+                (server.count_events(&rid, &[EVENT_EXECUTED], worker.spawned_at)? >= want)
+                    .then_some(()),
+            )
         },
     );
     let executed = run_times(&server.read_events(&rid, &[EVENT_EXECUTED], worker.spawned_at)?);

@@ -21,6 +21,8 @@
 // End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
 #![allow(dead_code, clippy::disallowed_methods, clippy::disallowed_types)]
 
+/// The Docker test images and the Engine's view of a run's containers.
+pub mod docker;
 /// Fault-injecting HTTP/websocket proxy to put between a worker and the server.
 pub mod fault_proxy;
 /// Figures and checks shared by the fault trials (`tests/fault_trials.rs`).

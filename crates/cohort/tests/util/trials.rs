@@ -179,11 +179,15 @@ pub fn flow_run_label(event: &Value, key: &str) -> Option<String> {
     })
 }
 
-/// Every event of the process worker named `worker_name` (resource
-/// `prefect.worker.process.<slug>`), oldest first.
+/// Every event of the worker named `worker_name` (resource `prefect.worker.<type>.<slug>`,
+/// process or docker; the names are unique), oldest first.
 pub fn worker_events(s: &PrefectServer, worker_name: &str) -> Vec<Value> {
+    let slug = slugify(worker_name);
     s.read_events(json!({
-        "resource": {"id": [format!("prefect.worker.process.{}", slugify(worker_name))]},
+        "resource": {"id": [
+            format!("prefect.worker.process.{slug}"),
+            format!("prefect.worker.docker.{slug}"),
+        ]},
     }))
 }
 
