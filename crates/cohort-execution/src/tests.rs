@@ -1,175 +1,19 @@
 //! The executor's supervision, crash and cancellation paths with paused time, against
-//! `InProcessPrefect` (an in-process fake of the few flow-run endpoints, with the one
-//! orchestration rule these paths meet: a final state refuses an unforced proposal) and
-//! `ScriptedInfrastructure` (a run whose exit and whose answer to a stop the test decides).
-//! The same paths run end to end against a real Prefect server in the `cohort` crate's tests.
+//! `cohort_fakes::InProcessPrefect` (an in-process fake of the flow-run endpoints) and scripted
+//! runs (whose exit and whose answer to a stop the test decides). The same paths run end to
+//! end against a real Prefect server in the `cohort` crate's tests.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_api::models::{
-    FlowRun, OrchestrationResult, SetStateStatus, State, StateCreate, StateType,
-};
-use cohort_api::{ApiError, ApiFuture, PrefectApi};
+use cohort_api::models::{FlowRun, StateType};
 use cohort_events::{names, EventSink, RecordingSink, Resource};
-use cohort_infra::{BoxFuture, Job, Started};
-use serde_json::{json, Value};
-use tokio::sync::watch;
+use cohort_fakes::{failing_job, flow_run, scripted_job, InProcessPrefect, OnStop, Script};
+use cohort_infra::Job;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::execution::{Executed, Executor, Gate, NotExecuted, RunLog};
-
-/// In-process fake of the flow-run endpoints the executor calls.
-#[derive(Default)]
-struct InProcessPrefect {
-    runs: Mutex<HashMap<Uuid, StateType>>,
-    /// Every proposal: (state, forced, accepted).
-    proposals: Mutex<Vec<(StateType, bool, bool)>>,
-    pids: Mutex<Vec<String>>,
-    logs: Mutex<Vec<Value>>,
-}
-
-impl InProcessPrefect {
-    fn with_run(id: Uuid, state: StateType) -> Arc<Self> {
-        let fake = Self::default();
-        fake.runs.lock().unwrap().insert(id, state);
-        Arc::new(fake)
-    }
-
-    fn set(&self, id: Uuid, state: StateType) {
-        self.runs.lock().unwrap().insert(id, state);
-    }
-
-    fn state(&self, id: Uuid) -> StateType {
-        self.runs.lock().unwrap()[&id]
-    }
-
-    fn proposals(&self) -> Vec<(StateType, bool, bool)> {
-        self.proposals.lock().unwrap().clone()
-    }
-
-    fn log_messages(&self) -> Vec<String> {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|l| l["message"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-}
-
-fn state(state_type: StateType) -> State {
-    serde_json::from_value(json!({"type": state_type, "name": format!("{state_type:?}")}))
-        .expect("a state")
-}
-
-impl PrefectApi for InProcessPrefect {
-    fn read_flow_run(&self, id: Uuid) -> ApiFuture<'_, FlowRun> {
-        let current = self.runs.lock().unwrap().get(&id).copied();
-        Box::pin(async move {
-            let current = current.ok_or_else(|| ApiError::Status {
-                method: "GET".into(),
-                path: format!("flow_runs/{id}"),
-                status: reqwest::StatusCode::NOT_FOUND,
-                body: String::new(),
-            })?;
-            Ok(flow_run(id, Some(current)))
-        })
-    }
-
-    fn set_flow_run_state<'a>(
-        &'a self,
-        id: Uuid,
-        proposed: &'a StateCreate,
-        force: bool,
-    ) -> ApiFuture<'a, OrchestrationResult> {
-        Box::pin(async move {
-            let mut runs = self.runs.lock().unwrap();
-            let current = runs.get(&id).copied().unwrap_or(StateType::Scheduled);
-            // Prefect's core policy: a final state refuses an unforced proposal, and a
-            // Cancelling run accepts only Cancelled (`EnforceCancellingToCancelledTransition`).
-            let accepted = force
-                || !(current.is_final()
-                    || (current == StateType::Cancelling
-                        && proposed.state_type != StateType::Cancelled));
-            if accepted {
-                runs.insert(id, proposed.state_type);
-            }
-            self.proposals
-                .lock()
-                .unwrap()
-                .push((proposed.state_type, force, accepted));
-            Ok(OrchestrationResult {
-                state: Some(state(if accepted {
-                    proposed.state_type
-                } else {
-                    current
-                })),
-                status: if accepted {
-                    SetStateStatus::Accept
-                } else {
-                    SetStateStatus::Reject
-                },
-                details: json!({}),
-            })
-        })
-    }
-
-    fn set_infrastructure_pid<'a>(&'a self, _id: Uuid, pid: &'a str) -> ApiFuture<'a, ()> {
-        self.pids.lock().unwrap().push(pid.to_owned());
-        Box::pin(async { Ok(()) })
-    }
-
-    fn create_logs<'a>(&'a self, logs: &'a [Value]) -> ApiFuture<'a, ()> {
-        self.logs.lock().unwrap().extend(logs.iter().cloned());
-        Box::pin(async { Ok(()) })
-    }
-}
-
-fn flow_run(id: Uuid, state_type: Option<StateType>) -> FlowRun {
-    let mut run: FlowRun = serde_json::from_value(json!({
-        "id": id,
-        "name": "tidy-otter",
-        "flow_id": Uuid::new_v4(),
-    }))
-    .expect("a flow run");
-    run.state = state_type.map(state);
-    run
-}
-
-/// How a scripted run answers a graceful stop.
-#[derive(Clone, Copy)]
-enum OnStop {
-    /// Exits with this code at once.
-    Exit(i64),
-    /// Ignores it: only the forced stop after the grace ends it (-9).
-    Ignore,
-}
-
-/// What the test sees of a scripted run.
-#[derive(Clone)]
-struct Script {
-    /// Send `Some(code)` to make the run exit.
-    exit: watch::Sender<Option<i64>>,
-    stops: Arc<Mutex<Vec<Duration>>>,
-}
-
-/// A run whose exit and whose answer to a stop the test decides.
-struct ScriptedJob {
-    script: Script,
-    on_stop: OnStop,
-    launch_error: Option<String>,
-    cancels_itself: bool,
-}
-
-struct ScriptedRun {
-    exit: watch::Receiver<Option<i64>>,
-    script: Script,
-    on_stop: OnStop,
-    cancels_itself: bool,
-}
 
 fn scripted(on_stop: OnStop) -> (Box<dyn Job>, Script) {
     scripted_job(on_stop, false)
@@ -178,88 +22,6 @@ fn scripted(on_stop: OnStop) -> (Box<dyn Job>, Script) {
 /// A run whose engine cancels it itself, as a container's does.
 fn self_cancelling(on_stop: OnStop) -> (Box<dyn Job>, Script) {
     scripted_job(on_stop, true)
-}
-
-fn scripted_job(on_stop: OnStop, cancels_itself: bool) -> (Box<dyn Job>, Script) {
-    let (exit, _) = watch::channel(None);
-    let script = Script {
-        exit,
-        stops: Arc::default(),
-    };
-    let job = ScriptedJob {
-        script: script.clone(),
-        on_stop,
-        launch_error: None,
-        cancels_itself,
-    };
-    (Box::new(job), script)
-}
-
-impl Job for ScriptedJob {
-    fn launch(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn Started>, String>> {
-        Box::pin(async move {
-            if let Some(e) = self.launch_error {
-                return Err(e);
-            }
-            Ok(Box::new(ScriptedRun {
-                exit: self.script.exit.subscribe(),
-                script: self.script,
-                on_stop: self.on_stop,
-                cancels_itself: self.cancels_itself,
-            }) as Box<dyn Started>)
-        })
-    }
-}
-
-impl Started for ScriptedRun {
-    fn identifier(&self) -> String {
-        "scripted:1".into()
-    }
-
-    fn wait(&mut self) -> BoxFuture<'_, std::io::Result<i64>> {
-        Box::pin(async move {
-            let code = self
-                .exit
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| std::io::Error::other("script dropped"))?;
-            Ok(code.expect("some"))
-        })
-    }
-
-    fn stop(
-        &mut self,
-        grace: Duration,
-        hurry: CancellationToken,
-    ) -> BoxFuture<'_, std::io::Result<i64>> {
-        self.script.stops.lock().unwrap().push(grace);
-        Box::pin(async move {
-            let code = match self.on_stop {
-                OnStop::Exit(code) => code,
-                OnStop::Ignore => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(grace) => {}
-                        _ = hurry.cancelled() => {}
-                    }
-                    -9
-                }
-            };
-            self.script.exit.send_replace(Some(code));
-            Ok(code)
-        })
-    }
-
-    fn cancels_itself(&self) -> bool {
-        self.cancels_itself
-    }
-
-    fn crashed_message(&self, code: i64) -> String {
-        format!("scripted run exited with {code}")
-    }
-
-    fn crash_resolution(&self, _code: i64) -> Option<String> {
-        Some("scripted resolution".into())
-    }
 }
 
 const GRACE: Duration = Duration::from_secs(30);
@@ -332,8 +94,11 @@ async fn a_non_zero_exit_with_no_outcome_reported_is_proposed_crashed() {
 
     assert_eq!(executed.status_code, 3);
     assert_eq!(executed.pid, "scripted:1");
-    assert_eq!(*h.api.pids.lock().unwrap(), ["scripted:1"]);
-    assert_eq!(h.api.proposals(), [(StateType::Crashed, false, true)]);
+    assert_eq!(h.api.pids(h.run.id), ["scripted:1"]);
+    assert_eq!(
+        h.api.proposals(h.run.id),
+        [(StateType::Crashed, false, true)]
+    );
     let logs = h.api.log_messages();
     assert!(
         logs.contains(&"scripted run exited with 3".to_owned()),
@@ -352,20 +117,14 @@ async fn a_clean_exit_proposes_nothing() {
     script.exit.send_replace(Some(0));
     let executed = execution.await.unwrap().unwrap();
     assert_eq!(executed.status_code, 0);
-    assert!(h.api.proposals().is_empty());
+    assert!(h.api.proposals(h.run.id).is_empty());
     assert_eq!(h.api.state(h.run.id), StateType::Completed);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_run_that_cannot_launch_is_crashed_with_the_reason() {
     let h = Harness::new(StateType::Pending);
-    let (_, script) = scripted(OnStop::Exit(0));
-    let job = Box::new(ScriptedJob {
-        script,
-        on_stop: OnStop::Exit(0),
-        launch_error: Some("no such image".into()),
-        cancels_itself: false,
-    });
+    let job = failing_job("no such image");
     let outcome = h.execute(job).await.unwrap();
     assert_eq!(
         outcome,
@@ -373,8 +132,11 @@ async fn a_run_that_cannot_launch_is_crashed_with_the_reason() {
             "Flow run could not start: no such image".into()
         ))
     );
-    assert_eq!(h.api.proposals(), [(StateType::Crashed, false, true)]);
-    assert!(h.api.pids.lock().unwrap().is_empty());
+    assert_eq!(
+        h.api.proposals(h.run.id),
+        [(StateType::Crashed, false, true)]
+    );
+    assert!(h.api.pids(h.run.id).is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -389,7 +151,10 @@ async fn a_cancel_stops_the_run_forces_cancelled_and_then_emits_the_event() {
 
     assert_eq!(executed.status_code, -15);
     assert_eq!(*script.stops.lock().unwrap(), [GRACE]);
-    assert_eq!(h.api.proposals(), [(StateType::Cancelled, true, true)]);
+    assert_eq!(
+        h.api.proposals(h.run.id),
+        [(StateType::Cancelled, true, true)]
+    );
     assert_eq!(h.api.state(h.run.id), StateType::Cancelled);
     assert_eq!(h.cancelled_events(), 1);
 }
@@ -431,7 +196,11 @@ async fn a_run_that_completed_before_the_cancel_keeps_its_state_and_gets_no_even
 
     assert_eq!(executed.status_code, 0);
     assert!(script.stops.lock().unwrap().is_empty());
-    assert!(h.api.proposals().is_empty(), "{:?}", h.api.proposals());
+    assert!(
+        h.api.proposals(h.run.id).is_empty(),
+        "{:?}",
+        h.api.proposals(h.run.id)
+    );
     assert_eq!(h.api.state(h.run.id), StateType::Completed);
     assert_eq!(h.cancelled_events(), 0);
 }
@@ -455,9 +224,12 @@ async fn a_shutdown_crashes_a_running_run_but_keeps_a_final_state() {
         assert_eq!(*script.stops.lock().unwrap(), [GRACE]);
         assert_eq!(h.api.state(h.run.id), expected, "from {before:?}");
         assert!(
-            h.api.proposals().iter().all(|(_, forced, _)| !forced),
+            h.api
+                .proposals(h.run.id)
+                .iter()
+                .all(|(_, forced, _)| !forced),
             "{:?}",
-            h.api.proposals()
+            h.api.proposals(h.run.id)
         );
         assert_eq!(h.cancelled_events(), 0);
     }
@@ -479,7 +251,11 @@ async fn a_run_that_cancels_itself_is_left_to_do_so() {
     let executed = execution.await.unwrap().unwrap();
     assert_eq!(executed.status_code, 0);
     assert!(script.stops.lock().unwrap().is_empty());
-    assert!(h.api.proposals().is_empty(), "{:?}", h.api.proposals());
+    assert!(
+        h.api.proposals(h.run.id).is_empty(),
+        "{:?}",
+        h.api.proposals(h.run.id)
+    );
     assert_eq!(h.cancelled_events(), 0);
 }
 
@@ -510,7 +286,7 @@ async fn a_run_cancelling_before_launch_is_held_back_and_forced_cancelled() {
         .await;
     assert_eq!(gate, Gate::Cancelled);
     assert_eq!(
-        h.api.proposals(),
+        h.api.proposals(h.run.id),
         [
             (StateType::Pending, false, false),
             (StateType::Cancelled, true, true)
@@ -528,7 +304,10 @@ async fn a_run_already_cancelled_is_skipped_without_another_proposal() {
         .propose_submitting(&h.run, &h.cancel)
         .await;
     assert_eq!(gate, Gate::Cancelled);
-    assert_eq!(h.api.proposals(), [(StateType::Pending, false, false)]);
+    assert_eq!(
+        h.api.proposals(h.run.id),
+        [(StateType::Pending, false, false)]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -538,5 +317,8 @@ async fn a_pending_run_is_let_through_to_launch() {
         .propose_submitting(&h.run, &h.cancel)
         .await;
     assert_eq!(gate, Gate::Go);
-    assert_eq!(h.api.proposals(), [(StateType::Pending, false, true)]);
+    assert_eq!(
+        h.api.proposals(h.run.id),
+        [(StateType::Pending, false, true)]
+    );
 }

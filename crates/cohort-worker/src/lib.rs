@@ -12,6 +12,8 @@ mod peers;
 mod recover;
 pub mod state;
 mod submit;
+#[cfg(test)]
+mod tests;
 mod wake;
 mod worker;
 

@@ -37,7 +37,7 @@ pub(crate) async fn reconcile(ctx: &RunContext, claim: Claim) -> Recovery {
     {
         return Recovery::Adopt(claim, started);
     }
-    match ctx.client.read_flow_run(claim.flow_run_id).await {
+    match ctx.api().read_flow_run(claim.flow_run_id).await {
         Ok(run) => match run.state.as_ref().map(|s| s.state_type) {
             // Claimed by us (Pending, or Submitting, which Prefect also types Pending) and
             // never started: nobody else will take it, so finish what was begun.
@@ -92,7 +92,7 @@ async fn supervise_adopted(
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
-    let client = &ctx.client;
+    let client = ctx.api();
     let id = claim.flow_run_id;
     let mut log = RunLog::new(id, "prefect.flow_runs.worker");
     log.info(format!(
@@ -134,7 +134,7 @@ async fn supervise_adopted(
             (executed, None)
         }
     };
-    log.flush(client).await;
+    ctx.executor.ship(&mut log).await;
     let executed = match executed {
         Ok(e) => e,
         Err(NotExecuted::CouldNotStart(m) | NotExecuted::Lost(m)) => {

@@ -101,7 +101,7 @@ pub(crate) async fn take_over(ctx: &RunContext, legacy: &LegacyState) {
     let (mut taken, mut left) = (0, 0);
     for mut claim in claims {
         let id = claim.flow_run_id;
-        match ctx.client.read_flow_run(id).await {
+        match ctx.api().read_flow_run(id).await {
             Ok(run) => match run.work_pool_id {
                 Some(other) if other != pool => {
                     tracing::info!(flow_run = %id, work_pool = run.work_pool_name.as_deref().unwrap_or("?"), "leaving a claim of an earlier release to the worker of the same name on its own work pool");

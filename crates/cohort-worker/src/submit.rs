@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
 use cohort_api::models::{Deployment, Flow, FlowRun, StateCreate, StateType, WorkPool};
-use cohort_api::{ApiError, PrefectClient};
+use cohort_api::{ApiError, PrefectApi};
 use cohort_events::related::{self, FlowRunObjects, Named};
 use cohort_events::{names, Event};
 use cohort_infra::{EventContext, Infrastructure, Map, PrepareError, RunSpec};
@@ -27,8 +27,8 @@ pub(crate) type SharedPool = Arc<RwLock<Arc<WorkPool>>>;
 
 /// What every run of one worker shares.
 pub(crate) struct RunContext {
+    /// Its `api` is the server, for the whole pipeline.
     pub executor: Executor,
-    pub client: PrefectClient,
     /// Where runs run.
     pub infra: Arc<dyn Infrastructure>,
     pub journal: Journal,
@@ -38,6 +38,13 @@ pub(crate) struct RunContext {
     pub pool: SharedPool,
     /// `PREFECT_*` settings set explicitly for the worker, passed on to the flow.
     pub settings_env: Vec<(String, String)>,
+}
+
+impl RunContext {
+    /// The Prefect server.
+    pub fn api(&self) -> &dyn PrefectApi {
+        self.executor.api.as_ref()
+    }
 }
 
 /// The deployments and flows read for the runs one poll found: each is read once for all of
@@ -59,7 +66,7 @@ impl PollReads {
     /// run of the poll tries again.
     async fn deployment(
         &self,
-        client: &PrefectClient,
+        client: &dyn PrefectApi,
         id: Uuid,
     ) -> Result<Option<Arc<Deployment>>, ApiError> {
         let cell = self
@@ -74,7 +81,7 @@ impl PollReads {
             .cloned()
     }
 
-    async fn flow(&self, client: &PrefectClient, id: Uuid) -> Result<Arc<Flow>, ApiError> {
+    async fn flow(&self, client: &dyn PrefectApi, id: Uuid) -> Result<Arc<Flow>, ApiError> {
         let cell = self
             .flows
             .lock()
@@ -137,7 +144,7 @@ async fn submit_journaled(
     cancel: CancellationToken,
     terminate: CancellationToken,
 ) -> Outcome {
-    let client = &ctx.client;
+    let client = ctx.api();
     let mut log = RunLog::new(run.id, "prefect.flow_runs.worker");
     log.info(format!(
         "Worker '{}' {} flow run '{}'",
@@ -363,7 +370,7 @@ pub(crate) fn flow_run_objects(
 /// the infrastructure reads the result into its own job.
 async fn configure(
     ctx: &RunContext,
-    client: &PrefectClient,
+    client: &dyn PrefectApi,
     pool: &WorkPool,
     deployment: Option<&Deployment>,
     run: &FlowRun,
@@ -508,6 +515,6 @@ async fn crash_before_start(
         run.name
     ));
     ctx.executor.ship(log).await;
-    propose_crashed(&ctx.client, run.id, &message).await;
+    propose_crashed(ctx.api(), run.id, &message).await;
     Outcome::FailedToSubmit(message)
 }

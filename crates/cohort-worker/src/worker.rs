@@ -306,7 +306,6 @@ impl Worker {
         let logs_closed = CancellationToken::new();
         let (logs, log_shipper) = LogShipper::start(self.client.clone(), logs_closed.clone());
         let ctx = Arc::new(RunContext {
-            client: self.client.clone(),
             executor: Executor {
                 api: Arc::new(self.client.clone()),
                 sink: sink.clone(),

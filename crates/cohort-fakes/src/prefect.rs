@@ -1,0 +1,300 @@
+//! [`InProcessPrefect`]: an in-process fake of the flow-run endpoints.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cohort_api::models::{
+    Deployment, Flow, FlowRun, Map, OrchestrationResult, SetStateStatus, State, StateCreate,
+    StateType,
+};
+use cohort_api::{ApiError, ApiFuture, PrefectApi};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// An in-process fake of the Prefect server's flow-run endpoints. Every proposal is recorded
+/// with its outcome; Prefect's core policy (`prefect/server/orchestration/core_policy.py`)
+/// decides it as far as these paths meet it, unless forced: a final state refuses a proposal
+/// (rejected); a Cancelling run accepts only Cancelled
+/// (`EnforceCancellingToCancelledTransition`, rejected); Pending is aborted from Pending,
+/// Running, Cancelling and Cancelled, except a Pending run's move to a newly named Pending
+/// sub-state such as Submitting (`PreventPendingTransitions`), which is how a second worker
+/// racing for a run loses it.
+#[derive(Default)]
+pub struct InProcessPrefect {
+    /// Each run's state type and name.
+    runs: Mutex<HashMap<Uuid, (StateType, String)>>,
+    deployments: Mutex<HashMap<Uuid, Deployment>>,
+    flows: Mutex<HashMap<Uuid, Flow>>,
+    /// Every proposal: (run, state, forced, accepted).
+    proposals: Mutex<Vec<(Uuid, StateType, bool, bool)>>,
+    pids: Mutex<Vec<(Uuid, String)>>,
+    labels: Mutex<Vec<(Uuid, Map)>>,
+    logs: Mutex<Vec<Value>>,
+    /// Every call answers 503, as a server whose database is locked.
+    unavailable: AtomicBool,
+}
+
+impl InProcessPrefect {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A fake that knows one run, in this state.
+    pub fn with_run(id: Uuid, state: StateType) -> Arc<Self> {
+        let fake = Self::new();
+        fake.set(id, state);
+        fake
+    }
+
+    /// Sets a run's state, as another client would.
+    pub fn set(&self, id: Uuid, state: StateType) {
+        self.runs
+            .lock()
+            .unwrap()
+            .insert(id, (state, format!("{state:?}")));
+    }
+
+    /// Forgets a run, as `DELETE /flow_runs/{id}`.
+    pub fn delete(&self, id: Uuid) {
+        self.runs.lock().unwrap().remove(&id);
+    }
+
+    pub fn add_deployment(&self, deployment: Deployment) {
+        self.deployments
+            .lock()
+            .unwrap()
+            .insert(deployment.id, deployment);
+    }
+
+    pub fn add_flow(&self, flow: Flow) {
+        self.flows.lock().unwrap().insert(flow.id, flow);
+    }
+
+    /// Makes every call answer 503 (`true`) or work again.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// The run's state; panics for a run it does not know.
+    pub fn state(&self, id: Uuid) -> StateType {
+        self.runs.lock().unwrap()[&id].0
+    }
+
+    /// The run's state name (`Submitting`, say); panics for a run it does not know.
+    pub fn state_name(&self, id: Uuid) -> String {
+        self.runs.lock().unwrap()[&id].1.clone()
+    }
+
+    /// The proposals for a run: (state, forced, accepted).
+    pub fn proposals(&self, id: Uuid) -> Vec<(StateType, bool, bool)> {
+        self.proposals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.0 == id)
+            .map(|p| (p.1, p.2, p.3))
+            .collect()
+    }
+
+    /// The `infrastructure_pid`s set for a run, in order.
+    pub fn pids(&self, id: Uuid) -> Vec<String> {
+        self.pids
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.0 == id)
+            .map(|p| p.1.clone())
+            .collect()
+    }
+
+    /// The labels patched onto a run, in order.
+    pub fn labels(&self, id: Uuid) -> Vec<Map> {
+        self.labels
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.0 == id)
+            .map(|p| p.1.clone())
+            .collect()
+    }
+
+    /// The messages of every log line shipped.
+    pub fn log_messages(&self) -> Vec<String> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    fn check(&self, method: &str, path: String) -> Result<(), ApiError> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(status(method, path, StatusCode::SERVICE_UNAVAILABLE));
+        }
+        Ok(())
+    }
+}
+
+fn status(method: &str, path: String, status: StatusCode) -> ApiError {
+    ApiError::Status {
+        method: method.into(),
+        path,
+        status,
+        body: String::new(),
+    }
+}
+
+/// A state of this type, named after it.
+pub fn state(state_type: StateType) -> State {
+    serde_json::from_value(json!({"type": state_type, "name": format!("{state_type:?}")}))
+        .expect("a state")
+}
+
+/// A flow run of a fresh flow, in this state.
+pub fn flow_run(id: Uuid, state_type: Option<StateType>) -> FlowRun {
+    let mut run: FlowRun = serde_json::from_value(json!({
+        "id": id,
+        "name": "tidy-otter",
+        "flow_id": Uuid::new_v4(),
+    }))
+    .expect("a flow run");
+    run.state = state_type.map(state);
+    run
+}
+
+impl PrefectApi for InProcessPrefect {
+    fn read_flow_run(&self, id: Uuid) -> ApiFuture<'_, FlowRun> {
+        let path = format!("flow_runs/{id}");
+        let found = self
+            .check("GET", path.clone())
+            .map(|()| self.runs.lock().unwrap().get(&id).map(|s| s.0));
+        Box::pin(async move {
+            match found? {
+                Some(current) => Ok(flow_run(id, Some(current))),
+                None => Err(status("GET", path, StatusCode::NOT_FOUND)),
+            }
+        })
+    }
+
+    fn read_deployment(&self, id: Uuid) -> ApiFuture<'_, Option<Deployment>> {
+        let found = self
+            .check("GET", format!("deployments/{id}"))
+            .map(|()| self.deployments.lock().unwrap().get(&id).cloned());
+        Box::pin(async move { found })
+    }
+
+    fn read_flow(&self, id: Uuid) -> ApiFuture<'_, Flow> {
+        let path = format!("flows/{id}");
+        let found = self
+            .check("GET", path.clone())
+            .map(|()| self.flows.lock().unwrap().get(&id).cloned());
+        Box::pin(async move { found?.ok_or_else(|| status("GET", path, StatusCode::NOT_FOUND)) })
+    }
+
+    fn update_flow_run_labels<'a>(&'a self, id: Uuid, labels: &'a Map) -> ApiFuture<'a, ()> {
+        Box::pin(async move {
+            self.check("PATCH", format!("flow_runs/{id}/labels"))?;
+            self.labels.lock().unwrap().push((id, labels.clone()));
+            Ok(())
+        })
+    }
+
+    fn read_variable<'a>(&'a self, name: &'a str) -> ApiFuture<'a, Option<Value>> {
+        Box::pin(async move {
+            self.check("GET", format!("variables/name/{name}"))?;
+            Ok(None)
+        })
+    }
+
+    fn read_block_document_data<'a>(&'a self, id: &'a str) -> ApiFuture<'a, Option<Map>> {
+        Box::pin(async move {
+            self.check("GET", format!("block_documents/{id}"))?;
+            Ok(None)
+        })
+    }
+
+    fn read_block_document_data_by_name<'a>(
+        &'a self,
+        block_type_slug: &'a str,
+        name: &'a str,
+    ) -> ApiFuture<'a, Option<Map>> {
+        Box::pin(async move {
+            self.check(
+                "GET",
+                format!("block_types/slug/{block_type_slug}/block_documents/name/{name}"),
+            )?;
+            Ok(None)
+        })
+    }
+
+    fn set_flow_run_state<'a>(
+        &'a self,
+        id: Uuid,
+        proposed: &'a StateCreate,
+        force: bool,
+    ) -> ApiFuture<'a, OrchestrationResult> {
+        Box::pin(async move {
+            self.check("POST", format!("flow_runs/{id}/set_state"))?;
+            let mut runs = self.runs.lock().unwrap();
+            let (current, current_name) = runs
+                .get(&id)
+                .cloned()
+                .unwrap_or((StateType::Scheduled, "Scheduled".into()));
+            let proposed_type = proposed.state_type;
+            let status = if force {
+                SetStateStatus::Accept
+            } else if current.is_final()
+                || (current == StateType::Cancelling && proposed_type != StateType::Cancelled)
+            {
+                SetStateStatus::Reject
+            } else if proposed_type == StateType::Pending
+                && matches!(
+                    current,
+                    StateType::Pending
+                        | StateType::Running
+                        | StateType::Cancelling
+                        | StateType::Cancelled
+                )
+                && !(current == StateType::Pending
+                    && proposed.name != current_name
+                    && proposed.name != "Pending")
+            {
+                SetStateStatus::Abort
+            } else {
+                SetStateStatus::Accept
+            };
+            let accepted = status == SetStateStatus::Accept;
+            if accepted {
+                runs.insert(id, (proposed_type, proposed.name.clone()));
+            }
+            self.proposals
+                .lock()
+                .unwrap()
+                .push((id, proposed_type, force, accepted));
+            Ok(OrchestrationResult {
+                state: Some(state(if accepted { proposed_type } else { current })),
+                status,
+                details: json!({}),
+            })
+        })
+    }
+
+    fn set_infrastructure_pid<'a>(&'a self, id: Uuid, pid: &'a str) -> ApiFuture<'a, ()> {
+        Box::pin(async move {
+            self.check("PATCH", format!("flow_runs/{id}"))?;
+            self.pids.lock().unwrap().push((id, pid.to_owned()));
+            Ok(())
+        })
+    }
+
+    fn create_logs<'a>(&'a self, logs: &'a [Value]) -> ApiFuture<'a, ()> {
+        Box::pin(async move {
+            self.check("POST", "logs/".into())?;
+            self.logs.lock().unwrap().extend(logs.iter().cloned());
+            Ok(())
+        })
+    }
+}
