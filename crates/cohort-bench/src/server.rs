@@ -1,54 +1,31 @@
 //! The Prefect server under the benchmarks, and the REST calls the driver makes to it.
 //!
-//! Started like the test harness starts it (`crates/cohort/tests/util/mod.rs`): `prefect
-//! server start` on 127.0.0.1 and a free port with a temporary `PREFECT_HOME`, under a
-//! small `sh` watchdog that holds the read end of a pipe only this process writes to.
-//! When the driver exits, however it exits, the watchdog sees EOF and kills the worker
-//! process groups still registered with it, then the server, then removes the directory.
-//! The database is SQLite in that directory unless a `postgresql+asyncpg://` URL is given.
+//! Started as the test harness starts it, by the shared test kit (`cohort-testkit`): `prefect
+//! server start` on 127.0.0.1 and a free port with a temporary `PREFECT_HOME`, under a small
+//! `sh` watchdog that holds the read end of a pipe only this process writes to. When the
+//! driver exits, however it exits, the watchdog sees EOF and kills the worker process groups
+//! still registered with it, then the server, then removes the directory. The database is
+//! SQLite in that directory unless a `postgresql+asyncpg://` URL is given.
 
-use std::fs::{self, File};
-use std::io::{Read as _, Seek as _, SeekFrom};
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use chrono::{DateTime, Utc};
-use reqwest::blocking::Client;
+use cohort_testkit::{Rest, RetryPolicy, ServerConfig, ServerProcess};
+use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+
+pub use cohort_testkit::{path_with_venv_first, scrub_prefect_env};
 
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 /// One HTTP request; a server wedged by a worker's load (SQLite) answers nothing at all.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A request and its retries give up after this long, so a phase always ends.
 const RETRY_BUDGET: Duration = Duration::from_secs(90);
-
-/// See the module doc. Plain POSIX sh: dash's `kill` takes no `--`, so process groups are
-/// written `-PGID` (dash's builtin parses that correctly; procps' `/usr/bin/kill` does
-/// not, which is why the driver itself signals with `killpg(2)`).
-const WATCHDOG_SH: &str = r#"
-dir=$1; shift
-( "$@" </dev/null >"$dir/server.log" 2>&1 &
-  echo $! >"$dir/server.pid"
-  wait $!
-  echo $? >"$dir/server.exit" ) &
-trap '' TERM INT HUP
-read _ldummy || :
-for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -TERM "-$g" 2>/dev/null; done
-pid=$(cat "$dir/server.pid" 2>/dev/null)
-kill -TERM "-$$" 2>/dev/null
-i=0
-while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
-for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -KILL "-$g" 2>/dev/null; done
-rm -rf "$dir"
-kill -KILL "-$$" 2>/dev/null
-"#;
 
 /// Which database the server runs on.
 #[derive(Debug, Clone)]
@@ -69,180 +46,91 @@ impl Database {
 
 /// A running Prefect server and a retrying REST client for it.
 pub struct PrefectServer {
-    api_url: String,
-    dir: PathBuf,
-    http: Client,
+    process: ServerProcess,
+    rest: Rest,
     pub version: String,
     pub database: Database,
-    worker_pgids: Mutex<Vec<i32>>,
-    _watchdog_stdin: Mutex<ChildStdin>,
-    _watchdog: Mutex<Child>,
+    worker_pgids: Mutex<Vec<u32>>,
 }
 
 impl PrefectServer {
     pub fn start(venv: &Path, database: Database) -> Result<PrefectServer> {
-        let mut last = anyhow!("not started");
-        // A free port can be taken between probing and binding: retry on another one.
-        for _ in 0..3 {
-            match Self::start_once(venv, &database) {
-                Ok(s) => return Ok(s),
-                Err((true, e)) => last = e,
-                Err((false, e)) => return Err(e),
-            }
+        let mut env = Vec::new();
+        if let Database::Postgres(url) = &database {
+            env.push((
+                "PREFECT_API_DATABASE_CONNECTION_URL".to_owned(),
+                url.clone(),
+            ));
         }
-        Err(last)
-    }
-
-    fn start_once(
-        venv: &Path,
-        database: &Database,
-    ) -> std::result::Result<PrefectServer, (bool, anyhow::Error)> {
-        let fatal = |e: anyhow::Error| (false, e);
-        let port = free_port();
-        let dir = tempfile::Builder::new()
-            .prefix("cohort-bench-server-")
-            .tempdir()
-            .map_err(|e| fatal(e.into()))?
-            .keep();
-        let home = dir.join("home");
-        fs::create_dir_all(&home).map_err(|e| fatal(e.into()))?;
-
-        let mut cmd = Command::new("sh");
-        scrub_prefect_env(&mut cmd);
-        cmd.arg("-c")
-            .arg(WATCHDOG_SH)
-            .arg("cohort-bench-watchdog")
-            .arg(&dir)
-            .arg(venv.join("bin/prefect"))
-            .args(["server", "start", "--host", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .env("PREFECT_HOME", &home)
-            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            .env("PREFECT_UI_ENABLED", "false")
-            .env("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-            .env("PREFECT_LOGGING_LEVEL", "WARNING")
-            // Flush persisted events every second rather than every 5 s, as the tests
-            // do: times come from the events' `occurred`, so this only shortens waits.
-            .env(
-                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL",
-                "1",
-            )
-            .env("PATH", path_with_venv_first(&venv.join("bin")));
-        if let Database::Postgres(url) = database {
-            cmd.env("PREFECT_API_DATABASE_CONNECTION_URL", url);
-        }
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        let mut watchdog = cmd
-            .spawn()
-            .context("cannot run sh for the Prefect server")
-            .map_err(fatal)?;
-        let stdin = watchdog.stdin.take().expect("piped stdin");
-
-        let api_url = format!("http://127.0.0.1:{port}/api");
-        let http = Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .pool_max_idle_per_host(16)
-            .build()
-            .map_err(|e| fatal(e.into()))?;
         let started = Instant::now();
-        let log = || fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-        loop {
-            if let Ok(resp) = http.get(format!("{api_url}/health")).send() {
-                if resp.status().is_success() {
-                    break;
-                }
-            }
-            if dir.join("server.exit").exists() {
-                let log = log();
-                let retry = log.contains("already in use") || log.contains("Errno 98");
-                drop(stdin);
-                return Err((
-                    retry,
-                    anyhow!("`prefect server start` on port {port} exited:\n{log}"),
-                ));
-            }
-            if started.elapsed() > START_TIMEOUT {
-                let log = log();
-                drop(stdin);
-                return Err(fatal(anyhow!(
-                    "`prefect server start` not healthy after {START_TIMEOUT:?}:\n{log}"
-                )));
-            }
-            sleep(Duration::from_millis(250));
-        }
+        let process = ServerProcess::start(&ServerConfig {
+            venv: venv.to_path_buf(),
+            dir_prefix: "cohort-bench-server-".into(),
+            env,
+            start_timeout: START_TIMEOUT,
+        })?;
         eprintln!(
-            "[bench] Prefect server ({}) up at {api_url} after {:.1?}",
+            "[bench] Prefect server ({}) up at {} after {:.1?}",
             database.label(),
+            process.api_url(),
             started.elapsed()
         );
-        let mut server = PrefectServer {
-            api_url,
-            dir,
-            http,
-            version: String::new(),
-            database: database.clone(),
-            worker_pgids: Mutex::new(Vec::new()),
-            _watchdog_stdin: Mutex::new(stdin),
-            _watchdog: Mutex::new(watchdog),
+        // Short, capped backoff: SQLite answers 503 while another writer holds the lock,
+        // which lasts milliseconds; a long backoff would only slow the driver down.
+        let policy = RetryPolicy {
+            first: Duration::from_millis(25),
+            cap: Duration::from_secs(1),
+            budget: RETRY_BUDGET,
         };
-        let version = server
-            .request(Method::GET, "/admin/version", None)
-            .map_err(fatal)?;
+        let rest = Rest::new(process.api_url(), HeaderMap::new(), REQUEST_TIMEOUT, policy);
+        let mut server = PrefectServer {
+            process,
+            rest,
+            version: String::new(),
+            database,
+            worker_pgids: Mutex::new(Vec::new()),
+        };
+        let version = server.request(Method::GET, "/admin/version", None)?;
         server.version = version.as_str().unwrap_or("?").to_owned();
         Ok(server)
     }
 
     /// `http://127.0.0.1:<port>/api`
     pub fn api_url(&self) -> &str {
-        &self.api_url
+        self.process.api_url()
     }
 
     /// Scratch space removed by the watchdog with the server.
     pub fn scratch_dir(&self) -> &Path {
-        &self.dir
+        self.process.dir()
     }
 
     /// PID of `prefect server start` (the root of the server's process tree).
     pub fn pid(&self) -> Option<i32> {
-        fs::read_to_string(self.dir.join("server.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        self.process.pid()
     }
 
     /// Length of the server log so far (to read what a phase added with [`Self::log_since`]).
     pub fn log_len(&self) -> u64 {
-        fs::metadata(self.dir.join("server.log"))
-            .map(|m| m.len())
-            .unwrap_or(0)
+        self.process.log_len()
     }
 
     pub fn log_since(&self, offset: u64) -> String {
-        let mut out = String::new();
-        if let Ok(mut f) = File::open(self.dir.join("server.log")) {
-            if f.seek(SeekFrom::Start(offset)).is_ok() {
-                let mut buf = Vec::new();
-                let _ = f.read_to_end(&mut buf);
-                out = String::from_utf8_lossy(&buf).into_owned();
-            }
-        }
-        out
+        self.process.log_since(offset)
     }
 
     /// Tell the watchdog about a worker's process group (or that it is gone).
     pub fn register_worker_pgid(&self, pgid: i32, live: bool) {
+        let Ok(pgid) = u32::try_from(pgid) else {
+            return;
+        };
         let mut set = self.worker_pgids.lock().unwrap_or_else(|e| e.into_inner());
         if live {
             set.push(pgid);
         } else {
             set.retain(|p| *p != pgid);
         }
-        let body: String = set.iter().map(|p| format!("{p}\n")).collect();
-        let _ = fs::write(self.dir.join("workers.pgids"), body);
+        self.process.watch_workers(set.iter().copied());
     }
 
     // -- HTTP -------------------------------------------------------------------------------
@@ -256,47 +144,7 @@ impl PrefectServer {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value)> {
-        let url = if path.starts_with("http") {
-            path.to_owned()
-        } else {
-            format!("{}{}", self.api_url, path)
-        };
-        // Short, capped backoff: SQLite answers 503 while another writer holds the lock,
-        // which lasts milliseconds; a long backoff would only slow the driver down.
-        let mut delay = Duration::from_millis(25);
-        let mut attempt = 0;
-        let started = Instant::now();
-        loop {
-            attempt += 1;
-            let mut req = self.http.request(method.clone(), &url);
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let err = match req.send() {
-                Ok(resp) => {
-                    let status = resp.status();
-                    let text = resp.text().unwrap_or_default();
-                    if !matches!(
-                        status,
-                        StatusCode::TOO_MANY_REQUESTS
-                            | StatusCode::BAD_GATEWAY
-                            | StatusCode::SERVICE_UNAVAILABLE
-                    ) {
-                        return Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)));
-                    }
-                    format!("{status}: {text}")
-                }
-                Err(e) => format!("{e}"),
-            };
-            if started.elapsed() >= RETRY_BUDGET {
-                bail!(
-                    "{method} {url}: still failing after {attempt} attempts in {:.0?}: {err}",
-                    started.elapsed()
-                );
-            }
-            sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(1));
-        }
+        Ok(self.rest.try_request(method, path, body)?)
     }
 
     /// Like [`Self::try_request`], and any non-2xx answer is an error.
@@ -604,30 +452,6 @@ pub fn process_base_job_template(venv: &Path, home: &Path) -> Result<Value> {
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// Remove every inherited `PREFECT_*` variable: a developer's profile must not leak in.
-pub fn scrub_prefect_env(cmd: &mut Command) {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PREFECT_") {
-            cmd.env_remove(&key);
-        }
-    }
-}
-
-pub fn path_with_venv_first(venv_bin: &Path) -> std::ffi::OsString {
-    let mut paths = vec![venv_bin.to_path_buf()];
-    if let Some(p) = std::env::var_os("PATH") {
-        paths.extend(std::env::split_paths(&p));
-    }
-    std::env::join_paths(paths).expect("PATH entries are joinable")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
 }
 
 /// Percent-encode a path segment.

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::procfs;
 use crate::server::{parse_time, path_with_venv_first, scrub_prefect_env, PrefectServer};
+use cohort_testkit::slugify;
 
 /// `prefect.worker.started`, emitted once the worker polls.
 pub const EVENT_STARTED: &str = "prefect.worker.started";
@@ -348,24 +349,6 @@ fn submitted_run(event: &Value) -> Option<(String, DateTime<Utc>)> {
             .map(str::to_owned)
     })?;
     Some((id, occurred))
-}
-
-/// `slugify` as Prefect applies it to worker names, for ASCII names.
-pub fn slugify(name: &str) -> String {
-    let mut out = String::new();
-    let mut dash = false;
-    for c in name.chars().flat_map(char::to_lowercase) {
-        if c.is_ascii_alphanumeric() {
-            if dash && !out.is_empty() {
-                out.push('-');
-            }
-            dash = false;
-            out.push(c);
-        } else {
-            dash = true;
-        }
-    }
-    out
 }
 
 pub fn describe_status(s: ExitStatus) -> String {

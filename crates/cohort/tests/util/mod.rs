@@ -30,18 +30,19 @@ pub mod trials;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::net::TcpListener;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::thread::sleep;
 use std::time::Duration;
 
 use base64::Engine as _;
-use reqwest::blocking::Client;
+use cohort_testkit::{
+    path_with_venv_first, scrub_prefect_env, Rest, RetryPolicy, ServerConfig, ServerProcess,
+};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -67,25 +68,7 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &id[..8])
 }
 
-/// `slugify` as Prefect applies it to worker names (python-slugify defaults), for the
-/// ASCII names the tests use: lower-case, runs of anything but `[a-z0-9]` become `-`,
-/// leading/trailing `-` stripped.
-pub fn slugify(name: &str) -> String {
-    let mut out = String::new();
-    let mut dash = false;
-    for c in name.chars().flat_map(char::to_lowercase) {
-        if c.is_ascii_alphanumeric() {
-            if dash && !out.is_empty() {
-                out.push('-');
-            }
-            dash = false;
-            out.push(c);
-        } else {
-            dash = true;
-        }
-    }
-    out
-}
+pub use cohort_testkit::slugify;
 
 /// RFC 3339 UTC timestamp `offset` away from now (negative = past).
 pub fn rfc3339_from_now(offset: chrono::Duration) -> String {
@@ -147,24 +130,6 @@ pub fn examples_flows_dir() -> PathBuf {
     dir
 }
 
-/// Remove every inherited `PREFECT_*` variable so a developer's own profile or API URL
-/// cannot leak into the processes the tests start.
-fn scrub_prefect_env(cmd: &mut Command) {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PREFECT_") {
-            cmd.env_remove(&key);
-        }
-    }
-}
-
-fn path_with_venv_first(venv_bin: &Path) -> std::ffi::OsString {
-    let mut paths = vec![venv_bin.to_path_buf()];
-    if let Some(p) = std::env::var_os("PATH") {
-        paths.extend(std::env::split_paths(&p));
-    }
-    std::env::join_paths(paths).expect("PATH entries are joinable")
-}
-
 // ---------------------------------------------------------------------------------------
 // The shared server
 // ---------------------------------------------------------------------------------------
@@ -222,7 +187,7 @@ pub fn basic_authorization(auth_string: &str) -> String {
 /// watchdog removes that even if this process is SIGKILLed), else the system temp dir.
 fn scratch_dir() -> PathBuf {
     match SERVER.get() {
-        Some(Ok(s)) => s.dir.clone(),
+        Some(Ok(s)) => s.process.dir().to_path_buf(),
         _ => std::env::temp_dir(),
     }
 }
@@ -230,8 +195,6 @@ fn scratch_dir() -> PathBuf {
 /// Process groups of live workers, killed by the server watchdog if the test binary dies
 /// before their `Drop` runs.
 static WORKER_PGIDS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
-static WATCHDOG_FILE: OnceLock<PathBuf> = OnceLock::new();
-
 fn register_worker_pgid(pgid: u32, live: bool) {
     let mut set = WORKER_PGIDS.lock().unwrap_or_else(|e| e.into_inner());
     if live {
@@ -243,58 +206,20 @@ fn register_worker_pgid(pgid: u32, live: bool) {
 }
 
 fn write_watchdog_file(pgids: &BTreeSet<u32>) {
-    if let Some(path) = WATCHDOG_FILE.get() {
-        let body: String = pgids.iter().map(|p| format!("{p}\n")).collect();
-        let _ = fs::write(path, body);
+    if let Some(Ok(s)) = SERVER.get() {
+        s.process.watch_workers(pgids.iter().copied());
     }
 }
 
-/// The watchdog: runs the server, waits for EOF on stdin (the test binary exited), then
-/// SIGTERMs the registered worker groups and its own group (server included; it ignores
-/// TERM itself), waits up to 10 s for the server, removes the temporary directory and
-/// SIGKILLs whatever is left. Plain POSIX sh: dash's `kill` takes no `--`, so process
-/// groups are written `-PGID`.
-///
-/// The server runs in a loop so [`PrefectServer::stop`] / [`PrefectServer::start`] can
-/// restart it on the same port and database: while `server.held` exists an exited server
-/// waits to be started again; without it, an exit is final (and `server.exit` tells the
-/// harness).
-const WATCHDOG_SH: &str = r#"
-dir=$1; shift
-( while :; do
-    "$@" </dev/null >>"$dir/server.log" 2>&1 &
-    echo $! >"$dir/server.pid"
-    wait $!
-    echo $? >"$dir/server.exit"
-    [ -e "$dir/server.held" ] || break
-    while [ -e "$dir/server.held" ]; do sleep 0.1; done
-  done ) &
-trap '' TERM INT HUP
-read _ldummy || :
-for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -TERM "-$g" 2>/dev/null; done
-pid=$(cat "$dir/server.pid" 2>/dev/null)
-kill -TERM "-$$" 2>/dev/null
-i=0
-while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-for g in $(cat "$dir/workers.pgids" 2>/dev/null); do kill -KILL "-$g" 2>/dev/null; done
-rm -rf "$dir"
-kill -KILL "-$$" 2>/dev/null
-"#;
-
-/// A running Prefect server (SQLite, 127.0.0.1, temporary `PREFECT_HOME`).
+/// A running Prefect server (SQLite, 127.0.0.1, temporary `PREFECT_HOME`): the test kit's
+/// [`ServerProcess`] and [`Rest`] client, with the harness's panicking helpers on top.
 pub struct PrefectServer {
-    api_url: String,
+    process: ServerProcess,
+    rest: Rest,
     auth_string: Option<String>,
     venv: PathBuf,
-    dir: PathBuf,
-    http: Client,
     version: String,
     process_template: OnceLock<Value>,
-    /// Set while the server is stopped on purpose ([`Self::stop`]).
-    stopped: Mutex<bool>,
-    /// Write end of the watchdog's stdin; never written, closed when the process exits.
-    _watchdog_stdin: Mutex<ChildStdin>,
-    _watchdog: Mutex<Child>,
 }
 
 impl PrefectServer {
@@ -302,141 +227,63 @@ impl PrefectServer {
         let venv = venv();
         // Freezes the options: a later configure_server with others panics.
         let options = SERVER_OPTIONS.get_or_init(ServerOptions::default);
-        let mut last_err = String::new();
-        // A free port can be taken between probing and binding: retry on another one.
-        for _ in 0..3 {
-            match Self::start_once(&venv, options) {
-                Ok(s) => {
-                    let _ = WATCHDOG_FILE.set(s.dir.join("workers.pgids"));
-                    // Workers started before the server (own API URL) are listed too.
-                    write_watchdog_file(&WORKER_PGIDS.lock().unwrap_or_else(|e| e.into_inner()));
-                    return Ok(s);
-                }
-                Err((retry, e)) if retry => last_err = e,
-                Err((_, e)) => return Err(e),
-            }
-        }
-        Err(last_err)
-    }
-
-    fn start_once(venv: &Path, options: &ServerOptions) -> Result<PrefectServer, (bool, String)> {
-        let port = free_port();
-        let dir = tempfile::Builder::new()
-            .prefix("cohort-prefect-server-")
-            .tempdir()
-            .map_err(|e| (false, format!("temp dir: {e}")))?
-            .keep();
-        let home = dir.join("home");
-        fs::create_dir_all(&home).map_err(|e| (false, format!("{}: {e}", home.display())))?;
-
-        let mut cmd = Command::new("sh");
-        scrub_prefect_env(&mut cmd);
-        cmd.arg("-c")
-            .arg(WATCHDOG_SH)
-            .arg("cohort-prefect-watchdog")
-            .arg(&dir)
-            .arg(venv.join("bin/prefect"))
-            .args(["server", "start", "--host", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .env("PREFECT_HOME", &home)
-            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            .env("PREFECT_UI_ENABLED", "false")
-            .env("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-            .env("PREFECT_LOGGING_LEVEL", "WARNING")
-            // Events reach the database in batches; flush every second instead of every
-            // 5 s so reading them back is quicker (it changes nothing a worker sees).
-            .env(
-                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL",
-                "1",
-            )
-            .env("PATH", path_with_venv_first(&venv.join("bin")));
+        let mut env = Vec::new();
         if let Some(auth) = &options.auth_string {
             // The server's own clients (if any) authenticate like every other client.
-            cmd.env("PREFECT_SERVER_API_AUTH_STRING", auth)
-                .env("PREFECT_API_AUTH_STRING", auth);
+            env.push(("PREFECT_SERVER_API_AUTH_STRING".to_owned(), auth.clone()));
+            env.push(("PREFECT_API_AUTH_STRING".to_owned(), auth.clone()));
         }
-        for (k, v) in &options.env {
-            cmd.env(k, v);
-        }
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        let mut watchdog = cmd
-            .spawn()
-            .map_err(|e| (false, format!("cannot run sh for the Prefect server: {e}")))?;
-        let stdin = watchdog.stdin.take().expect("piped stdin");
-
-        let api_url = format!("http://127.0.0.1:{port}/api");
+        env.extend(options.env.iter().cloned());
+        let process = ServerProcess::start(&ServerConfig {
+            venv: venv.clone(),
+            dir_prefix: "cohort-prefect-server-".into(),
+            env,
+            start_timeout: SERVER_START_TIMEOUT,
+        })
+        .map_err(|e| e.to_string())?;
+        eprintln!("[harness] Prefect server up at {}", process.api_url());
         let mut headers = HeaderMap::new();
         if let Some(auth) = &options.auth_string {
             let mut value = HeaderValue::from_str(&basic_authorization(auth))
-                .map_err(|e| (false, format!("auth string unusable in a header: {e}")))?;
+                .map_err(|e| format!("auth string unusable in a header: {e}"))?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
-        let http = Client::builder()
-            .timeout(Duration::from_secs(60))
-            .default_headers(headers)
-            .build()
-            .expect("reqwest client");
-        let started = Instant::now();
-        let log = || fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-        loop {
-            if let Ok(resp) = http.get(format!("{api_url}/health")).send() {
-                if resp.status().is_success() {
-                    break;
-                }
-            }
-            if dir.join("server.exit").exists() {
-                let log = log();
-                let retry = log.contains("already in use") || log.contains("Errno 98");
-                drop(stdin); // lets the watchdog clean up
-                return Err((
-                    retry,
-                    format!("`prefect server start` on port {port} exited:\n{log}"),
-                ));
-            }
-            if started.elapsed() > SERVER_START_TIMEOUT {
-                let log = log();
-                drop(stdin);
-                return Err((
-                    false,
-                    format!(
-                        "`prefect server start` not healthy after {SERVER_START_TIMEOUT:?}:\n{log}"
-                    ),
-                ));
-            }
-            sleep(Duration::from_millis(250));
-        }
-        eprintln!(
-            "[harness] Prefect server up at {api_url} after {:.1?}",
-            started.elapsed()
-        );
-
+        // About 90 s of 503s: a SQLite server under a burst of real flows answers writes
+        // "database is locked" for a minute at times.
+        let policy = RetryPolicy {
+            first: Duration::from_millis(200),
+            cap: Duration::from_secs(4),
+            budget: Duration::from_secs(90),
+        };
+        let rest = Rest::new(process.api_url(), headers, Duration::from_secs(60), policy);
         let mut server = PrefectServer {
-            api_url,
+            process,
+            rest,
             auth_string: options.auth_string.clone(),
-            venv: venv.to_path_buf(),
-            dir,
-            http,
+            venv,
             version: String::new(),
             process_template: OnceLock::new(),
-            stopped: Mutex::new(false),
-            _watchdog_stdin: Mutex::new(stdin),
-            _watchdog: Mutex::new(watchdog),
         };
+        // Workers started before the server (own API URL) are watched too.
+        server.process.watch_workers(
+            WORKER_PGIDS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .copied(),
+        );
         let version = server.request(Method::GET, "/admin/version", None);
         server.version = version
             .as_str()
-            .unwrap_or_else(|| panic!("unexpected /admin/version answer: {version}"))
+            .ok_or_else(|| format!("unexpected /admin/version answer: {version}"))?
             .to_owned();
         Ok(server)
     }
 
     /// `http://127.0.0.1:<port>/api`
     pub fn api_url(&self) -> String {
-        self.api_url.clone()
+        self.process.api_url().to_owned()
     }
 
     /// The auth string the server requires ([`ServerOptions::auth_string`]), if any.
@@ -461,7 +308,7 @@ impl PrefectServer {
 
     /// The server's log so far (`prefect server start` stdout and stderr).
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        self.process.log()
     }
 
     // -- stopping and starting again ------------------------------------------------------
@@ -476,35 +323,10 @@ impl PrefectServer {
     /// Only for test binaries whose tests never run while the server is down (serialize
     /// them): every other call of the harness fails during the outage.
     pub fn stop(&self, grace: Duration) -> Duration {
-        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
-        assert!(
-            !*stopped,
-            "PrefectServer::stop: the server is already stopped"
-        );
-        let started = Instant::now();
-        fs::write(self.dir.join("server.held"), b"").expect("write server.held");
-        let pid = fs::read_to_string(self.dir.join("server.pid"))
-            .expect("read server.pid")
-            .trim()
-            .to_owned();
-        let exited = || self.dir.join("server.exit").exists();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + grace;
-        while !exited() && Instant::now() < deadline {
-            sleep(Duration::from_millis(50));
-        }
-        if !exited() {
-            eprintln!("[harness] Prefect server (pid {pid}) still running {grace:?} after SIGTERM: SIGKILL");
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            poll(
-                "the Prefect server to exit after SIGKILL",
-                Duration::from_secs(30),
-                Duration::from_millis(50),
-                || exited().then_some(()),
-            );
-        }
-        *stopped = true;
-        let took = started.elapsed();
+        let took = self
+            .process
+            .stop(grace)
+            .unwrap_or_else(|e| panic!("PrefectServer::stop: {e}"));
         eprintln!("[harness] Prefect server stopped in {took:.1?}");
         took
     }
@@ -513,39 +335,17 @@ impl PrefectServer {
     /// and wait until `GET /health` answers; returns how long that took. Panics, showing
     /// the server log, if it exits or is not healthy within 180 s.
     pub fn start(&self) -> Duration {
-        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
-        assert!(*stopped, "PrefectServer::start: the server is not stopped");
-        let started = Instant::now();
-        // The watchdog's loop starts the server as soon as `server.held` is gone; the old
-        // exit status must go first so it is not mistaken for the new process's.
-        let _ = fs::remove_file(self.dir.join("server.exit"));
-        fs::remove_file(self.dir.join("server.held")).expect("remove server.held");
-        loop {
-            if let Ok(resp) = self.http.get(format!("{}/health", self.api_url)).send() {
-                if resp.status().is_success() {
-                    break;
-                }
-            }
-            if self.dir.join("server.exit").exists() {
-                panic!("`prefect server start` exited on restart:\n{}", self.log());
-            }
-            if started.elapsed() > SERVER_START_TIMEOUT {
-                panic!(
-                    "`prefect server start` not healthy {SERVER_START_TIMEOUT:?} after a restart:\n{}",
-                    self.log()
-                );
-            }
-            sleep(Duration::from_millis(100));
-        }
-        *stopped = false;
-        let took = started.elapsed();
+        let took = self
+            .process
+            .restart()
+            .unwrap_or_else(|e| panic!("PrefectServer::start: {e}"));
         eprintln!("[harness] Prefect server up again after {took:.1?}");
         took
     }
 
     /// True between [`Self::stop`] and [`Self::start`].
     pub fn is_stopped(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
+        self.process.is_stopped()
     }
 
     /// A `prefect …` CLI command against this server, with a fresh `PREFECT_HOME`
@@ -596,45 +396,9 @@ impl PrefectServer {
         path: &str,
         body: Option<&Value>,
     ) -> (StatusCode, Value) {
-        let url = if path.starts_with("http") {
-            path.to_owned()
-        } else {
-            format!("{}{}", self.api_url, path)
-        };
-        let mut delay = Duration::from_millis(200);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut req = self.http.request(method.clone(), &url);
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let retryable_err = match req.send() {
-                Ok(resp) => {
-                    let status = resp.status();
-                    let retryable = matches!(
-                        status,
-                        StatusCode::TOO_MANY_REQUESTS
-                            | StatusCode::BAD_GATEWAY
-                            | StatusCode::SERVICE_UNAVAILABLE
-                    );
-                    let text = resp.text().unwrap_or_default();
-                    if !retryable {
-                        let value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                        return (status, value);
-                    }
-                    format!("{status}: {text}")
-                }
-                Err(e) => format!("{e}"),
-            };
-            // About 90 s of 503s: a SQLite server under a burst of real flows answers
-            // writes "database is locked" for a minute at times.
-            if attempt >= 25 {
-                panic!("{method} {url}: still failing after {attempt} attempts: {retryable_err}");
-            }
-            sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(4));
-        }
+        self.rest
+            .try_request(method, path, body)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Like [`Self::try_request`] but panics on any non-2xx answer.
@@ -695,7 +459,7 @@ impl PrefectServer {
                     "import json; from prefect.workers.process import ProcessWorker; \
                      print(json.dumps(ProcessWorker.get_default_base_job_template()))",
                 ])
-                .env("PREFECT_HOME", self.dir.join("home"))
+                .env("PREFECT_HOME", self.process.dir().join("home"))
                 .env("PYTHONDONTWRITEBYTECODE", "1")
                 .stdin(Stdio::null())
                 .output()
@@ -903,16 +667,9 @@ pub fn summarize_events(events: &[Value]) -> String {
     out
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
-}
-
 /// A port on 127.0.0.1 that nothing listens on (for "API unreachable" scenarios).
 pub fn unused_port() -> u16 {
-    free_port()
+    cohort_testkit::free_port()
 }
 
 /// Percent-encode a path segment (pool names may contain spaces).

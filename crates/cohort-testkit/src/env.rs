@@ -1,0 +1,64 @@
+//! The environment and names of the processes the tests and the benchmarks start.
+
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+/// Removes every inherited `PREFECT_*` variable, so a developer's own profile or API URL
+/// cannot leak into a process started for a test or a benchmark.
+pub fn scrub_prefect_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PREFECT_") {
+            cmd.env_remove(&key);
+        }
+    }
+}
+
+/// `PATH` with the venv's `bin` first, so the flows' `python` is the venv's.
+pub fn path_with_venv_first(venv_bin: &Path) -> OsString {
+    let mut paths = vec![venv_bin.to_path_buf()];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).expect("PATH entries are joinable")
+}
+
+/// A port free on 127.0.0.1 just now (it can be taken before it is bound: callers retry).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// `slugify` as Prefect applies it to worker names (python-slugify's defaults), for ASCII
+/// names: lower-case, runs of anything but `[a-z0-9]` become one `-`, none at either end.
+pub fn slugify(name: &str) -> String {
+    let mut out = String::new();
+    let mut dash = false;
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            if dash && !out.is_empty() {
+                out.push('-');
+            }
+            dash = false;
+            out.push(c);
+        } else {
+            dash = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slugify;
+
+    #[test]
+    fn slugs_as_prefect_makes_them() {
+        assert_eq!(slugify("Demo Worker"), "demo-worker");
+        assert_eq!(slugify("  Trial Outage-4d062604 "), "trial-outage-4d062604");
+        assert_eq!(slugify("a__b!!C"), "a-b-c");
+    }
+}
