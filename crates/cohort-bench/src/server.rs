@@ -350,21 +350,9 @@ impl PrefectServer {
         names: &[&str],
         since: DateTime<Utc>,
     ) -> Result<Vec<Value>> {
-        let mut page = self.request(
-            Method::POST,
-            "/events/filter",
-            Some(&json!({"filter": events_filter(resource_ids, names, since), "limit": 50})),
-        )?;
-        let mut events = Vec::new();
-        loop {
-            events.extend(page["events"].as_array().cloned().unwrap_or_default());
-            match page["next_page"].as_str() {
-                Some(next) if !next.is_empty() => {
-                    page = self.request(Method::GET, next, None)?;
-                }
-                _ => return Ok(events),
-            }
-        }
+        Ok(self
+            .rest
+            .read_events(&events_filter(resource_ids, names, since))?)
     }
 
     /// Events with these names whose resource id starts with `prefix` (a container's
@@ -377,21 +365,7 @@ impl PrefectServer {
     ) -> Result<Vec<Value>> {
         let mut filter = events_filter(&[], names, since);
         filter["resource"] = json!({"id_prefix": [prefix]});
-        let mut page = self.request(
-            Method::POST,
-            "/events/filter",
-            Some(&json!({"filter": filter, "limit": 50})),
-        )?;
-        let mut events = Vec::new();
-        loop {
-            events.extend(page["events"].as_array().cloned().unwrap_or_default());
-            match page["next_page"].as_str() {
-                Some(next) if !next.is_empty() => {
-                    page = self.request(Method::GET, next, None)?;
-                }
-                _ => return Ok(events),
-            }
-        }
+        Ok(self.rest.read_events(&filter)?)
     }
 
     /// How many such events the server has persisted (the first page's `total`).

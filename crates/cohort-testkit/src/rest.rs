@@ -143,4 +143,22 @@ impl Rest {
         }
         Ok(value)
     }
+
+    /// Every event `POST /events/filter` finds for `filter` (an `EventFilter`), following
+    /// `next_page`. Events reach the database asynchronously: a fresh one may not be there yet.
+    pub fn read_events(&self, filter: &Value) -> Result<Vec<Value>, RestError> {
+        let mut page = self.request(
+            Method::POST,
+            "/events/filter",
+            Some(&serde_json::json!({"filter": filter, "limit": 50})),
+        )?;
+        let mut events = Vec::new();
+        loop {
+            events.extend(page["events"].as_array().cloned().unwrap_or_default());
+            match page["next_page"].as_str() {
+                Some(next) if !next.is_empty() => page = self.request(Method::GET, next, None)?,
+                _ => return Ok(events),
+            }
+        }
+    }
 }

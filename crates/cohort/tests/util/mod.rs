@@ -612,21 +612,9 @@ impl PrefectServer {
             })
         });
         filter.entry("order").or_insert_with(|| json!("ASC"));
-        let mut page = self.request(
-            Method::POST,
-            "/events/filter",
-            Some(&json!({"filter": filter, "limit": 50})),
-        );
-        let mut events = Vec::new();
-        loop {
-            events.extend(page["events"].as_array().cloned().unwrap_or_default());
-            match page["next_page"].as_str() {
-                Some(next) if !next.is_empty() => {
-                    page = self.request(Method::GET, next, None);
-                }
-                _ => return events,
-            }
-        }
+        self.rest
+            .read_events(&Value::Object(filter))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Poll [`Self::read_events`] until at least `n` events match (persistence is
