@@ -9,14 +9,29 @@ use std::pin::Pin;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::models::{Deployment, Flow, FlowRun, Map, OrchestrationResult, StateCreate};
+use chrono::{DateTime, Utc};
+
+use crate::models::{
+    Deployment, Flow, FlowRun, Map, OrchestrationResult, PoolWorker, ScheduledFlowRun, StateCreate,
+};
 use crate::{ApiError, PrefectClient};
 
 /// The futures of [`PrefectApi`].
 pub type ApiFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + Send + 'a>>;
 
-/// What submitting and supervising a flow run asks of the Prefect server.
+/// What polling for, submitting and supervising flow runs asks of the Prefect server.
 pub trait PrefectApi: Send + Sync + 'static {
+    /// `POST /work_pools/{pool}/get_scheduled_flow_runs`; a missing pool reads as no runs.
+    fn get_scheduled_flow_runs<'a>(
+        &'a self,
+        pool: &'a str,
+        work_queue_names: &'a [String],
+        scheduled_before: DateTime<Utc>,
+    ) -> ApiFuture<'a, Vec<ScheduledFlowRun>>;
+
+    /// `POST /work_pools/{pool}/workers/filter`: the pool's workers the server sees online.
+    fn read_online_workers<'a>(&'a self, pool: &'a str) -> ApiFuture<'a, Vec<PoolWorker>>;
+
     /// `GET /flow_runs/{id}`.
     fn read_flow_run(&self, id: Uuid) -> ApiFuture<'_, FlowRun>;
 
@@ -58,6 +73,24 @@ pub trait PrefectApi: Send + Sync + 'static {
 }
 
 impl PrefectApi for PrefectClient {
+    fn get_scheduled_flow_runs<'a>(
+        &'a self,
+        pool: &'a str,
+        work_queue_names: &'a [String],
+        scheduled_before: DateTime<Utc>,
+    ) -> ApiFuture<'a, Vec<ScheduledFlowRun>> {
+        Box::pin(PrefectClient::get_scheduled_flow_runs(
+            self,
+            pool,
+            work_queue_names,
+            scheduled_before,
+        ))
+    }
+
+    fn read_online_workers<'a>(&'a self, pool: &'a str) -> ApiFuture<'a, Vec<PoolWorker>> {
+        Box::pin(PrefectClient::read_online_workers(self, pool))
+    }
+
     fn read_flow_run(&self, id: Uuid) -> ApiFuture<'_, FlowRun> {
         Box::pin(PrefectClient::read_flow_run(self, id))
     }

@@ -1,12 +1,13 @@
 //! [`InProcessPrefect`]: an in-process fake of the flow-run endpoints.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use chrono::{DateTime, Utc};
 use cohort_api::models::{
-    Deployment, Flow, FlowRun, Map, OrchestrationResult, SetStateStatus, State, StateCreate,
-    StateType,
+    Deployment, Flow, FlowRun, Map, OrchestrationResult, PoolWorker, ScheduledFlowRun,
+    SetStateStatus, State, StateCreate, StateType,
 };
 use cohort_api::{ApiError, ApiFuture, PrefectApi};
 use reqwest::StatusCode;
@@ -23,8 +24,12 @@ use uuid::Uuid;
 /// racing for a run loses it.
 #[derive(Default)]
 pub struct InProcessPrefect {
-    /// Each run's state type and name.
-    runs: Mutex<HashMap<Uuid, (StateType, String)>>,
+    /// Each run, with its state type and name.
+    runs: Mutex<HashMap<Uuid, (FlowRun, StateType, String)>>,
+    /// The pool's workers the server sees online.
+    online: Mutex<Vec<String>>,
+    /// `get_scheduled_flow_runs` calls.
+    polls: AtomicUsize,
     deployments: Mutex<HashMap<Uuid, Deployment>>,
     flows: Mutex<HashMap<Uuid, Flow>>,
     /// Every proposal: (run, state, forced, accepted).
@@ -41,19 +46,52 @@ impl InProcessPrefect {
         Arc::new(Self::default())
     }
 
-    /// A fake that knows one run, in this state.
+    /// A fake that knows one run (of a flow of its own), in this state.
     pub fn with_run(id: Uuid, state: StateType) -> Arc<Self> {
         let fake = Self::new();
-        fake.set(id, state);
+        fake.add_run(flow_run(id, Some(state)));
         fake
     }
 
-    /// Sets a run's state, as another client would.
-    pub fn set(&self, id: Uuid, state: StateType) {
+    /// Knows `run`, in its state (Scheduled when it has none), from now on.
+    pub fn add_run(&self, run: FlowRun) {
+        let state_type = run
+            .state
+            .as_ref()
+            .map_or(StateType::Scheduled, |s| s.state_type);
         self.runs
             .lock()
             .unwrap()
-            .insert(id, (state, format!("{state:?}")));
+            .insert(run.id, (run, state_type, format!("{state_type:?}")));
+    }
+
+    /// The run as the server has it now.
+    pub fn run(&self, id: Uuid) -> FlowRun {
+        let runs = self.runs.lock().unwrap();
+        let (run, state_type, _) = &runs[&id];
+        let mut run = run.clone();
+        run.state = Some(state(*state_type));
+        run
+    }
+
+    /// Sets a run's state, as another client would; a run it does not know gets a flow of
+    /// its own.
+    pub fn set(&self, id: Uuid, state: StateType) {
+        let mut runs = self.runs.lock().unwrap();
+        let run = runs
+            .remove(&id)
+            .map_or_else(|| flow_run(id, Some(state)), |r| r.0);
+        runs.insert(id, (run, state, format!("{state:?}")));
+    }
+
+    /// The workers `read_online_workers` lists.
+    pub fn set_online_workers(&self, names: &[&str]) {
+        *self.online.lock().unwrap() = names.iter().map(|n| (*n).to_owned()).collect();
+    }
+
+    /// How many times the pool was polled (`get_scheduled_flow_runs`).
+    pub fn polls(&self) -> usize {
+        self.polls.load(Ordering::SeqCst)
     }
 
     /// Forgets a run, as `DELETE /flow_runs/{id}`.
@@ -79,12 +117,12 @@ impl InProcessPrefect {
 
     /// The run's state; panics for a run it does not know.
     pub fn state(&self, id: Uuid) -> StateType {
-        self.runs.lock().unwrap()[&id].0
+        self.runs.lock().unwrap()[&id].1
     }
 
     /// The run's state name (`Submitting`, say); panics for a run it does not know.
     pub fn state_name(&self, id: Uuid) -> String {
-        self.runs.lock().unwrap()[&id].1.clone()
+        self.runs.lock().unwrap()[&id].2.clone()
     }
 
     /// The proposals for a run: (state, forced, accepted).
@@ -166,17 +204,85 @@ pub fn flow_run(id: Uuid, state_type: Option<StateType>) -> FlowRun {
 }
 
 impl PrefectApi for InProcessPrefect {
+    /// The Scheduled runs due by `scheduled_before` (those without an expected start are
+    /// due now), soonest first; pool and queue are not told apart.
+    fn get_scheduled_flow_runs<'a>(
+        &'a self,
+        pool: &'a str,
+        _work_queue_names: &'a [String],
+        scheduled_before: DateTime<Utc>,
+    ) -> ApiFuture<'a, Vec<ScheduledFlowRun>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        let found = self
+            .check("POST", format!("work_pools/{pool}/get_scheduled_flow_runs"))
+            .map(|()| {
+                let mut due: Vec<FlowRun> = self
+                    .runs
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .filter(|(run, state_type, _)| {
+                        *state_type == StateType::Scheduled
+                            && run
+                                .expected_start_time
+                                .is_none_or(|t| t <= scheduled_before)
+                    })
+                    .map(|(run, _, _)| {
+                        let mut run = run.clone();
+                        run.state = Some(state(StateType::Scheduled));
+                        run
+                    })
+                    .collect();
+                due.sort_by_key(|r| r.expected_start_time);
+                due.into_iter()
+                    .map(|run| {
+                        serde_json::from_value(json!({
+                            "work_pool_id": Uuid::nil(),
+                            "work_queue_id": Uuid::nil(),
+                            "flow_run": {"id": run.id, "name": run.name, "flow_id": run.flow_id},
+                        }))
+                        .map(|mut s: ScheduledFlowRun| {
+                            s.flow_run = run;
+                            s
+                        })
+                        .expect("a scheduled flow run")
+                    })
+                    .collect()
+            });
+        Box::pin(async move { found })
+    }
+
+    fn read_online_workers<'a>(&'a self, pool: &'a str) -> ApiFuture<'a, Vec<PoolWorker>> {
+        let found = self
+            .check("POST", format!("work_pools/{pool}/workers/filter"))
+            .map(|()| {
+                self.online
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|name| {
+                        serde_json::from_value(json!({"name": name, "status": "ONLINE"}))
+                            .expect("a pool worker")
+                    })
+                    .collect()
+            });
+        Box::pin(async move { found })
+    }
+
     fn read_flow_run(&self, id: Uuid) -> ApiFuture<'_, FlowRun> {
         let path = format!("flow_runs/{id}");
-        let found = self
-            .check("GET", path.clone())
-            .map(|()| self.runs.lock().unwrap().get(&id).map(|s| s.0));
-        Box::pin(async move {
-            match found? {
-                Some(current) => Ok(flow_run(id, Some(current))),
-                None => Err(status("GET", path, StatusCode::NOT_FOUND)),
-            }
-        })
+        let found = self.check("GET", path.clone()).map(|()| {
+            self.runs
+                .lock()
+                .unwrap()
+                .get(&id)
+                .map(|(run, state_type, _)| {
+                    let mut run = run.clone();
+                    run.state = Some(state(*state_type));
+                    run
+                })
+        });
+        Box::pin(async move { found?.ok_or_else(|| status("GET", path, StatusCode::NOT_FOUND)) })
     }
 
     fn read_deployment(&self, id: Uuid) -> ApiFuture<'_, Option<Deployment>> {
@@ -241,7 +347,7 @@ impl PrefectApi for InProcessPrefect {
             let mut runs = self.runs.lock().unwrap();
             let (current, current_name) = runs
                 .get(&id)
-                .cloned()
+                .map(|(_, t, n)| (*t, n.clone()))
                 .unwrap_or((StateType::Scheduled, "Scheduled".into()));
             let proposed_type = proposed.state_type;
             let status = if force {
@@ -268,7 +374,8 @@ impl PrefectApi for InProcessPrefect {
             };
             let accepted = status == SetStateStatus::Accept;
             if accepted {
-                runs.insert(id, (proposed_type, proposed.name.clone()));
+                let run = runs.remove(&id).map_or_else(|| flow_run(id, None), |r| r.0);
+                runs.insert(id, (run, proposed_type, proposed.name.clone()));
             }
             self.proposals
                 .lock()

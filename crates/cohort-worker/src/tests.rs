@@ -20,7 +20,7 @@ use crate::journal::{Claim, Journal};
 use crate::recover::{reconcile, Recovery};
 use crate::submit::{submit, Outcome, PollReads, RunContext};
 
-const WORKER: &str = "paused worker";
+pub(crate) const WORKER: &str = "paused worker";
 
 struct Harness {
     api: Arc<InProcessPrefect>,
@@ -31,50 +31,78 @@ struct Harness {
     _home: tempfile::TempDir,
 }
 
+/// A worker's run context over the fakes, as `Worker::run` builds it.
+pub(crate) struct Fakes {
+    pub api: Arc<InProcessPrefect>,
+    pub infra: Arc<ScriptedInfrastructure>,
+    pub sink: Arc<RecordingSink>,
+    pub ctx: Arc<RunContext>,
+    /// Where the journal lives.
+    pub home: tempfile::TempDir,
+}
+
+pub(crate) fn fakes(api: Arc<InProcessPrefect>) -> Fakes {
+    let home = tempfile::tempdir().expect("a temporary directory");
+    let infra = ScriptedInfrastructure::new();
+    let sink = Arc::new(RecordingSink::new());
+    let pool: WorkPool = serde_json::from_value(json!({
+        "id": Uuid::new_v4(), "name": "paused-pool", "type": "scripted",
+        "base_job_template": {"job_configuration": {}, "variables": {"properties": {}}},
+    }))
+    .expect("a work pool");
+    let resource = related::worker_resource("scripted", WORKER, "3.8.8");
+    let ctx = Arc::new(RunContext {
+        executor: Executor {
+            api: api.clone(),
+            sink: sink.clone() as Arc<dyn EventSink>,
+            runner_resource: related::runner_resource("standalone", "3.8.8"),
+            termination_grace: Duration::from_secs(30),
+            hurry: CancellationToken::new(),
+            cancel_on_shutdown: None,
+            logs: None,
+        },
+        infra: infra.clone() as Arc<dyn Infrastructure>,
+        journal: Journal::open(home.path().join("journal.redb")).expect("a journal"),
+        worker_name: WORKER.into(),
+        worker_type: "scripted".into(),
+        resource,
+        pool: Arc::new(RwLock::new(Arc::new(pool))),
+        settings_env: Vec::new(),
+    });
+    Fakes {
+        api,
+        infra,
+        sink,
+        ctx,
+        home,
+    }
+}
+
+/// A run of a flow the server knows, in `state`.
+pub(crate) fn known_run(api: &InProcessPrefect, state: Option<StateType>) -> FlowRun {
+    let run = flow_run(Uuid::new_v4(), state);
+    api.add_run(run.clone());
+    api.add_flow(
+        serde_json::from_value::<Flow>(json!({"id": run.flow_id, "name": "hello"}))
+            .expect("a flow"),
+    );
+    run
+}
+
 impl Harness {
     /// A worker's run context over the fakes, and one run in `state` whose flow the server
     /// knows.
     fn new(state: StateType) -> Harness {
-        let home = tempfile::tempdir().expect("a temporary directory");
-        let run = flow_run(Uuid::new_v4(), Some(state));
-        let api = InProcessPrefect::with_run(run.id, state);
-        api.add_flow(
-            serde_json::from_value::<Flow>(json!({"id": run.flow_id, "name": "hello"}))
-                .expect("a flow"),
-        );
-        let infra = ScriptedInfrastructure::new();
-        let sink = Arc::new(RecordingSink::new());
-        let pool: WorkPool = serde_json::from_value(json!({
-            "id": Uuid::new_v4(), "name": "paused-pool", "type": "scripted",
-            "base_job_template": {"job_configuration": {}, "variables": {"properties": {}}},
-        }))
-        .expect("a work pool");
-        let resource = related::worker_resource("scripted", WORKER, "3.8.8");
-        let ctx = Arc::new(RunContext {
-            executor: Executor {
-                api: api.clone(),
-                sink: sink.clone() as Arc<dyn EventSink>,
-                runner_resource: related::runner_resource("standalone", "3.8.8"),
-                termination_grace: Duration::from_secs(30),
-                hurry: CancellationToken::new(),
-                cancel_on_shutdown: None,
-                logs: None,
-            },
-            infra: infra.clone() as Arc<dyn Infrastructure>,
-            journal: Journal::open(home.path().join("journal.redb")).expect("a journal"),
-            worker_name: WORKER.into(),
-            worker_type: "scripted".into(),
-            resource,
-            pool: Arc::new(RwLock::new(Arc::new(pool))),
-            settings_env: Vec::new(),
-        });
+        let api = InProcessPrefect::new();
+        let run = known_run(&api, Some(state));
+        let f = fakes(api);
         Harness {
-            api,
-            infra,
-            sink,
-            ctx,
+            api: f.api,
+            infra: f.infra,
+            sink: f.sink,
+            ctx: f.ctx,
             run,
-            _home: home,
+            _home: f.home,
         }
     }
 

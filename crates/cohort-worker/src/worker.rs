@@ -444,26 +444,7 @@ impl Worker {
                 move || wake::watch(feed.clone(), wake_tx.clone(), stop.clone()),
             );
         }
-        let mut poller = Poller {
-            wake: wake_rx,
-            worker: &self,
-            ctx,
-            cancellable,
-            slots: self.options.limit.map(|n| Arc::new(Semaphore::new(n))),
-            runs: JoinSet::new(),
-            task_runs: HashMap::new(),
-            in_flight: HashSet::new(),
-            terminate: CancellationToken::new(),
-            last_polled,
-            loop_turned,
-            last_poll: None,
-            last_scheduled: None,
-            burst_started: None,
-            unclaimed: HashSet::new(),
-            peers: (self.options.event_wake && !self.options.run_once)
-                .then(|| Peers::new(self.options.name.clone())),
-            deferred: HashMap::new(),
-        };
+        let mut poller = Poller::new(&self, ctx, wake_rx, cancellable, last_polled, loop_turned);
         if let Some(legacy) = &state.legacy {
             crate::state::take_over(&poller.ctx, legacy).await;
         }
@@ -560,7 +541,38 @@ struct Deferred {
     reads: Arc<PollReads>,
 }
 
-impl Poller<'_> {
+impl<'w> Poller<'w> {
+    fn new(
+        worker: &'w Worker,
+        ctx: Arc<RunContext>,
+        wake: tokio::sync::mpsc::Receiver<wake::Seen>,
+        cancellable: Cancellable,
+        last_polled: LastPolled,
+        loop_turned: LastPolled,
+    ) -> Self {
+        let options = &worker.options;
+        Poller {
+            wake,
+            worker,
+            ctx,
+            cancellable,
+            slots: options.limit.map(|n| Arc::new(Semaphore::new(n))),
+            runs: JoinSet::new(),
+            task_runs: HashMap::new(),
+            in_flight: HashSet::new(),
+            terminate: CancellationToken::new(),
+            last_polled,
+            loop_turned,
+            last_poll: None,
+            last_scheduled: None,
+            burst_started: None,
+            unclaimed: HashSet::new(),
+            peers: (options.event_wake && !options.run_once)
+                .then(|| Peers::new(options.name.clone())),
+            deferred: HashMap::new(),
+        }
+    }
+
     async fn serve(&mut self, shutdown: &CancellationToken) {
         let opts = &self.worker.options;
         let mut next_poll = tokio::time::Instant::now();
@@ -676,8 +688,8 @@ impl Poller<'_> {
             return;
         };
         match self
-            .worker
-            .client
+            .ctx
+            .api()
             .read_online_workers(&self.worker.options.pool)
             .await
         {
@@ -744,7 +756,7 @@ impl Poller<'_> {
         let before = chrono::Utc::now() + prefetch + lookahead;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return None,
-            r = self.worker.client.get_scheduled_flow_runs(&opts.pool, &opts.work_queues, before) => r,
+            r = self.ctx.api().get_scheduled_flow_runs(&opts.pool, &opts.work_queues, before) => r,
         };
         // The poll sees every run scheduled so far.
         self.unclaimed.clear();
@@ -955,15 +967,19 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::{fakes, known_run, Fakes, WORKER};
+    use cohort_api::models::StateType;
+    use cohort_api::ClientConfig;
+    use cohort_fakes::InProcessPrefect;
 
-    #[test]
-    fn options_never_print_credentials() {
-        let options = WorkerOptions {
-            pool: "p".into(),
-            name: "w".into(),
+    /// Prefect's defaults (10 s polls and prefetch), event wake-up on.
+    fn options(limit: Option<usize>) -> WorkerOptions {
+        WorkerOptions {
+            pool: "paused-pool".into(),
+            name: WORKER.into(),
             worker_type: None,
             work_queues: vec![],
-            limit: None,
+            limit,
             prefetch: Duration::from_secs(10),
             query_interval: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
@@ -973,11 +989,163 @@ mod tests {
             drain_timeout: Duration::from_secs(30),
             termination_grace: Duration::from_secs(30),
             healthcheck: None,
-            settings_env: vec![("PREFECT_API_KEY".into(), "pnu_secret_key".into())],
+            settings_env: vec![],
             event_wake: true,
+            auth_token: None,
+            events_auth: EventsAuth::Token(None),
+            authorization: None,
+        }
+    }
+
+    /// A started worker over the fakes: its own client points nowhere, since the poller
+    /// talks to the server through the run context's API only.
+    fn worker(f: &Fakes, limit: Option<usize>) -> Worker {
+        let client = PrefectClient::new(ClientConfig {
+            api_url: "http://127.0.0.1:9/api".parse().expect("a URL"),
+            api_key: None,
+            auth_string: None,
+            max_retries: 0,
+            request_timeout: Duration::from_secs(1),
+            retry_base_delay: Duration::from_secs(1),
+        })
+        .expect("a client");
+        Worker {
+            client,
+            options: options(limit),
+            pool: f.ctx.pool.clone(),
+            worker_type: "scripted".into(),
+            prefect_version: "3.8.8".into(),
+        }
+    }
+
+    fn poller<'w>(
+        worker: &'w Worker,
+        f: &Fakes,
+    ) -> (Poller<'w>, tokio::sync::mpsc::Sender<wake::Seen>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let poller = Poller::new(
+            worker,
+            f.ctx.clone(),
+            rx,
+            Cancellable::default(),
+            LastPolled::new(),
+            LastPolled::new(),
+        );
+        (poller, tx)
+    }
+
+    /// Lets every run in flight exit 0 (once prepared) and waits for the poller's runs to end.
+    async fn finish(f: &Fakes, poller: &mut Poller<'_>) -> usize {
+        for id in poller.in_flight.clone() {
+            f.infra.script(id).await.exit(0);
+        }
+        let n = poller.runs.len();
+        poller.join_all().await;
+        n
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_claims_the_runs_due_and_polls_again_when_a_later_one_is() {
+        let f = fakes(InProcessPrefect::new());
+        let due: Vec<Uuid> = (0..3).map(|_| known_run(&f.api, None).id).collect();
+        // Due in 15 s: inside the poll's look-ahead (prefetch + one interval), outside the
+        // prefetch window, so not claimed yet; its time sets the next poll.
+        let mut later = known_run(&f.api, None);
+        later.expected_start_time = Some(chrono::Utc::now() + chrono::Duration::seconds(15));
+        f.api.add_run(later.clone());
+        let w = worker(&f, None);
+        let (mut poller, _wake) = poller(&w, &f);
+
+        let next = poller
+            .handle_poll(&CancellationToken::new())
+            .await
+            .expect("the later run sets the next poll");
+        assert_eq!(f.api.polls(), 1);
+        let mut claimed: Vec<Uuid> = poller.in_flight.iter().copied().collect();
+        claimed.sort();
+        let mut want = due.clone();
+        want.sort();
+        assert_eq!(claimed, want);
+        let wait = next - tokio::time::Instant::now();
+        assert!(
+            wait > Duration::from_secs(4) && wait <= Duration::from_secs(5),
+            "{wait:?}"
+        );
+        assert_eq!(finish(&f, &mut poller).await, 3);
+        for id in &due {
+            assert_eq!(f.api.state_name(*id), "Submitting");
+        }
+        assert_eq!(f.api.state(later.id), StateType::Scheduled);
+
+        tokio::time::sleep_until(next).await;
+        // Paused time moves the tokio clock only; the server's clock (and the poll's window,
+        // taken from the wall clock as the server's timestamps are) has to be moved by hand.
+        later.expected_start_time = Some(chrono::Utc::now());
+        f.api.add_run(later.clone());
+        poller.handle_poll(&CancellationToken::new()).await;
+        assert_eq!(
+            poller.in_flight.iter().copied().collect::<Vec<_>>(),
+            [later.id]
+        );
+        finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_every_slot_taken_a_poll_claims_nothing_more() {
+        let f = fakes(InProcessPrefect::new());
+        for _ in 0..3 {
+            known_run(&f.api, None);
+        }
+        let w = worker(&f, Some(1));
+        let (mut poller, _wake) = poller(&w, &f);
+        poller.handle_poll(&CancellationToken::new()).await;
+        assert_eq!(poller.in_flight.len(), 1, "--limit 1");
+        // The slot is still held: the next poll claims nothing.
+        poller.handle_poll(&CancellationToken::new()).await;
+        assert_eq!(poller.in_flight.len(), 1);
+        assert_eq!(finish(&f, &mut poller).await, 1);
+        assert_eq!(f.infra.launches().len(), 1);
+        // Freed: the next poll takes the next run.
+        poller.handle_poll(&CancellationToken::new()).await;
+        assert_eq!(poller.in_flight.len(), 1);
+        finish(&f, &mut poller).await;
+        assert_eq!(f.infra.launches().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_scheduled_events_costs_one_poll_at_its_end() {
+        let f = fakes(InProcessPrefect::new());
+        let w = worker(&f, None);
+        let (mut poller, wake) = poller(&w, &f);
+        let shutdown = CancellationToken::new();
+        let api = f.api.clone();
+        let client = async {
+            // The start-up poll finds nothing; then a client creates ten runs 100 ms apart.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for _ in 0..10 {
+                let run = known_run(&api, None);
+                wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Long enough for the burst's poll, short of the next interval's.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), client);
+        // One poll at start-up, one for the whole burst (not one per event).
+        assert_eq!(f.api.polls(), 2);
+        assert_eq!(poller.in_flight.len(), 10);
+        finish(&f, &mut poller).await;
+    }
+
+    #[test]
+    fn options_never_print_credentials() {
+        let options = WorkerOptions {
+            settings_env: vec![("PREFECT_API_KEY".into(), "pnu_secret_key".into())],
             auth_token: Some("admin:s3cret".into()),
             events_auth: EventsAuth::Token(Some("admin:s3cret".into())),
             authorization: Some("Basic YWRtaW46czNjcmV0".into()),
+            ..options(None)
         };
         for shown in [format!("{options:?}"), format!("{options:#?}")] {
             for secret in ["pnu_secret_key", "s3cret", "YWRtaW46czNjcmV0"] {
