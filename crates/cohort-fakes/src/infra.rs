@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cohort_infra::{BoxFuture, Infrastructure, Job, Map, PrepareError, RunSpec, Started};
+use cohort_infra::{
+    BoxFuture, Infrastructure, Job, KillError, Map, PrepareError, RunSpec, Started,
+};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -69,6 +71,17 @@ pub fn failing_job(message: &str) -> Box<dyn Job> {
     })
 }
 
+/// How [`Infrastructure::kill`] answers, after how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillAnswer {
+    Stopped,
+    NotFound,
+    /// The infrastructure cannot be reached now.
+    Unavailable,
+    /// The default: this infrastructure cannot kill by identifier.
+    Unsupported,
+}
+
 /// An infrastructure of scripted runs (`worker_type` `scripted`): every run prepared gets a
 /// [`Script`] the test takes with [`ScriptedInfrastructure::script`]; [`Self::adoptable`]
 /// leaves a run for [`Infrastructure::adopt`] to find, as after a worker's restart.
@@ -79,6 +92,9 @@ pub struct ScriptedInfrastructure {
     launches: Arc<Mutex<Vec<Uuid>>>,
     adoptable: Mutex<HashMap<Uuid, Script>>,
     forgotten: Mutex<Vec<Uuid>>,
+    /// What `kill` answers and how long it takes; `None`: unsupported.
+    kill: Mutex<Option<(KillAnswer, Duration)>>,
+    killed: Mutex<Vec<(String, Duration)>>,
 }
 
 impl ScriptedInfrastructure {
@@ -105,6 +121,16 @@ impl ScriptedInfrastructure {
     /// The runs the worker told it to forget.
     pub fn forgotten(&self) -> Vec<Uuid> {
         self.forgotten.lock().unwrap().clone()
+    }
+
+    /// Makes `kill` answer `answer` after `takes`.
+    pub fn answer_kills(&self, answer: KillAnswer, takes: Duration) {
+        *self.kill.lock().unwrap() = Some((answer, takes));
+    }
+
+    /// Every `kill`: the identifier and the grace.
+    pub fn killed(&self) -> Vec<(String, Duration)> {
+        self.killed.lock().unwrap().clone()
     }
 
     /// Leaves a started run for `adopt` to find; returns its script.
@@ -166,6 +192,30 @@ impl Infrastructure for ScriptedInfrastructure {
 
     fn forget(&self, flow_run: Uuid) {
         self.forgotten.lock().unwrap().push(flow_run);
+    }
+
+    fn kill<'a>(
+        &'a self,
+        identifier: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), KillError>> {
+        self.killed
+            .lock()
+            .unwrap()
+            .push((identifier.to_owned(), grace));
+        let answer = *self.kill.lock().unwrap();
+        Box::pin(async move {
+            let Some((answer, takes)) = answer else {
+                return Err(KillError::Unsupported);
+            };
+            tokio::time::sleep(takes).await;
+            match answer {
+                KillAnswer::Stopped => Ok(()),
+                KillAnswer::NotFound => Err(KillError::NotFound),
+                KillAnswer::Unavailable => Err(KillError::Unavailable("scripted".into())),
+                KillAnswer::Unsupported => Err(KillError::Unsupported),
+            }
+        })
     }
 }
 

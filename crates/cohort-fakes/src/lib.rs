@@ -13,5 +13,5 @@
 mod infra;
 mod prefect;
 
-pub use infra::{failing_job, scripted_job, OnStop, Script, ScriptedInfrastructure};
+pub use infra::{failing_job, scripted_job, KillAnswer, OnStop, Script, ScriptedInfrastructure};
 pub use prefect::{flow_run, state, InProcessPrefect};

@@ -110,7 +110,7 @@ pub async fn run(
                         apply_snapshot(&pool, wp);
                     }
                     tracing::debug!(pool = %config.pool_name, "worker channel connected");
-                    let cleaner = Cleaner::new(client.clone(), infra.clone());
+                    let cleaner = Cleaner::new(Arc::new(client.clone()), infra.clone());
                     match healthy(
                         socket,
                         &config,

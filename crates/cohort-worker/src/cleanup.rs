@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_api::PrefectClient;
+use cohort_api::PrefectApi;
 use cohort_infra::{Infrastructure, KillError};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -31,7 +31,7 @@ pub type Reply = (&'static str, Value);
 /// Handles the clean-ups of one channel connection, one at a time (`max_cleanup_concurrency`
 /// is 1, as Prefect's).
 pub struct Cleaner {
-    client: PrefectClient,
+    client: Arc<dyn PrefectApi>,
     infra: Arc<dyn Infrastructure>,
     busy: Arc<AtomicBool>,
     replies: mpsc::UnboundedSender<Reply>,
@@ -39,7 +39,7 @@ pub struct Cleaner {
 
 impl Cleaner {
     pub fn new(
-        client: PrefectClient,
+        client: Arc<dyn PrefectApi>,
         infra: Arc<dyn Infrastructure>,
     ) -> (Self, mpsc::UnboundedReceiver<Reply>) {
         let (replies, rx) = mpsc::unbounded_channel();
@@ -80,7 +80,7 @@ impl Cleaner {
         let target = payload["target"].clone();
         let lease_ends = lease_remaining(payload["lease_expires_at"].as_str());
         tokio::spawn(async move {
-            let work = teardown(&client, infra.as_ref(), &target);
+            let work = teardown(client.as_ref(), infra.as_ref(), &target);
             tokio::pin!(work);
             let mut renew_at =
                 tokio::time::Instant::now() + lease_ends.saturating_sub(RENEW_BEFORE);
@@ -123,7 +123,7 @@ fn lease_remaining(expires_at: Option<&str>) -> Duration {
 
 /// `CancellingTimeoutTeardownHandler.cleanup`: the release reason when it cannot be done.
 async fn teardown(
-    client: &PrefectClient,
+    client: &dyn PrefectApi,
     infra: &dyn Infrastructure,
     target: &Value,
 ) -> Result<(), &'static str> {
@@ -158,5 +158,160 @@ async fn teardown(
             tracing::warn!(flow_run = %id, %why, "clean-up could not reach the infrastructure");
             Err("infrastructure_not_available")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_api::models::StateType;
+    use cohort_fakes::{InProcessPrefect, KillAnswer, ScriptedInfrastructure};
+    use uuid::Uuid;
+
+    struct Setup {
+        api: Arc<InProcessPrefect>,
+        infra: Arc<ScriptedInfrastructure>,
+        cleaner: Cleaner,
+        replies: mpsc::UnboundedReceiver<Reply>,
+    }
+
+    fn setup() -> Setup {
+        let api = InProcessPrefect::new();
+        let infra = ScriptedInfrastructure::new();
+        let (cleaner, replies) = Cleaner::new(api.clone(), infra.clone());
+        Setup {
+            api,
+            infra,
+            cleaner,
+            replies,
+        }
+    }
+
+    /// A delivery of the teardown of `run`'s infrastructure, `identifier`, with a lease of
+    /// 30 s from now.
+    fn teardown_of(run: Uuid, identifier: &str) -> Value {
+        json!({
+            "message_id": "m-1",
+            "reservation_token": "r-1",
+            "kind": CANCELLING_TIMEOUT_TEARDOWN,
+            "target": {"flow_run_id": run, "infrastructure_pid": identifier},
+            "lease_expires_at": (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc3339(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_teardown_stops_the_infrastructure_with_the_grace_and_acks() {
+        let mut s = setup();
+        let run = Uuid::new_v4();
+        s.api.set(run, StateType::Cancelled);
+        s.infra
+            .answer_kills(KillAnswer::Stopped, Duration::from_secs(2));
+        s.cleaner.handle(&teardown_of(run, "scripted:abc"));
+        let (kind, payload) = s.replies.recv().await.unwrap();
+        assert_eq!(kind, "cleanup.ack.v1");
+        assert_eq!(
+            payload,
+            json!({"message_id": "m-1", "reservation_token": "r-1"})
+        );
+        assert_eq!(
+            s.infra.killed(),
+            [("scripted:abc".to_owned(), Duration::from_secs(30))]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_stop_renews_the_lease_before_it_runs_out() {
+        let mut s = setup();
+        let run = Uuid::new_v4();
+        s.api.set(run, StateType::Cancelled);
+        // Stopping takes past the first lease (30 s) and a renewed one.
+        s.infra
+            .answer_kills(KillAnswer::Stopped, Duration::from_secs(58));
+        s.cleaner.handle(&teardown_of(run, "scripted:abc"));
+        let kinds: Vec<&str> = [
+            s.replies.recv().await.unwrap().0,
+            s.replies.recv().await.unwrap().0,
+            s.replies.recv().await.unwrap().0,
+        ]
+        .to_vec();
+        assert_eq!(
+            kinds,
+            ["cleanup.renew.v1", "cleanup.renew.v1", "cleanup.ack.v1"]
+        );
+    }
+
+    /// Handles `payload`; `ack`, or the release's reason.
+    async fn reason(s: &mut Setup, payload: Value) -> String {
+        s.cleaner.handle(&payload);
+        let (kind, payload) = s.replies.recv().await.unwrap();
+        if kind == "cleanup.ack.v1" {
+            return "ack".to_owned();
+        }
+        assert_eq!(kind, "cleanup.release.v1");
+        payload["reason"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_cannot_be_done_is_released_with_prefects_reasons() {
+        let mut s = setup();
+        let run = Uuid::new_v4();
+        s.api.set(run, StateType::Cancelled);
+        // The scripted infrastructure cannot kill by identifier until told otherwise.
+        assert_eq!(
+            reason(&mut s, teardown_of(run, "scripted:abc")).await,
+            "unsupported_worker_type"
+        );
+        let mut other = teardown_of(run, "scripted:abc");
+        other["kind"] = json!("something_else.v1");
+        assert_eq!(reason(&mut s, other).await, "unsupported_cleanup_kind");
+        assert_eq!(
+            reason(
+                &mut s,
+                json!({"kind": CANCELLING_TIMEOUT_TEARDOWN, "target": {}})
+            )
+            .await,
+            "invalid_payload"
+        );
+        s.infra
+            .answer_kills(KillAnswer::Unavailable, Duration::ZERO);
+        assert_eq!(
+            reason(&mut s, teardown_of(run, "scripted:abc")).await,
+            "infrastructure_not_available"
+        );
+        // Gone already: nothing left to do, done.
+        s.infra.answer_kills(KillAnswer::NotFound, Duration::ZERO);
+        assert_eq!(
+            reason(&mut s, teardown_of(run, "scripted:abc")).await,
+            "ack"
+        );
+        // A run that no longer exists: done.
+        assert_eq!(
+            reason(&mut s, teardown_of(Uuid::new_v4(), "scripted:abc")).await,
+            "ack"
+        );
+        // The server cannot be asked about the run: another worker may try.
+        s.api.set_unavailable(true);
+        assert_eq!(
+            reason(&mut s, teardown_of(run, "scripted:abc")).await,
+            "handler_failed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_teardown_at_a_time() {
+        let mut s = setup();
+        let run = Uuid::new_v4();
+        s.api.set(run, StateType::Cancelled);
+        s.infra
+            .answer_kills(KillAnswer::Stopped, Duration::from_secs(5));
+        s.cleaner.handle(&teardown_of(run, "scripted:abc"));
+        s.cleaner.handle(&teardown_of(run, "scripted:def"));
+        let (kind, payload) = s.replies.recv().await.unwrap();
+        assert_eq!(
+            (kind, payload["reason"].as_str()),
+            ("cleanup.release.v1", Some("concurrency_limit_reached"))
+        );
+        assert_eq!(s.replies.recv().await.unwrap().0, "cleanup.ack.v1");
+        assert_eq!(s.infra.killed().len(), 1);
     }
 }
