@@ -398,3 +398,275 @@ async fn healthy(
         }
     }
 }
+
+/// The channel's protocol against `FakeChannelServer`, an in-process fake of the server's
+/// end of `/work_pools/{pool}/workers/connect` on a loopback socket, for what a real server
+/// cannot be made to send on demand (a stale snapshot, a clean-up, a policy close). The real
+/// channel runs end to end in the `cohort` crate's tests.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_api::models::StateType;
+    use cohort_api::ClientConfig;
+    use cohort_fakes::{InProcessPrefect, ScriptedInfrastructure};
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+    type ServerSocket = WebSocketStream<TcpStream>;
+
+    /// The server's end, on a loopback port.
+    struct FakeChannelServer {
+        listener: TcpListener,
+    }
+
+    impl FakeChannelServer {
+        async fn bind() -> Self {
+            Self {
+                listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            }
+        }
+
+        fn client(&self) -> PrefectClient {
+            let port = self.listener.local_addr().unwrap().port();
+            PrefectClient::new(ClientConfig {
+                api_url: format!("http://127.0.0.1:{port}/api").parse().unwrap(),
+                api_key: None,
+                auth_string: None,
+                max_retries: 0,
+                request_timeout: Duration::from_secs(5),
+                retry_base_delay: Duration::from_secs(1),
+            })
+            .unwrap()
+        }
+
+        /// Accepts one channel (answering the `prefect` subprotocol) and returns its path.
+        async fn accept(&self) -> (ServerSocket, String) {
+            let (stream, _) = self.listener.accept().await.unwrap();
+            let path = Arc::new(std::sync::Mutex::new(String::new()));
+            let seen = path.clone();
+            // tungstenite's callback type returns its own (large) error response.
+            #[allow(clippy::result_large_err)]
+            let callback = move |request: &Request, mut response: Response| {
+                *seen.lock().unwrap() = request.uri().path().to_owned();
+                response.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    HeaderValue::from_static("prefect"),
+                );
+                Ok(response)
+            };
+            let socket = tokio_tungstenite::accept_hdr_async(stream, callback)
+                .await
+                .unwrap();
+            let path = path.lock().unwrap().clone();
+            (socket, path)
+        }
+    }
+
+    async fn next_json(socket: &mut ServerSocket) -> Value {
+        loop {
+            match socket.next().await.expect("a frame").expect("no error") {
+                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                _ => continue,
+            }
+        }
+    }
+
+    async fn send(socket: &mut ServerSocket, value: Value) {
+        socket.send(Message::text(value.to_string())).await.unwrap();
+    }
+
+    fn config(handles_cleanup: bool) -> ChannelConfig {
+        ChannelConfig {
+            pool_name: "pool a".into(),
+            worker_name: "w1".into(),
+            worker_type: "docker".into(),
+            heartbeat_interval: Duration::from_secs(30),
+            work_queue_names: vec![],
+            default_base_job_template: json!({}),
+            worker_metadata: json!({"docker": "28"}),
+            handles_cleanup,
+            auth_token: Some("admin:pass".into()),
+            authorization: None,
+        }
+    }
+
+    fn pool_json(name: &str) -> Value {
+        json!({"id": uuid::Uuid::nil(), "name": name, "type": "docker", "base_job_template": {}})
+    }
+
+    /// The server's side of a handshake: auth, hello, ready with a first snapshot. Returns
+    /// the auth frame and the hello.
+    async fn handshake(socket: &mut ServerSocket) -> (Value, Value) {
+        let auth = next_json(socket).await;
+        send(socket, json!({"type": "auth_success"})).await;
+        let hello = next_json(socket).await;
+        send(
+            socket,
+            json!({"type": "worker.ready.v1", "payload": {
+                "effective_heartbeat_interval_seconds": 30,
+                "initial_snapshot": {"work_pool": pool_json("first")},
+            }}),
+        )
+        .await;
+        (auth, hello)
+    }
+
+    fn shared_pool() -> SharedPool {
+        Arc::new(RwLock::new(Arc::new(
+            serde_json::from_value(pool_json("none")).unwrap(),
+        )))
+    }
+
+    #[tokio::test]
+    async fn the_hello_asks_for_clean_ups_only_when_the_infrastructure_handles_them() {
+        for handles in [true, false] {
+            let server = FakeChannelServer::bind().await;
+            let client = server.client();
+            let config = config(handles);
+            let (connected, (auth, hello, path)) = tokio::join!(connect(&client, &config), async {
+                let (mut socket, path) = server.accept().await;
+                let (auth, hello) = handshake(&mut socket).await;
+                (auth, hello, path)
+            });
+            let (_, ready, consumer_id) = connected.expect("connected");
+            assert_eq!(path, "/api/work_pools/pool%20a/workers/connect");
+            assert_eq!(auth, json!({"type": "auth", "token": "admin:pass"}));
+            assert_eq!(hello["type"], "worker.hello.v1");
+            let p = &hello["payload"];
+            assert_eq!(p["consumer_id"], consumer_id);
+            assert_eq!(p["worker_type"], "docker");
+            assert_eq!(p["worker_metadata"], json!({"docker": "28"}));
+            assert_eq!(p["create_pool_if_not_found"], false);
+            let capabilities = p["requested_capabilities"].as_array().unwrap();
+            assert_eq!(
+                capabilities.contains(&json!("cleanup_delivery.v1")),
+                handles,
+                "{p}"
+            );
+            if handles {
+                assert_eq!(
+                    p["handled_cleanup_kinds"],
+                    json!(["cancelling_timeout_teardown.v1"])
+                );
+                assert_eq!(p["max_cleanup_concurrency"], 1);
+            } else {
+                assert_eq!(p["handled_cleanup_kinds"], json!([]));
+                assert_eq!(p["max_cleanup_concurrency"], 0);
+            }
+            assert_eq!(
+                ready["payload"]["initial_snapshot"]["work_pool"]["name"],
+                "first"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshots_apply_in_sequence_clean_ups_are_answered_and_a_policy_close_is_final() {
+        let server = FakeChannelServer::bind().await;
+        let client = server.client();
+        let config = config(true);
+        let pool = shared_pool();
+        let shutdown = CancellationToken::new();
+        let run = uuid::Uuid::new_v4();
+        let api = InProcessPrefect::new();
+        api.set(run, StateType::Cancelled);
+        let worker = async {
+            let (socket, _, consumer_id) = connect(&client, &config).await.expect("connected");
+            let infra: Arc<dyn cohort_infra::Infrastructure> = ScriptedInfrastructure::new();
+            let cleaner = Cleaner::new(api.clone(), infra);
+            healthy(
+                socket,
+                &config,
+                &consumer_id,
+                Duration::from_secs(30),
+                &pool,
+                cleaner,
+                &shutdown,
+            )
+            .await
+        };
+        let server_side = async {
+            let (mut socket, _) = server.accept().await;
+            handshake(&mut socket).await;
+            let snapshot = |seq: u64, name: &str| {
+                json!({"type": "work_pool.snapshot.v1",
+                       "payload": {"snapshot_sequence": seq, "work_pool": pool_json(name)}})
+            };
+            send(&mut socket, snapshot(2, "second")).await;
+            // Older than the one applied: ignored.
+            send(&mut socket, snapshot(1, "stale")).await;
+            // A clean-up the scripted infrastructure cannot do: released with the reason.
+            send(
+                &mut socket,
+                json!({"type": "cleanup.message.v1", "payload": {
+                    "message_id": "m-1", "reservation_token": "r-1",
+                    "kind": "cancelling_timeout_teardown.v1",
+                    "target": {"flow_run_id": run, "infrastructure_pid": "x:1"},
+                }}),
+            )
+            .await;
+            let reply = next_json(&mut socket).await;
+            socket
+                .close(Some(CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "unauthorized".into(),
+                }))
+                .await
+                .unwrap();
+            reply
+        };
+        let (ended, reply) = tokio::join!(worker, server_side);
+        assert!(
+            matches!(&ended, Err(ChannelError::Terminal(why)) if why.contains("unauthorized")),
+            "{ended:?}"
+        );
+        assert_eq!(pool.read().unwrap().name, "second");
+        assert_eq!(reply["type"], "cleanup.release.v1");
+        assert_eq!(
+            reply["payload"],
+            json!({"message_id": "m-1", "reservation_token": "r-1",
+                   "reason": "unsupported_worker_type"})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_error_close_is_worth_a_reconnect() {
+        let server = FakeChannelServer::bind().await;
+        let client = server.client();
+        let config = config(false);
+        let pool = shared_pool();
+        let shutdown = CancellationToken::new();
+        let worker = async {
+            let (socket, _, consumer_id) = connect(&client, &config).await.expect("connected");
+            let infra: Arc<dyn cohort_infra::Infrastructure> = ScriptedInfrastructure::new();
+            healthy(
+                socket,
+                &config,
+                &consumer_id,
+                Duration::from_secs(30),
+                &pool,
+                Cleaner::new(Arc::new(client.clone()), infra),
+                &shutdown,
+            )
+            .await
+        };
+        let server_side = async {
+            let (mut socket, _) = server.accept().await;
+            handshake(&mut socket).await;
+            // What SQLite under load makes the real server do.
+            socket
+                .close(Some(CloseFrame {
+                    code: CloseCode::Error,
+                    reason: "heartbeat_persistence_failed".into(),
+                }))
+                .await
+                .unwrap();
+        };
+        let (ended, ()) = tokio::join!(worker, server_side);
+        assert!(
+            matches!(&ended, Err(ChannelError::Retryable(_))),
+            "{ended:?}"
+        );
+    }
+}
