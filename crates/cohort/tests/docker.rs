@@ -258,6 +258,50 @@ fn a_missing_image_with_policy_never_is_crashed_with_the_engines_message() {
     assert!(worker.try_wait().is_none(), "the worker exited");
 }
 
+/// A pool created from the UI (or by `prefect work-pool create --type docker` without
+/// prefect-docker installed) carries the template bundled with the server, not
+/// prefect-docker's: no `container_create_kwargs`, an extra `container_wait_timeout`. It is
+/// read straight from the server's worker registry and rendered all the same.
+#[test]
+fn a_pool_with_the_servers_bundled_template_runs_its_containers() {
+    let (_, busybox) = images();
+    let s = server();
+    let registry = s.request(
+        reqwest::Method::GET,
+        "/collections/views/aggregate-worker-metadata",
+        None,
+    );
+    let template = registry["prefect-docker"]["docker"]["default_base_job_configuration"].clone();
+    // Offline (as here) the server answers from the file bundled with it, which has
+    // `container_wait_timeout`; with a network, the registry's current copy.
+    assert!(
+        template["job_configuration"].is_object(),
+        "no docker template in the server's registry: {registry}"
+    );
+    let pool = unique("dk-bundled");
+    s.create_work_pool_with_template(&pool, "docker", template);
+    let name = unique("dk-worker-bundled");
+    let _worker = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "docker", "--name", &name],
+    )
+    .spawn();
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": busybox, "command": "sh -c 'exit 4'", "container_wait_timeout": 5
+    })));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    assert!(
+        state["message"]
+            .as_str()
+            .unwrap()
+            .contains("non-zero status code 4"),
+        "{state}"
+    );
+    wait_until_removed(&run.id, Duration::from_secs(20));
+}
+
 /// An image name the Engine cannot parse fails at the pull (prefect-docker's default policy
 /// pulls an untagged image), before any container exists: Crashed with the Engine's reason and
 /// the image named, no `creation-failed` (nothing was created), and the worker serves on.
