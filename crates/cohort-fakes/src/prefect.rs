@@ -39,6 +39,8 @@ pub struct InProcessPrefect {
     logs: Mutex<Vec<Value>>,
     /// Every call answers 503, as a server whose database is locked.
     unavailable: AtomicBool,
+    /// Once a proposal of this name is accepted, another client moves the run to this state.
+    after: Mutex<Option<(String, StateType)>>,
 }
 
 impl InProcessPrefect {
@@ -108,6 +110,12 @@ impl InProcessPrefect {
 
     pub fn add_flow(&self, flow: Flow) {
         self.flows.lock().unwrap().insert(flow.id, flow);
+    }
+
+    /// Once a proposal named `name` is accepted, the run is moved to `then`, as by another
+    /// client right after (a user cancelling a run just claimed, say).
+    pub fn after_accepting(&self, name: &str, then: StateType) {
+        *self.after.lock().unwrap() = Some((name.to_owned(), then));
     }
 
     /// Makes every call answer 503 (`true`) or work again.
@@ -375,7 +383,12 @@ impl PrefectApi for InProcessPrefect {
             let accepted = status == SetStateStatus::Accept;
             if accepted {
                 let run = runs.remove(&id).map_or_else(|| flow_run(id, None), |r| r.0);
-                runs.insert(id, (run, proposed_type, proposed.name.clone()));
+                let after = self.after.lock().unwrap();
+                let (state_type, name) = match after.as_ref() {
+                    Some((name, then)) if *name == proposed.name => (*then, format!("{then:?}")),
+                    _ => (proposed_type, proposed.name.clone()),
+                };
+                runs.insert(id, (run, state_type, name));
             }
             self.proposals
                 .lock()

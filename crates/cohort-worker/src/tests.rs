@@ -216,6 +216,31 @@ async fn a_non_zero_exit_is_crashed_and_reported_with_its_code() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_run_cancelled_right_after_its_claim_is_never_launched() {
+    let h = Harness::new(StateType::Scheduled);
+    // A user cancels the run the moment it is Pending.
+    h.api.after_accepting("Pending", StateType::Cancelling);
+    let outcome = h.submit(None).await.unwrap();
+    assert!(
+        matches!(&outcome, Outcome::Skipped(why) if why.contains("cancelled before execution")),
+        "{outcome:?}"
+    );
+    assert!(h.infra.launches().is_empty());
+    assert_eq!(h.api.state(h.run.id), StateType::Cancelled);
+    // Submitting was refused; Cancelled was forced.
+    assert_eq!(
+        h.api.proposals(h.run.id),
+        [
+            (StateType::Pending, false, true),
+            (StateType::Pending, false, false),
+            (StateType::Cancelled, true, true)
+        ]
+    );
+    assert!(h.events(names::WORKER_EXECUTED_FLOW_RUN).is_empty());
+    assert!(h.journaled().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_server_that_cannot_be_claimed_from_leaves_the_run_for_the_next_poll() {
     let h = Harness::new(StateType::Scheduled);
     h.api.set_unavailable(true);
