@@ -19,8 +19,6 @@ use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-pub use cohort_testkit::{path_with_venv_first, scrub_prefect_env};
-
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 /// One HTTP request; a server wedged by a worker's load (SQLite) answers nothing at all.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

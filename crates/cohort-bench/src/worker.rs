@@ -4,9 +4,9 @@
 
 use std::fs::File;
 use std::io::Read as _;
-use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::procfs;
-use crate::server::{parse_time, path_with_venv_first, scrub_prefect_env, PrefectServer};
-use cohort_testkit::slugify;
+use crate::server::{parse_time, PrefectServer};
+use cohort_testkit::{slugify, worker_command};
 
 /// `prefect.worker.started`, emitted once the worker polls.
 pub const EVENT_STARTED: &str = "prefect.worker.started";
@@ -125,29 +125,19 @@ impl<'s> Worker<'s> {
             .tempdir_in(server.scratch_dir())?;
         let stdout_path = home.path().join("stdout.log");
         let stderr_path = home.path().join("stderr.log");
-        let mut cmd = match kind {
-            WorkerKind::Python => Command::new(venv_bin.join("prefect")),
-            WorkerKind::Cohort => Command::new(&programs.cohort),
+        let program = match kind {
+            WorkerKind::Python => venv_bin.join("prefect"),
+            WorkerKind::Cohort => programs.cohort.clone(),
         };
-        scrub_prefect_env(&mut cmd);
-        cmd.args([
-            "worker",
-            "start",
-            "--pool",
-            pool,
-            "--type",
-            worker_type,
-            "--name",
-            name,
-        ])
-        .env("PREFECT_API_URL", server.api_url())
-        .env("PREFECT_HOME", home.path().join("prefect"))
-        .env("PATH", path_with_venv_first(&venv_bin))
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(Stdio::null())
-        .stdout(File::create(&stdout_path)?)
-        .stderr(File::create(&stderr_path)?)
-        .process_group(0);
+        let mut cmd = worker_command(
+            &program,
+            &venv_bin,
+            server.api_url(),
+            &home.path().join("prefect"),
+            File::create(&stdout_path)?,
+            File::create(&stderr_path)?,
+        );
+        cmd.args(["--pool", pool, "--type", worker_type, "--name", name]);
         for (k, v) in env {
             cmd.env(k, v);
         }

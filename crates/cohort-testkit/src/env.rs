@@ -1,9 +1,11 @@
 //! The environment and names of the processes the tests and the benchmarks start.
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Removes every inherited `PREFECT_*` variable, so a developer's own profile or API URL
 /// cannot leak into a process started for a test or a benchmark.
@@ -22,6 +24,34 @@ pub fn path_with_venv_first(venv_bin: &Path) -> OsString {
         paths.extend(std::env::split_paths(&p));
     }
     std::env::join_paths(paths).expect("PATH entries are joinable")
+}
+
+/// `program worker start` as the tests and the benchmarks start a worker (Cohort's or
+/// Prefect's): nothing of the caller's Prefect settings, the server's API URL, its own
+/// `PREFECT_HOME`, the venv first on `PATH` (the flows' `python`), no bytecode written next
+/// to the flows, output to files, and its own process group (a terminal's Ctrl-C does not
+/// reach it, and the server's watchdog can kill it). The caller adds the flags and any more
+/// environment.
+pub fn worker_command(
+    program: &Path,
+    venv_bin: &Path,
+    api_url: &str,
+    home: &Path,
+    stdout: File,
+    stderr: File,
+) -> Command {
+    let mut cmd = Command::new(program);
+    scrub_prefect_env(&mut cmd);
+    cmd.args(["worker", "start"])
+        .env("PREFECT_API_URL", api_url)
+        .env("PREFECT_HOME", home)
+        .env("PATH", path_with_venv_first(venv_bin))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0);
+    cmd
 }
 
 /// A port free on 127.0.0.1 just now (it can be taken before it is bound: callers retry).

@@ -6,8 +6,8 @@
 //!   process ends, and that can stop and start the server again on the same port and database.
 //! - [`Rest`]: a blocking client for it that rides 429/502/503 (SQLite's "database is
 //!   locked") and dropped connections.
-//! - [`scrub_prefect_env`], [`path_with_venv_first`], [`free_port`], [`slugify`]: how the
-//!   processes under test are started and named.
+//! - [`worker_command`], [`scrub_prefect_env`], [`path_with_venv_first`], [`free_port`],
+//!   [`slugify`]: how the processes under test are started and named.
 //!
 //! The callers keep their own error style: the tests panic, the driver returns errors.
 
@@ -19,6 +19,6 @@ mod env;
 mod rest;
 mod server;
 
-pub use env::{free_port, path_with_venv_first, scrub_prefect_env, slugify};
+pub use env::{free_port, path_with_venv_first, scrub_prefect_env, slugify, worker_command};
 pub use rest::{Rest, RestError, RetryPolicy};
 pub use server::{ServerConfig, ServerError, ServerProcess};

@@ -32,7 +32,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -41,7 +41,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use cohort_testkit::{
-    path_with_venv_first, scrub_prefect_env, Rest, RetryPolicy, ServerConfig, ServerProcess,
+    path_with_venv_first, scrub_prefect_env, worker_command, Rest, RetryPolicy, ServerConfig,
+    ServerProcess,
 };
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::{Method, StatusCode};
@@ -819,38 +820,26 @@ impl WorkerBuilder {
         let stdout_path = out_dir.path().join("stdout.log");
         let stderr_path = out_dir.path().join("stderr.log");
 
-        let mut cmd = match self.kind {
-            WorkerKind::Cohort => {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_cohort"));
-                c.args(["worker", "start"]);
-                c
-            }
-            WorkerKind::Python => {
-                let mut c = Command::new(venv_bin.join("prefect"));
-                c.args(["worker", "start"]);
-                c
-            }
+        let program = match self.kind {
+            WorkerKind::Cohort => PathBuf::from(env!("CARGO_BIN_EXE_cohort")),
+            WorkerKind::Python => venv_bin.join("prefect"),
         };
-        scrub_prefect_env(&mut cmd);
+        let mut cmd = worker_command(
+            &program,
+            &venv_bin,
+            &api_url,
+            self.home.as_deref().unwrap_or(home.path()),
+            File::create(&stdout_path).expect("stdout log"),
+            File::create(&stderr_path).expect("stderr log"),
+        );
         cmd.args(&self.args)
-            .env("PREFECT_API_URL", &api_url)
-            .env("PREFECT_HOME", self.home.as_deref().unwrap_or(home.path()))
-            .env("PATH", path_with_venv_first(&venv_bin))
             // Poll every 3 s rather than 10 s: scenarios that submit a second run to a
             // running worker finish sooner.
             .env("PREFECT_WORKER_QUERY_SECONDS", "3")
-            // Flow-run processes inherit this: no __pycache__ next to examples/flows.
-            .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("RUST_BACKTRACE", "1");
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(File::create(&stdout_path).expect("stdout log"))
-            .stderr(File::create(&stderr_path).expect("stderr log"))
-            // Own process group: signals from a terminal's Ctrl-C do not reach it, and
-            // the server watchdog can kill it if the test binary dies.
-            .process_group(0);
         let description = format!("{:?} {}", self.kind, self.args.join(" "));
         let child = cmd
             .spawn()
