@@ -225,7 +225,7 @@ impl<'s> Worker<'s> {
         let events =
             self.server
                 .read_events(&self.resource_id(), &[EVENT_SUBMITTED], self.spawned_at)?;
-        Ok(events.iter().filter_map(submitted_run).collect())
+        Ok(events.iter().filter_map(run_occurred).collect())
     }
 
     pub fn count_submitted(&self) -> Result<u64> {
@@ -329,8 +329,8 @@ impl Drop for Worker<'_> {
     }
 }
 
-/// `prefect.flow-run.<id>` among an event's related resources.
-fn submitted_run(event: &Value) -> Option<(String, DateTime<Utc>)> {
+/// The flow run an event relates (`prefect.flow-run.<id>`), and when the event occurred.
+pub fn run_occurred(event: &Value) -> Option<(String, DateTime<Utc>)> {
     let occurred = parse_time(&event["occurred"])?;
     let id = event["related"].as_array()?.iter().find_map(|r| {
         r["prefect.resource.id"]

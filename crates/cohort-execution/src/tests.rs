@@ -74,6 +74,13 @@ impl Harness {
         })
     }
 
+    /// What the Submitting gate says of the run.
+    async fn gate(&self) -> Gate {
+        executor(self.api.clone(), self.sink.clone())
+            .propose_submitting(&self.run, &self.cancel)
+            .await
+    }
+
     fn cancelled_events(&self) -> usize {
         self.sink
             .events()
@@ -281,9 +288,7 @@ async fn a_run_that_should_cancel_itself_but_hangs_is_stopped_after_the_grace() 
 #[tokio::test(start_paused = true)]
 async fn a_run_cancelling_before_launch_is_held_back_and_forced_cancelled() {
     let h = Harness::new(StateType::Cancelling);
-    let gate = executor(h.api.clone(), h.sink.clone())
-        .propose_submitting(&h.run, &h.cancel)
-        .await;
+    let gate = h.gate().await;
     assert_eq!(gate, Gate::Cancelled);
     assert_eq!(
         h.api.proposals(h.run.id),
@@ -300,9 +305,7 @@ async fn a_run_cancelling_before_launch_is_held_back_and_forced_cancelled() {
 #[tokio::test(start_paused = true)]
 async fn a_run_already_cancelled_is_skipped_without_another_proposal() {
     let h = Harness::new(StateType::Cancelled);
-    let gate = executor(h.api.clone(), h.sink.clone())
-        .propose_submitting(&h.run, &h.cancel)
-        .await;
+    let gate = h.gate().await;
     assert_eq!(gate, Gate::Cancelled);
     assert_eq!(
         h.api.proposals(h.run.id),
@@ -313,9 +316,7 @@ async fn a_run_already_cancelled_is_skipped_without_another_proposal() {
 #[tokio::test(start_paused = true)]
 async fn a_pending_run_is_let_through_to_launch() {
     let h = Harness::new(StateType::Pending);
-    let gate = executor(h.api.clone(), h.sink.clone())
-        .propose_submitting(&h.run, &h.cancel)
-        .await;
+    let gate = h.gate().await;
     assert_eq!(gate, Gate::Go);
     assert_eq!(
         h.api.proposals(h.run.id),

@@ -26,8 +26,6 @@ use uuid::Uuid;
 pub struct InProcessPrefect {
     /// Each run, with its state type and name.
     runs: Mutex<HashMap<Uuid, (FlowRun, StateType, String)>>,
-    /// The pool's workers the server sees online.
-    online: Mutex<Vec<String>>,
     /// `get_scheduled_flow_runs` calls.
     polls: AtomicUsize,
     deployments: Mutex<HashMap<Uuid, Deployment>>,
@@ -67,13 +65,13 @@ impl InProcessPrefect {
             .insert(run.id, (run, state_type, format!("{state_type:?}")));
     }
 
-    /// The run as the server has it now.
-    pub fn run(&self, id: Uuid) -> FlowRun {
+    /// The run with its current state, if known.
+    fn current(&self, id: Uuid) -> Option<FlowRun> {
         let runs = self.runs.lock().unwrap();
-        let (run, state_type, _) = &runs[&id];
+        let (run, state_type, _) = runs.get(&id)?;
         let mut run = run.clone();
         run.state = Some(state(*state_type));
-        run
+        Some(run)
     }
 
     /// Sets a run's state, as another client would; a run it does not know gets a flow of
@@ -84,11 +82,6 @@ impl InProcessPrefect {
             .remove(&id)
             .map_or_else(|| flow_run(id, Some(state)), |r| r.0);
         runs.insert(id, (run, state, format!("{state:?}")));
-    }
-
-    /// The workers `read_online_workers` lists.
-    pub fn set_online_workers(&self, names: &[&str]) {
-        *self.online.lock().unwrap() = names.iter().map(|n| (*n).to_owned()).collect();
     }
 
     /// How many times the pool was polled (`get_scheduled_flow_runs`).
@@ -243,53 +236,27 @@ impl PrefectApi for InProcessPrefect {
                     .collect();
                 due.sort_by_key(|r| r.expected_start_time);
                 due.into_iter()
-                    .map(|run| {
-                        serde_json::from_value(json!({
-                            "work_pool_id": Uuid::nil(),
-                            "work_queue_id": Uuid::nil(),
-                            "flow_run": {"id": run.id, "name": run.name, "flow_id": run.flow_id},
-                        }))
-                        .map(|mut s: ScheduledFlowRun| {
-                            s.flow_run = run;
-                            s
-                        })
-                        .expect("a scheduled flow run")
+                    .map(|flow_run| ScheduledFlowRun {
+                        work_pool_id: Uuid::nil(),
+                        work_queue_id: Uuid::nil(),
+                        flow_run,
                     })
                     .collect()
             });
         Box::pin(async move { found })
     }
 
+    /// No other worker is online: the worker under test owns every run.
     fn read_online_workers<'a>(&'a self, pool: &'a str) -> ApiFuture<'a, Vec<PoolWorker>> {
         let found = self
             .check("POST", format!("work_pools/{pool}/workers/filter"))
-            .map(|()| {
-                self.online
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|name| {
-                        serde_json::from_value(json!({"name": name, "status": "ONLINE"}))
-                            .expect("a pool worker")
-                    })
-                    .collect()
-            });
+            .map(|()| Vec::new());
         Box::pin(async move { found })
     }
 
     fn read_flow_run(&self, id: Uuid) -> ApiFuture<'_, FlowRun> {
         let path = format!("flow_runs/{id}");
-        let found = self.check("GET", path.clone()).map(|()| {
-            self.runs
-                .lock()
-                .unwrap()
-                .get(&id)
-                .map(|(run, state_type, _)| {
-                    let mut run = run.clone();
-                    run.state = Some(state(*state_type));
-                    run
-                })
-        });
+        let found = self.check("GET", path.clone()).map(|()| self.current(id));
         Box::pin(async move { found?.ok_or_else(|| status("GET", path, StatusCode::NOT_FOUND)) })
     }
 

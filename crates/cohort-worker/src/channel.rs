@@ -518,6 +518,28 @@ mod tests {
         )))
     }
 
+    /// The worker's side: connects, then serves the channel until it ends; clean-ups go to
+    /// a scripted infrastructure, their runs are read from `api`.
+    async fn connected(
+        client: &PrefectClient,
+        config: &ChannelConfig,
+        pool: &SharedPool,
+        api: Arc<InProcessPrefect>,
+    ) -> Result<(), ChannelError> {
+        let (socket, _, consumer_id) = connect(client, config).await.expect("connected");
+        let infra: Arc<dyn cohort_infra::Infrastructure> = ScriptedInfrastructure::new();
+        healthy(
+            socket,
+            config,
+            &consumer_id,
+            Duration::from_secs(30),
+            pool,
+            Cleaner::new(api, infra),
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
     #[tokio::test]
     async fn the_hello_asks_for_clean_ups_only_when_the_infrastructure_handles_them() {
         for handles in [true, false] {
@@ -567,25 +589,10 @@ mod tests {
         let client = server.client();
         let config = config(true);
         let pool = shared_pool();
-        let shutdown = CancellationToken::new();
         let run = uuid::Uuid::new_v4();
         let api = InProcessPrefect::new();
         api.set(run, StateType::Cancelled);
-        let worker = async {
-            let (socket, _, consumer_id) = connect(&client, &config).await.expect("connected");
-            let infra: Arc<dyn cohort_infra::Infrastructure> = ScriptedInfrastructure::new();
-            let cleaner = Cleaner::new(api.clone(), infra);
-            healthy(
-                socket,
-                &config,
-                &consumer_id,
-                Duration::from_secs(30),
-                &pool,
-                cleaner,
-                &shutdown,
-            )
-            .await
-        };
+        let worker = connected(&client, &config, &pool, api.clone());
         let server_side = async {
             let (mut socket, _) = server.accept().await;
             handshake(&mut socket).await;
@@ -636,21 +643,7 @@ mod tests {
         let client = server.client();
         let config = config(false);
         let pool = shared_pool();
-        let shutdown = CancellationToken::new();
-        let worker = async {
-            let (socket, _, consumer_id) = connect(&client, &config).await.expect("connected");
-            let infra: Arc<dyn cohort_infra::Infrastructure> = ScriptedInfrastructure::new();
-            healthy(
-                socket,
-                &config,
-                &consumer_id,
-                Duration::from_secs(30),
-                &pool,
-                Cleaner::new(Arc::new(client.clone()), infra),
-                &shutdown,
-            )
-            .await
-        };
+        let worker = connected(&client, &config, &pool, InProcessPrefect::new());
         let server_side = async {
             let (mut socket, _) = server.accept().await;
             handshake(&mut socket).await;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use util::docker::{containers_of, docker, flow_mount, images, inspect};
+use util::trials::{flow_run_label, EXECUTED, STATUS_CODE_LABEL};
 use util::{configure_server, unique, DeploySpec, PrefectServer, ServerOptions, Worker};
 
 const FINAL_TIMEOUT: Duration = Duration::from_secs(240);
@@ -90,6 +91,12 @@ fn run_events(run_id: &str) -> Vec<Value> {
         4,
         Duration::from_secs(30),
     )
+}
+
+/// The `prefect.infrastructure.status-code` of the run's `executed-flow-run` event.
+fn executed_status_code(events: &[Value]) -> Option<String> {
+    let executed = events.iter().find(|e| e["event"] == EXECUTED)?;
+    flow_run_label(executed, STATUS_CODE_LABEL)
 }
 
 fn names(events: &[Value]) -> Vec<&str> {
@@ -207,17 +214,7 @@ fn a_non_zero_exit_is_crashed_with_the_real_code_and_the_container_is_removed() 
         "{state}"
     );
     let events = run_events(&run.id);
-    let executed = events
-        .iter()
-        .find(|e| e["event"] == "prefect.worker.executed-flow-run")
-        .expect("executed-flow-run");
-    let code = executed["related"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|r| r["prefect.infrastructure.status-code"].as_str())
-        .unwrap();
-    assert_eq!(code, "3");
+    assert_eq!(executed_status_code(&events).as_deref(), Some("3"));
     assert!(names(&events).contains(&"prefect.docker.container.exited"));
     // Read, then removed: nothing left behind.
     wait_until_removed(&run.id, Duration::from_secs(20));
@@ -356,17 +353,7 @@ fn a_failed_flow_keeps_its_failed_state() {
     let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
     assert_eq!(state["type"], "FAILED", "{state}");
     let events = run_events(&run.id);
-    let executed = events
-        .iter()
-        .find(|e| e["event"] == "prefect.worker.executed-flow-run")
-        .expect("executed-flow-run");
-    let code = executed["related"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|r| r["prefect.infrastructure.status-code"].as_str())
-        .unwrap();
-    assert_eq!(code, "0");
+    assert_eq!(executed_status_code(&events).as_deref(), Some("0"));
     // Still Failed once the worker has seen the exit.
     assert_eq!(s.read_flow_run(&run.id)["state"]["type"], "FAILED");
     wait_until_removed(&run.id, Duration::from_secs(20));

@@ -18,10 +18,9 @@ use anyhow::Result;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::{json, Value};
 
-use super::{one_rep, secs, server_exceptions, sleep_until, wait_for, Ctx};
+use super::{expected_starts, one_rep, secs, server_exceptions, sleep_until, wait_for, Ctx};
 use crate::procfs::{self, sample_at, Sampler};
 use crate::report::{MetricDef, RepResult, ScenarioReport};
-use crate::server::parse_time;
 use crate::stats::percentile;
 use crate::worker::{Worker, WorkerKind};
 
@@ -269,25 +268,4 @@ fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult)
         worker_errors.iter().take(5).collect::<Vec<_>>(),
     );
     waited.map(|_| ())
-}
-
-/// Flow run id → (`expected_start_time`, state type).
-fn expected_starts(
-    ctx: &Ctx<'_>,
-    deployment_id: &str,
-) -> Result<HashMap<String, (DateTime<Utc>, String)>> {
-    Ok(ctx
-        .server
-        .read_flow_runs(deployment_id)?
-        .iter()
-        .filter_map(|run| {
-            Some((
-                run["id"].as_str()?.to_owned(),
-                (
-                    parse_time(&run["expected_start_time"])?,
-                    run["state"]["type"].as_str().unwrap_or("NONE").to_owned(),
-                ),
-            ))
-        })
-        .collect())
 }

@@ -24,13 +24,14 @@ use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::{json, Value};
 
-use super::{one_rep_on, secs, sleep_until, wait_for, Ctx, Fixture, PoolKind, MIB};
+use super::{
+    expected_starts, one_rep_on, secs, sleep_until, wait_for, Ctx, Fixture, PoolKind, MIB,
+};
 use crate::procfs::{self, sample_at, Sampler};
 use crate::proxy::CountingProxy;
 use crate::report::{MetricDef, RepResult, ScenarioReport};
-use crate::server::parse_time;
 use crate::stats::{median, percentile};
-use crate::worker::{Worker, WorkerKind};
+use crate::worker::{run_occurred, Worker, WorkerKind};
 
 const EVENT_EXECUTED: &str = "prefect.worker.executed-flow-run";
 const EVENT_RUNNING: &str = "prefect.docker.container.running";
@@ -249,22 +250,10 @@ fn body(ctx: &Ctx<'_>, fx: &Fixture, kind: WorkerKind, r: &mut RepResult) -> Res
         &[EVENT_RUNNING],
         created_from,
     )?);
-    let runs: HashMap<String, (Option<DateTime<Utc>>, String)> = server
-        .read_flow_runs(&fx.deployment_id)?
-        .iter()
-        .filter_map(|run| {
-            Some((
-                run["id"].as_str()?.to_owned(),
-                (
-                    parse_time(&run["expected_start_time"]),
-                    run["state"]["type"].as_str().unwrap_or("NONE").to_owned(),
-                ),
-            ))
-        })
-        .collect();
+    let runs = expected_starts(ctx, &fx.deployment_id)?;
     let pickup: Vec<f64> = ids
         .iter()
-        .filter_map(|id| Some(secs(runs.get(id)?.0?, *submitted.get(id)?)))
+        .filter_map(|id| Some(secs(runs.get(id)?.0, *submitted.get(id)?)))
         .collect();
     let to_running: Vec<f64> = ids
         .iter()
@@ -380,17 +369,5 @@ fn engine_cpu_s() -> Option<f64> {
 
 /// Flow-run id → `occurred`, from events that relate a `prefect.flow-run.<id>`.
 fn run_times(events: &[Value]) -> HashMap<String, DateTime<Utc>> {
-    events
-        .iter()
-        .filter_map(|e| {
-            let occurred = parse_time(&e["occurred"])?;
-            let id = e["related"].as_array()?.iter().find_map(|r| {
-                r["prefect.resource.id"]
-                    .as_str()?
-                    .strip_prefix("prefect.flow-run.")
-                    .map(str::to_owned)
-            })?;
-            Some((id, occurred))
-        })
-        .collect()
+    events.iter().filter_map(run_occurred).collect()
 }

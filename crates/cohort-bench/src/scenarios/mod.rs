@@ -12,6 +12,7 @@ pub mod scale;
 pub mod server_load;
 pub mod startup;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use serde_json::Value;
 
 use crate::procfs;
 use crate::report::RepResult;
-use crate::server::PrefectServer;
+use crate::server::{parse_time, PrefectServer};
 use crate::worker::{Programs, WorkerKind};
 
 /// Counts and durations of a run (`--quick` or full).
@@ -327,3 +328,24 @@ pub fn wait_for<T>(
 }
 
 pub const MIB: f64 = 1024.0;
+
+/// Flow run id → (`expected_start_time`, state type).
+pub fn expected_starts(
+    ctx: &Ctx<'_>,
+    deployment_id: &str,
+) -> Result<HashMap<String, (DateTime<Utc>, String)>> {
+    Ok(ctx
+        .server
+        .read_flow_runs(deployment_id)?
+        .iter()
+        .filter_map(|run| {
+            Some((
+                run["id"].as_str()?.to_owned(),
+                (
+                    parse_time(&run["expected_start_time"])?,
+                    run["state"]["type"].as_str().unwrap_or("NONE").to_owned(),
+                ),
+            ))
+        })
+        .collect())
+}
