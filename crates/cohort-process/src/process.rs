@@ -235,10 +235,10 @@ impl FlowRunProcess {
                 ))
             }
         };
+        // The status file stays until the run's story is told (`ProcessInfrastructure::forget`,
+        // after its journal entry goes): a worker killed between reading the code and sending
+        // `executed-flow-run` finds the code there again when it restarts.
         self.waiter = Waiter::Done(code);
-        if let Some(path) = &self.status {
-            let _ = std::fs::remove_file(path);
-        }
         Ok(code)
     }
 
