@@ -6,12 +6,18 @@
 #                                          own Docker worker, for the benchmarks' side by side
 #                                          (constraints/prefect-3.8.8-integrations.txt: the
 #                                          same pins plus the integration's)
+#   bash scripts/prefect-venv.sh kubernetes
+#                                          prefect==3.8.8 and prefect-kubernetes==0.8.0: the
+#                                          Kubernetes goldens (rendering, slugs, pod events) are
+#                                          checked against its code, and its worker is the
+#                                          oracle on the emulator (same constraints file)
 #
 #   COHORT_PREFECT_VENV         the first venv (default: $HOME/.cache/cohort/prefect-3.8.8)
 #   COHORT_PREFECT_DOCKER_VENV  the second (default: $HOME/.cache/cohort/prefect-3.8.8-docker)
+#   COHORT_PREFECT_KUBERNETES_VENV  the third (default: $HOME/.cache/cohort/prefect-3.8.8-kubernetes)
 #   PYTHON                      interpreter used to create it (default: python3; >= 3.10)
 #
-# Two venvs, not one: Prefect's server and its worker CLI import every installed integration
+# Separate venvs, not one: Prefect's server and its worker CLI import every installed integration
 # at start (`prefect.plugins.load_prefect_collections`), so prefect-docker in the tests' venv
 # would change the server the tests and the process benchmarks run against.
 #
@@ -33,8 +39,13 @@ case $flavour in
         venv="${COHORT_PREFECT_DOCKER_VENV:-$HOME/.cache/cohort/prefect-3.8.8-docker}"
         packages=(prefect==3.8.8 prefect-docker==0.7.4)
         ;;
+    kubernetes)
+        constraints="$repo_root/constraints/prefect-3.8.8-integrations.txt"
+        venv="${COHORT_PREFECT_KUBERNETES_VENV:-$HOME/.cache/cohort/prefect-3.8.8-kubernetes}"
+        packages=(prefect==3.8.8 prefect-kubernetes==0.8.0)
+        ;;
     *)
-        echo "prefect-venv: unknown flavour '$flavour' (expected prefect or docker)" >&2
+        echo "prefect-venv: unknown flavour '$flavour' (expected prefect, docker or kubernetes)" >&2
         exit 2
         ;;
 esac

@@ -252,7 +252,9 @@ impl Executor {
                 log.info(resolution);
             }
             self.ship(log).await;
-            propose_crashed(self.api.as_ref(), run.id, &message).await;
+            if propose_crashed(self.api.as_ref(), run.id, &message).await {
+                started.crashed().await;
+            }
         }
         Ok(Executed {
             pid,
@@ -434,12 +436,18 @@ pub async fn claim(client: &dyn PrefectApi, run: &FlowRun) -> Result<(), String>
 }
 
 /// Proposes Crashed; an ABORT (the run already reached a final state) is expected and quiet.
-pub async fn propose_crashed(client: &dyn PrefectApi, id: Uuid, message: &str) {
+pub async fn propose_crashed(client: &dyn PrefectApi, id: Uuid, message: &str) -> bool {
     let state = StateCreate::new(StateType::Crashed, "Crashed").with_message(message);
     match client.set_flow_run_state(id, &state, false).await {
-        Ok(r) => tracing::debug!(status = ?r.status, "proposed Crashed"),
-        Err(e) if e.is_not_found() => {}
-        Err(e) => tracing::warn!(error = %e, "could not propose Crashed"),
+        Ok(r) => {
+            tracing::debug!(status = ?r.status, "proposed Crashed");
+            r.status == SetStateStatus::Accept
+        }
+        Err(e) if e.is_not_found() => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not propose Crashed");
+            false
+        }
     }
 }
 

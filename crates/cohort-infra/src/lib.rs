@@ -121,6 +121,44 @@ pub struct RunSpec {
     pub labels: BTreeMap<String, String>,
     /// Where infrastructure events go, and what they relate to.
     pub events: EventContext,
+    /// What the infrastructure may tell the server of the run beyond events.
+    pub reporter: Arc<dyn RunReporter>,
+}
+
+/// What an infrastructure that watches its runs from outside (prefect-kubernetes' observer)
+/// tells the server of them: lines in the run's log, and that the run waits on its
+/// infrastructure.
+pub trait RunReporter: Send + Sync + 'static {
+    /// Writes `messages` to the run's log as logger `logger` at Python level `level`, in one
+    /// request.
+    fn log(&self, logger: &'static str, level: u8, messages: Vec<String>)
+        -> BoxFuture<'static, ()>;
+
+    /// Proposes `Pending` named `name` with `message`, only while the run is still Pending
+    /// under another name: a run that is running, final, paused or cancelling keeps its state.
+    fn propose_pending(&self, name: &'static str, message: &'static str) -> BoxFuture<'static, ()>;
+}
+
+/// A reporter that tells nothing: for runs whose reports have nowhere to go.
+pub struct Silent;
+
+impl RunReporter for Silent {
+    fn log(
+        &self,
+        _logger: &'static str,
+        _level: u8,
+        _messages: Vec<String>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+
+    fn propose_pending(
+        &self,
+        _name: &'static str,
+        _message: &'static str,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The run's worker and related resources, for events an infrastructure emits itself
@@ -199,6 +237,13 @@ pub trait Started: Send {
     /// What a user can do about such a crash, logged after it.
     fn crash_resolution(&self, _code: i64) -> Option<String> {
         None
+    }
+
+    /// The run was Crashed on this infrastructure's account (the server took the proposal):
+    /// what the infrastructure can still tell of the crash, such as a pod's last output,
+    /// goes to the run's log.
+    fn crashed(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 }
 

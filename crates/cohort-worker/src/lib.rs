@@ -10,6 +10,7 @@ pub mod health;
 pub mod journal;
 mod peers;
 mod recover;
+mod report;
 pub mod state;
 mod submit;
 #[cfg(test)]

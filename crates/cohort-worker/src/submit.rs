@@ -242,6 +242,10 @@ async fn submit_journaled(
             worker: ctx.resource.clone(),
             related: submitted.related.clone(),
         },
+        reporter: Arc::new(crate::report::ApiReporter {
+            api: ctx.executor.api.clone(),
+            flow_run_id: run.id,
+        }),
     };
     let job = match ctx.infra.prepare(&config, spec) {
         Ok(job) => job,

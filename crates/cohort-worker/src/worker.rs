@@ -243,6 +243,16 @@ impl Worker {
         &self.worker_type
     }
 
+    /// The pool's base job template as read at start (an infrastructure takes defaults from
+    /// it, e.g. the namespace its runs' Jobs go to).
+    pub fn base_job_template(&self) -> serde_json::Value {
+        self.pool
+            .read()
+            .expect("pool lock poisoned")
+            .base_job_template
+            .clone()
+    }
+
     /// A pool found with an empty base job template gets the infrastructure's default, as
     /// Prefect's worker gives it at start-up (`BaseWorker._update_local_work_pool_info`).
     async fn fill_empty_template(&self, infra: &dyn Infrastructure) -> Result<(), StartError> {

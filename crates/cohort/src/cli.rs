@@ -137,7 +137,7 @@ pub struct StartArgs {
     #[arg(short = 'p', long)]
     pub pool: String,
 
-    /// The worker's name (default: `ProcessWorker <uuid>`, or `DockerWorker <uuid>` with `--type docker`, like Prefect's).
+    /// The worker's name (default: `ProcessWorker <uuid>`, or `DockerWorker <uuid>` or `KubernetesWorker <uuid>` with `--type docker` or `--type kubernetes`, like Prefect's).
     #[arg(short = 'n', long)]
     pub name: Option<String>,
 

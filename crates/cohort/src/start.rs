@@ -10,6 +10,7 @@ use cohort_api::{ClientConfig, PrefectClient, Settings};
 use cohort_docker::{DockerInfrastructure, DockerOptions, DOCKER};
 use cohort_events::emitter::{Emitter, EmitterConfig, EventsAuth, Outbox, OutboxError, Tuning};
 use cohort_infra::Infrastructure;
+use cohort_kubernetes::{KubernetesInfrastructure, KubernetesOptions, KUBERNETES};
 use cohort_process::infra::PROCESS;
 use cohort_process::{ProcessInfrastructure, Shims};
 use cohort_supervise::{supervise_emitter, Supervisor};
@@ -140,7 +141,7 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
         other => Failure::Runtime(other.into()),
     })?;
 
-    let infra = infrastructure(worker.worker_type(), shims).await?;
+    let infra = infrastructure(&worker, shims).await?;
 
     let auth = options.events_auth.clone();
     let (emitter, emitter_task) = Emitter::spawn_durable(
@@ -180,24 +181,22 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
 }
 
 /// The work pool types this build runs, the first the default for a pool it creates.
-const SUPPORTED_TYPES: &[&str] = &[PROCESS, DOCKER];
+const SUPPORTED_TYPES: &[&str] = &[PROCESS, DOCKER, KUBERNETES];
 
 /// Prefect's default worker name: the worker class and a fresh uuid
 /// (`prefect/workers/base.py: BaseWorker.__init__`).
 fn default_worker_name(worker_type: Option<&str>) -> String {
     let class = match worker_type {
         Some(DOCKER) => "DockerWorker",
+        Some(KUBERNETES) => "KubernetesWorker",
         _ => "ProcessWorker",
     };
     format!("{class} {}", uuid::Uuid::new_v4())
 }
 
 /// The infrastructure of a worker serving a pool of type `worker_type`.
-async fn infrastructure(
-    worker_type: &str,
-    shims: Shims,
-) -> Result<Arc<dyn Infrastructure>, Failure> {
-    match worker_type {
+async fn infrastructure(worker: &Worker, shims: Shims) -> Result<Arc<dyn Infrastructure>, Failure> {
+    match worker.worker_type() {
         PROCESS => Ok(Arc::new(ProcessInfrastructure::new(Some(shims)).await)),
         DOCKER => {
             let options = DockerOptions {
@@ -210,10 +209,47 @@ async fn infrastructure(
                 .map_err(|e| Failure::Runtime(e.into()))?;
             Ok(Arc::new(docker))
         }
+        KUBERNETES => Ok(Arc::new(KubernetesInfrastructure::new(
+            kubernetes_options(worker).map_err(Failure::Usage)?,
+        ))),
         other => Err(Failure::Runtime(anyhow::anyhow!(
             "no infrastructure for work pool type {other:?}"
         ))),
     }
+}
+
+/// Where an earlier worker's Jobs are looked for: the pool's default namespace and those
+/// prefect-kubernetes' observer is told to watch
+/// (`PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES`, comma-separated).
+fn kubernetes_options(worker: &Worker) -> anyhow::Result<KubernetesOptions> {
+    let template = worker.base_job_template();
+    let default = template
+        .pointer("/variables/properties/namespace/default")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("default");
+    let mut namespaces = vec![default.to_owned()];
+    if let Ok(listed) = std::env::var("PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES") {
+        for ns in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !namespaces.iter().any(|n| n == ns) {
+                namespaces.push(ns.to_owned());
+            }
+        }
+    }
+    let manifest =
+        cohort_kube_manifest::ManifestSettings::from_env(&|name| std::env::var(name).ok())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let scheduled_timeout = match std::env::var("COHORT_KUBERNETES_SCHEDULED_TIMEOUT_SECONDS") {
+        Ok(v) if !v.is_empty() => Some(Duration::from_secs(v.parse().with_context(|| {
+            format!("COHORT_KUBERNETES_SCHEDULED_TIMEOUT_SECONDS must be a whole number of seconds, got {v:?}")
+        })?)),
+        _ => None,
+    };
+    Ok(KubernetesOptions {
+        namespaces,
+        prefect_version: worker.prefect_version().to_owned(),
+        manifest,
+        scheduled_timeout,
+    })
 }
 
 /// `$PREFECT_HOME/cohort`, where Cohort keeps what must survive a restart.

@@ -1,0 +1,279 @@
+//! The `kubernetes` infrastructure of the worker's seam: each flow run a Kubernetes Job, a
+//! drop-in for prefect-kubernetes 0.8.0's `KubernetesWorker` (`prefect_kubernetes/worker.py`)
+//! that supervises each Job to its end instead of returning at its creation.
+//!
+//! - The manifest is prefect-kubernetes' to the byte (`cohort-kube-manifest`).
+//! - The Job is created once, however often the create is retried ([`run`]).
+//! - One observer per namespace watches the Jobs and pods labelled `prefect.io/flow-run-id`
+//!   (server-side selectors, namespace-scoped) and emits the observer's
+//!   `prefect.kubernetes.pod.*` events ([`observe`], [`pod`]).
+//! - Each run's supervisor reads its Job's end from that view: the flow container's real exit
+//!   code, and a Crashed message that names the Kubernetes cause — OOMKilled, Evicted, an
+//!   image that cannot be pulled, an unschedulable pod, a deadline, a deleted Job
+//!   ([`outcome`]).
+//! - A cancelled run's Job is deleted in the foreground with the grace; the server's
+//!   `cancelling_timeout_teardown.v1` clean-up does the same by identifier
+//!   (`<namespace>:<job name>`).
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod observe;
+pub mod outcome;
+pub mod pod;
+pub mod run;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cohort_infra::{
+    BoxFuture, ChannelHello, Infrastructure, KillError, Map, PrepareError, RunSpec, Started,
+};
+use k8s_openapi::api::batch::v1::Job as K8sJob;
+use kube::api::{DeleteParams, PropagationPolicy};
+use kube::{Api, Client};
+use uuid::Uuid;
+
+use cohort_kube_manifest::{ManifestSettings, RunInputs};
+
+use crate::client::{Clients, ClusterKey};
+use crate::observe::{Observer, PodEvents};
+use crate::run::{JobRun, JobStarted, Prepared, Timeouts};
+
+/// The work pool type this infrastructure serves.
+pub const KUBERNETES: &str = "kubernetes";
+/// The label every Job and pod of a flow run carries.
+pub const FLOW_RUN_ID_LABEL: &str = "prefect.io/flow-run-id";
+
+/// The observers started so far, one per cluster and namespace.
+#[derive(Clone, Default)]
+pub(crate) struct Observers {
+    started: Arc<Mutex<HashMap<ObserverKey, Arc<Observer>>>>,
+}
+
+/// A cluster and a namespace.
+type ObserverKey = (ClusterKey, String);
+
+impl Observers {
+    pub(crate) fn get(
+        &self,
+        cluster: ClusterKey,
+        client: Client,
+        namespace: &str,
+    ) -> Arc<Observer> {
+        let mut started = self.started.lock().expect("observers lock poisoned");
+        started
+            .entry((cluster, namespace.to_owned()))
+            .or_insert_with(|| Arc::new(Observer::start(client, namespace)))
+            .clone()
+    }
+}
+
+/// How the worker treats Jobs beyond what the job configuration says.
+#[derive(Debug, Clone, Default)]
+pub struct KubernetesOptions {
+    /// Namespaces to look in for Jobs of runs an earlier worker of this name started (the
+    /// pool's default namespace, and any the operator names).
+    pub namespaces: Vec<String>,
+    /// The Prefect version the worker reports (`prefect.version` on the pod events' worker).
+    pub prefect_version: String,
+    /// prefect-kubernetes' `PREFECT_INTEGRATIONS_KUBERNETES_WORKER_*` secret settings.
+    pub manifest: ManifestSettings,
+    /// How long a pod the scheduler cannot place may wait before its run is Crashed and its
+    /// Job deleted (`COHORT_KUBERNETES_SCHEDULED_TIMEOUT_SECONDS`; none by default, as in
+    /// Prefect: a cluster autoscaler may still add the node it needs).
+    pub scheduled_timeout: Option<Duration>,
+}
+
+/// Flow runs as Kubernetes Jobs.
+pub struct KubernetesInfrastructure {
+    clients: Clients,
+    observers: Observers,
+    options: KubernetesOptions,
+}
+
+impl KubernetesInfrastructure {
+    /// Clients are made on first use, so a worker starts without a reachable cluster and each
+    /// run that cannot reach one is Crashed with the reason.
+    pub fn new(options: KubernetesOptions) -> Self {
+        Self {
+            clients: Clients::default(),
+            observers: Observers::default(),
+            options,
+        }
+    }
+
+    /// With `client` for the worker's own cluster.
+    pub fn with_client(client: Client, options: KubernetesOptions) -> Self {
+        Self {
+            clients: Clients::with_default(client),
+            observers: Observers::default(),
+            options,
+        }
+    }
+
+    async fn delete_job(
+        &self,
+        namespace: &str,
+        job: &str,
+        grace: Duration,
+    ) -> Result<(), KillError> {
+        let (_, client) = self
+            .clients
+            .get(None)
+            .await
+            .map_err(|e| KillError::Unavailable(e.to_string()))?;
+        let api: Api<K8sJob> = Api::namespaced(client, namespace);
+        let params = DeleteParams {
+            grace_period_seconds: Some(grace.as_secs().try_into().unwrap_or(u32::MAX)),
+            propagation_policy: Some(PropagationPolicy::Foreground),
+            ..DeleteParams::default()
+        };
+        match api.delete(job, &params).await {
+            Ok(_) => {
+                tracing::info!("Deleted Kubernetes job '{job}' in namespace '{namespace}'");
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => Err(KillError::NotFound),
+            Err(e) => Err(KillError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+/// `<namespace>:<job name>`; the three-part identifiers of prefect-kubernetes before 0.6.0
+/// (`<cluster uid>:<namespace>:<job name>`) are accepted with the uid ignored.
+pub fn parse_identifier(identifier: &str) -> Option<(&str, &str)> {
+    let parts: Vec<&str> = identifier.split(':').collect();
+    match parts.as_slice() {
+        [ns, job] | [_, ns, job] if !ns.is_empty() && !job.is_empty() => Some((ns, job)),
+        _ => None,
+    }
+}
+
+impl Infrastructure for KubernetesInfrastructure {
+    fn worker_type(&self) -> &'static str {
+        KUBERNETES
+    }
+
+    fn default_base_job_template(&self) -> serde_json::Value {
+        serde_json::from_str(cohort_kube_manifest::BASE_JOB_TEMPLATE)
+            .expect("the bundled template is JSON")
+    }
+
+    fn channel_hello(&self) -> ChannelHello {
+        ChannelHello {
+            worker_metadata: Some(serde_json::json!({
+                "integrations": [{"name": "prefect-kubernetes", "version": "0.8.0"}]
+            })),
+            handles_cleanup: true,
+        }
+    }
+
+    fn prepare(
+        &self,
+        config: &Map,
+        spec: RunSpec,
+    ) -> Result<Box<dyn cohort_infra::Job>, PrepareError> {
+        let prepared = self.prepare_job(config, &spec)?;
+        Ok(Box::new(JobRun {
+            clients: self.clients.clone(),
+            observers: self.observers.clone(),
+            prepared,
+            flow_run_id: spec.flow_run_id,
+            events: Arc::new(PodEvents {
+                sink: spec.events.sink.clone(),
+                reporter: spec.reporter.clone(),
+                prefect_version: self.options.prefect_version.clone(),
+            }),
+        }))
+    }
+
+    fn adopt<'a>(
+        &'a self,
+        flow_run: Uuid,
+        _legacy_status: Option<&'a Path>,
+    ) -> BoxFuture<'a, Option<Box<dyn Started>>> {
+        Box::pin(async move {
+            let (cluster, client) = self.clients.get(None).await.ok()?;
+            for namespace in &self.options.namespaces {
+                let observer = self
+                    .observers
+                    .get(cluster.clone(), client.clone(), namespace);
+                observer.synced().await;
+                let view = observer.follow(flow_run, None);
+                let newest = {
+                    let v = view.borrow();
+                    v.jobs
+                        .values()
+                        .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(pod::to_chrono))
+                        .and_then(|j| j.metadata.name.clone())
+                };
+                let Some(job) = newest else { continue };
+                // No sink reaches here: an adopted run's pod events are not replicated.
+                return Some(Box::new(JobStarted::new(
+                    client.clone(),
+                    namespace.clone(),
+                    job,
+                    flow_run,
+                    observer,
+                    view,
+                    Timeouts::default(),
+                    Arc::new(cohort_infra::Silent),
+                )) as Box<dyn Started>);
+            }
+            None
+        })
+    }
+
+    fn kill<'a>(
+        &'a self,
+        identifier: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), KillError>> {
+        Box::pin(async move {
+            let Some((namespace, job)) = parse_identifier(identifier) else {
+                return Err(KillError::NotFound);
+            };
+            self.delete_job(namespace, job, grace).await
+        })
+    }
+}
+
+impl KubernetesInfrastructure {
+    /// The Job of a rendered configuration, and how long it may take.
+    fn prepare_job(&self, config: &Map, spec: &RunSpec) -> Result<Prepared, PrepareError> {
+        let lookup = |name: &str| std::env::var(name).ok();
+        let mut inputs = RunInputs::new(
+            spec.flow_run_id,
+            &spec.flow_run_name,
+            &spec.env,
+            &spec.labels,
+        );
+        inputs.process_env = Some(&lookup);
+        let job = cohort_kube_manifest::prepare(config, &inputs, &self.options.manifest)?;
+        for warning in &job.warnings {
+            tracing::warn!("{warning}");
+        }
+        if !job.secrets.is_empty() {
+            return Err(PrepareError::Unavailable(
+                "this worker does not create Kubernetes Secrets yet: unset PREFECT_INTEGRATIONS_KUBERNETES_WORKER_STORE_ENV_AS_SECRET and PREFECT_INTEGRATIONS_KUBERNETES_WORKER_CREATE_SECRET_FOR_API_KEY, or name an existing secret with ..._API_KEY_SECRET_NAME".into(),
+            ));
+        }
+        let seconds = |s: i64| (s > 0).then(|| Duration::from_secs(s.unsigned_abs()));
+        Ok(Prepared {
+            namespace: job.namespace,
+            manifest: job.manifest,
+            cluster_config: job.cluster_config,
+            timeouts: Timeouts {
+                scheduled: self.options.scheduled_timeout,
+                // prefect-kubernetes left `pod_watch_timeout_seconds` unused in 0.6.0; before,
+                // it bounded a pod's start. Here it bounds a start that is failing (an image
+                // that cannot be pulled, a crash loop), not a slow one.
+                started: seconds(job.pod_watch_timeout_seconds),
+                finished: job.job_watch_timeout_seconds.and_then(seconds),
+            },
+        })
+    }
+}
