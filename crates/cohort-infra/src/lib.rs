@@ -57,6 +57,18 @@ pub trait Infrastructure: Send + Sync + 'static {
         legacy_status: Option<&'a Path>,
     ) -> BoxFuture<'a, Option<Box<dyn Started>>>;
 
+    /// Runs an earlier worker of this name and pool started that are still running on the
+    /// infrastructure and that it can find by itself (by label), beyond the `journaled` ones:
+    /// a worker whose disk did not survive it (a rescheduled pod) takes them up again.
+    fn orphans<'a>(
+        &'a self,
+        _worker_name: &'a str,
+        _pool_id: Uuid,
+        _journaled: &'a [Uuid],
+    ) -> BoxFuture<'a, Vec<Uuid>> {
+        Box::pin(async { Vec::new() })
+    }
+
     /// Drops what the infrastructure kept on this machine about a run whose story is told.
     fn forget(&self, _flow_run: Uuid) {}
 

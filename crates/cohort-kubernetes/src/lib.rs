@@ -47,6 +47,9 @@ pub const KUBERNETES: &str = "kubernetes";
 /// The label every Job and pod of a flow run carries.
 pub const FLOW_RUN_ID_LABEL: &str = "prefect.io/flow-run-id";
 
+/// How long start-up waits for a namespace's first listing.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The observers started so far, one per cluster and namespace.
 #[derive(Clone, Default)]
 pub(crate) struct Observers {
@@ -201,7 +204,10 @@ impl Infrastructure for KubernetesInfrastructure {
                 let observer = self
                     .observers
                     .get(cluster.clone(), client.clone(), namespace);
-                observer.synced().await;
+                if !observer.synced(SYNC_TIMEOUT).await {
+                    tracing::warn!(%namespace, "could not list the namespace's Jobs and pods; its runs are not re-adopted");
+                    continue;
+                }
                 let view = observer.follow(flow_run, None);
                 let newest = {
                     let v = view.borrow();
@@ -224,6 +230,45 @@ impl Infrastructure for KubernetesInfrastructure {
                 )) as Box<dyn Started>);
             }
             None
+        })
+    }
+
+    fn orphans<'a>(
+        &'a self,
+        worker_name: &'a str,
+        pool_id: Uuid,
+        journaled: &'a [Uuid],
+    ) -> BoxFuture<'a, Vec<Uuid>> {
+        Box::pin(async move {
+            let Ok((cluster, client)) = self.clients.get(None).await else {
+                return Vec::new();
+            };
+            // As the labels carry them (`prefect_kubernetes/worker.py: _slugify_label_value`).
+            let worker = cohort_kube_manifest::slugify_label_value(worker_name);
+            let pool = pool_id.to_string();
+            let mut found = Vec::new();
+            for namespace in &self.options.namespaces {
+                let observer = self
+                    .observers
+                    .get(cluster.clone(), client.clone(), namespace);
+                if !observer.synced(SYNC_TIMEOUT).await {
+                    tracing::warn!(%namespace, "could not list the namespace's Jobs and pods; runs of an earlier worker there are not taken up");
+                    continue;
+                }
+                for (run, view) in observer.runs_with_jobs() {
+                    let ours = view.jobs.values().any(|job| {
+                        let labels = job.metadata.labels.as_ref();
+                        let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+                        label("prefect.io/worker-name") == Some(worker.as_str())
+                            && label("prefect.io/work-pool-id") == Some(pool.as_str())
+                            && !outcome::finished(job)
+                    });
+                    if ours && !journaled.contains(&run) && !found.contains(&run) {
+                        found.push(run);
+                    }
+                }
+            }
+            found
         })
     }
 

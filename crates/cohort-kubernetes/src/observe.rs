@@ -147,10 +147,15 @@ impl Observer {
         }
     }
 
-    /// Waits until both watches have listed once.
-    pub async fn synced(&self) {
+    /// Waits until both watches have listed once, at most `timeout`; whether they have.
+    pub async fn synced(&self, timeout: std::time::Duration) -> bool {
         let mut synced = self.synced.clone();
-        let _ = synced.wait_for(|s| *s).await;
+        let listed = tokio::time::timeout(
+            timeout,
+            async move { synced.wait_for(|s| *s).await.is_ok() },
+        )
+        .await;
+        listed == Ok(true)
     }
 
     /// The flow runs with Jobs in this namespace, as last listed or watched.

@@ -65,7 +65,18 @@ pub fn assess(view: &RunView, job: &str) -> Assessment {
         });
     }
     let failed_reason = condition_reason(object, "Failed");
-    if failed_reason.is_some() || deleted {
+    // The Job's status and its pods' come on separate watches: a Job seen failed (or gone)
+    // while its newest pod still shows as pending or running is ahead of that pod's news.
+    let pod_lags = pods.first().is_some_and(|(pod, deleted)| {
+        !deleted
+            && terminated(pod).is_none()
+            && !evicted(pod)
+            && matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                None | Some("Pending" | "Running")
+            )
+    });
+    if (failed_reason.is_some() || deleted) && !pod_lags {
         // The newest pod that ended tells the code and the cause.
         let ended = pods
             .iter()
@@ -143,6 +154,11 @@ fn pods_of<'v>(view: &'v RunView, job: &str) -> Vec<(&'v Pod, bool)> {
         std::cmp::Reverse(p.metadata.creation_timestamp.as_ref().map(to_chrono))
     });
     pods
+}
+
+/// The Job has ended, one way or the other.
+pub fn finished(job: &Job) -> bool {
+    condition(job, "Complete") || condition(job, "Failed")
 }
 
 fn condition(job: &Job, kind: &str) -> bool {
@@ -281,6 +297,19 @@ mod tests {
             (end.code, end.cause, end.pod.as_deref()),
             (137, Cause::OomKilled, Some("j-2"))
         );
+    }
+
+    #[test]
+    fn a_failed_job_waits_for_news_of_a_pod_still_shown_running() {
+        let failed =
+            json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]);
+        let running = json!({"phase": "Running"});
+        let v = view(
+            vec![job("j", failed)],
+            vec![],
+            vec![pod("j-1", "j", "2026-01-01T00:00:00Z", running)],
+        );
+        assert!(matches!(assess(&v, "j"), Assessment::Waiting { .. }));
     }
 
     #[test]

@@ -857,7 +857,7 @@ impl<'w> Poller<'w> {
     /// re-adopted and resumed runs hold slots like any other, even beyond `--limit`, since
     /// they are running already.
     async fn recover(&mut self) {
-        let claims = match self.ctx.journal.claims() {
+        let mut claims = match self.ctx.journal.claims() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the claim journal; runs of an earlier worker will not be recovered");
@@ -866,6 +866,22 @@ impl<'w> Poller<'w> {
         };
         let journaled: Vec<_> = claims.iter().map(|c| c.flow_run_id).collect();
         let pool_id = self.ctx.pool.read().expect("pool lock poisoned").id;
+        // Runs still running that only the infrastructure remembers are journaled as claims
+        // first, so they are taken up like any other (and again if this start fails).
+        let orphans = self
+            .ctx
+            .infra
+            .orphans(&self.ctx.worker_name, pool_id, &journaled)
+            .await;
+        for id in orphans {
+            tracing::info!(flow_run = %id, "found a flow run of an earlier worker of this name still running");
+            let claim = crate::journal::Claim::new(id);
+            if let Err(e) = self.ctx.journal.record(&claim).await {
+                tracing::error!(error = %e, "could not journal the found flow run");
+            }
+            claims.push(claim);
+        }
+        let journaled: Vec<_> = claims.iter().map(|c| c.flow_run_id).collect();
         self.ctx
             .infra
             .sweep(&self.ctx.worker_name, pool_id, &journaled)
