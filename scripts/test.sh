@@ -6,6 +6,7 @@
 # Debian/Ubuntu, python3 + python3-venv when missing. Non-interactive (CI=true, no stdin).
 #
 #   COHORT_PREFECT_VENV  where the Prefect venv lives (default: $HOME/.cache/cohort/prefect-3.8.8)
+#   COHORT_PREFECT_KUBERNETES_VENV  the same with prefect-kubernetes 0.8.0 (scripts/prefect-venv.sh)
 #   extra arguments      passed to `cargo test` (e.g. `scripts/test.sh -p cohort --test worker`)
 set -euo pipefail
 
@@ -50,6 +51,10 @@ log "Prefect 3.8.8 venv"
 COHORT_PREFECT_VENV="$("$repo_root/scripts/prefect-venv.sh" </dev/null | tail -n1)"
 export COHORT_PREFECT_VENV
 printf '%s\n' "$COHORT_PREFECT_VENV" >&2
+log "Prefect 3.8.8 + prefect-kubernetes 0.8.0 venv (Kubernetes goldens)"
+COHORT_PREFECT_KUBERNETES_VENV="$("$repo_root/scripts/prefect-venv.sh" kubernetes </dev/null | tail -n1)"
+export COHORT_PREFECT_KUBERNETES_VENV
+printf '%s\n' "$COHORT_PREFECT_KUBERNETES_VENV" >&2
 
 # --- checks --------------------------------------------------------------------------------
 log "cargo fmt --all -- --check"
