@@ -20,6 +20,7 @@ Determinism:
   create succeeds, and the Job gets the name `<generateName>abcde`.
 * `uuid.uuid4()` in `prefect_kubernetes.worker`, which names the `store_env_as_secret` Secret
   (`<generateName>-env-<8 hex>`), returns a fixed UUID whose hex starts with `ENV_SECRET_SUFFIX`.
+* The default image is Prefect's for a worker on Python 3.11, whatever Python runs this script.
 """
 
 import asyncio
@@ -138,6 +139,8 @@ class FakeBatchV1Api:
 kw.CoreV1Api = FakeCoreV1Api
 kw.BatchV1Api = FakeBatchV1Api
 kw.uuid = types.SimpleNamespace(uuid4=lambda: ENV_SECRET_UUID)
+DEFAULT_IMAGE = get_prefect_image_name(python_version="3.11")
+kw.get_prefect_image_name = lambda: DEFAULT_IMAGE
 
 # The rendered configuration, exactly as `from_template_and_values` hands it to the model.
 _CAPTURED = {}
@@ -819,12 +822,11 @@ async def main():
         "versions": {
             "prefect": prefect.__version__,
             "prefect_kubernetes": prefect_kubernetes.__version__,
-            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         },
         "fixed": {
             "flow_run_id": str(FLOW_RUN_ID),
             "worker_name": WORKER_NAME,
-            "default_image": get_prefect_image_name(),
+            "default_image": DEFAULT_IMAGE,
             "env_secret_suffix": ENV_SECRET_SUFFIX,
             "process_env": {"COHORT_GOLDEN_NAME_VAR": os.environ["COHORT_GOLDEN_NAME_VAR"]},
         },

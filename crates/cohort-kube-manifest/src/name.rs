@@ -9,8 +9,6 @@
 //!   each `{{ $VAR }}` the variable or `""`; `{{ prefect.variables.… }}` and
 //!   `{{ prefect.blocks.… }}` stay as written.
 
-use std::borrow::Cow;
-
 use cohort_template::{find_placeholders, python_str, PlaceholderType};
 use serde_json::Value;
 
@@ -46,24 +44,26 @@ pub(crate) fn render_name(name: &str, ctx: &Value, env: Option<EnvLookup<'_>>) -
 /// parts index lists and strings (negative from the end), other parts look up object keys.
 fn get_from_dict(root: &Value, path: &str) -> Option<Value> {
     let path = path.replace('[', ".").replace(']', "");
-    let mut value = Cow::Borrowed(root);
-    for part in path.split('.') {
-        let next = match (python_int(part), value.as_ref()) {
-            (Some(i), Value::Array(items)) => {
-                Cow::Owned(items.get(python_index(i, items.len())?)?.clone())
-            }
-            // Python indexes a string by character.
+    let mut value = root;
+    let mut parts = path.split('.');
+    while let Some(part) = parts.next() {
+        match (python_int(part), value) {
+            (Some(i), Value::Array(items)) => value = items.get(python_index(i, items.len())?)?,
             (Some(i), Value::String(s)) => {
+                // Python indexes a string by character, and the character on as a string.
                 let chars: Vec<char> = s.chars().collect();
-                let ch = chars.get(python_index(i, chars.len())?)?;
-                Cow::Owned(Value::String(ch.to_string()))
+                let ch = Value::String(chars.get(python_index(i, chars.len())?)?.to_string());
+                let rest: Vec<&str> = parts.collect();
+                return match rest.is_empty() {
+                    true => Some(ch),
+                    false => get_from_dict(&ch, &rest.join(".")),
+                };
             }
-            (None, Value::Object(map)) => Cow::Owned(map.get(part)?.clone()),
+            (None, Value::Object(map)) => value = map.get(part)?,
             _ => return None,
-        };
-        value = next;
+        }
     }
-    Some(value.into_owned())
+    Some(value.clone())
 }
 
 /// Python's `int(part)` for the text of a placeholder path part: an optional sign, ASCII
@@ -123,6 +123,10 @@ mod tests {
             json!("bbx")
         );
         assert_eq!(render("{{ $HOME }}"), json!("/h"));
+        assert_eq!(
+            render("{{ ctx.flow_run.name[0] }}{{ ctx.flow_run.name.-1.0 }}"),
+            json!("wr")
+        );
         assert_eq!(
             render("{{ prefect.variables.v }}-{{ $NOPE }}"),
             json!("{{ prefect.variables.v }}-")

@@ -261,7 +261,7 @@ fn needs_generate_name(current: Option<&Value>) -> bool {
                 || s == "None-"
                 || !cohort_template::find_placeholders(&Value::String(s.clone())).is_empty()
         }
-        Some(other) => !truthy(other),
+        Some(other) => !truthy(other) || !cohort_template::find_placeholders(other).is_empty(),
     }
 }
 
@@ -275,5 +275,136 @@ fn python_type(value: &Value) -> &'static str {
         Value::String(_) => "str",
         Value::Array(_) => "list",
         Value::Object(_) => "dict",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_infra::PrepareError;
+
+    fn run_maps() -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+        let env = [
+            ("PREFECT_API_KEY", "pnu_k"),
+            ("PREFECT_API_URL", "http://api"),
+            ("PREFECT__WORKER_NAME", "w 1"),
+        ];
+        let labels = [
+            (
+                "prefect.io/flow-run-id",
+                "00000000-0000-0000-0000-000000000000",
+            ),
+            ("prefect.io/flow-run-name", "witty-otter"),
+            ("prefect.io/version", "3.8.8"),
+        ];
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        (map(&env), map(&labels))
+    }
+
+    fn rendered(variables: Value) -> Map {
+        let template = crate::base_job_template();
+        cohort_template::render(&template, variables.as_object().unwrap(), &|_| None).unwrap()
+    }
+
+    #[test]
+    fn the_default_template_gives_prefects_defaults() {
+        let (env, labels) = run_maps();
+        let run = RunInputs::new(Uuid::nil(), "witty-otter", &env, &labels);
+        let job = prepare(&rendered(json!({})), &run, &ManifestSettings::default()).unwrap();
+        let container = &job.manifest["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["args"], json!(["prefect", "flow-run", "execute"]));
+        assert_eq!(container["image"], json!(DEFAULT_IMAGE));
+        assert_eq!(
+            job.manifest["metadata"]["generateName"],
+            json!("witty-otter-")
+        );
+        let names: Vec<&str> = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "PREFECT_API_URL",
+                "PREFECT_API_KEY",
+                "PREFECT__FLOW_RUN_ID",
+                "PREFECT__WORKER_NAME",
+                "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"
+            ]
+        );
+        assert_eq!(run.env_secret_suffix.len(), 8);
+        assert!(job.secrets.is_empty() && job.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_api_key_secret_is_named_after_the_worker() {
+        let (env, labels) = run_maps();
+        let run = RunInputs::new(Uuid::nil(), "witty-otter", &env, &labels);
+        let settings = ManifestSettings {
+            create_secret_for_api_key: true,
+            ..ManifestSettings::default()
+        };
+        let job = prepare(&rendered(json!({"namespace": "ns"})), &run, &settings).unwrap();
+        assert_eq!(job.secrets.len(), 1);
+        assert_eq!(job.secrets[0].purpose, crate::SecretPurpose::ApiKey);
+        assert_eq!(
+            job.secrets[0].body["metadata"]["name"],
+            json!("prefect-w-1-api-key")
+        );
+        assert_eq!(job.secrets[0].body["data"]["value"], json!("cG51X2s="));
+        let env = &job.manifest["spec"]["template"]["spec"]["containers"][0]["env"];
+        assert_eq!(
+            env[1],
+            json!({"name": "PREFECT_API_KEY", "valueFrom": {"secretKeyRef": {"name": "prefect-w-1-api-key", "key": "value"}}})
+        );
+    }
+
+    #[test]
+    fn a_bad_manifest_is_a_validation_error_for_the_run() {
+        let (env, labels) = run_maps();
+        let run = RunInputs::new(Uuid::nil(), "witty-otter", &env, &labels);
+        let mut config = rendered(json!({}));
+        config["job_manifest"]["spec"]["template"]["spec"]
+            .as_object_mut()
+            .unwrap()
+            .shift_remove("parallelism");
+        let err = prepare(&config, &run, &ManifestSettings::default()).unwrap_err();
+        assert_eq!(err.prefect_exception(), "ValidationError");
+        assert_eq!(
+            PrepareError::from(err).to_string(),
+            "ValidationError: Job is missing required attributes at the following paths: \
+             /spec/template/spec/parallelism"
+        );
+    }
+
+    #[test]
+    fn a_command_that_is_neither_text_nor_a_list_is_refused() {
+        let (env, labels) = run_maps();
+        let run = RunInputs::new(Uuid::nil(), "witty-otter", &env, &labels);
+        let mut config = rendered(json!({}));
+        config["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["args"] = json!(5);
+        let err = prepare(&config, &run, &ManifestSettings::default()).unwrap_err();
+        assert_eq!(err, ManifestError::InvalidCommand);
+        let config = rendered(json!({"command": "echo 'open"}));
+        let err = prepare(&config, &run, &ManifestSettings::default()).unwrap_err();
+        assert_eq!(err.to_string(), "No closing quotation");
+    }
+
+    #[test]
+    fn a_name_that_renders_to_a_number_cannot_name_a_job() {
+        let (env, labels) = run_maps();
+        let flow_run = json!({"run_count": 3});
+        let mut run = RunInputs::new(Uuid::nil(), "witty-otter", &env, &labels);
+        run.flow_run = flow_run.as_object();
+        let config = rendered(json!({"name": "{{ ctx.flow_run.run_count }}"}));
+        let err = prepare(&config, &run, &ManifestSettings::default()).unwrap_err();
+        assert_eq!(err, ManifestError::NameNotText("int"));
     }
 }
