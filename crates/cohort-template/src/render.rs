@@ -262,10 +262,13 @@ fn apply_to_string(
 /// Refuses a rendered top-level `env` that Prefect's `BaseJobConfiguration._coerce_env`
 /// would crash on (`.items()` of a non-dict), except a string that still holds a block
 /// or variable placeholder: that is resolved later and checked by
-/// [`crate::validate_base_fields`].
+/// [`crate::validate_base_fields`]. A list of objects is Kubernetes' shape, which its job
+/// configuration takes (`prefect_kubernetes/worker.py: KubernetesWorkerJobConfiguration`);
+/// the other workers refuse it when they read `env`.
 fn check_env_shape(config: &Map) -> Result<(), TemplateError> {
     match config.get("env") {
         None | Some(Value::Object(_)) => Ok(()),
+        Some(Value::Array(entries)) if entries.iter().all(Value::is_object) => Ok(()),
         Some(Value::String(s))
             if scan(s).any(|m| {
                 matches!(

@@ -13,7 +13,10 @@ use crate::Map;
 /// * `command`, `name`: a string or null;
 /// * `env`: an object (any values: Prefect turns each non-null value into its Python
 ///   `str()`, see [`crate::python_str`]; null values are kept, then dropped when the
-///   flow-run environment is built);
+///   flow-run environment is built), or a list of objects, which only Kubernetes' model
+///   takes (`prefect_kubernetes/worker.py: KubernetesWorkerJobConfiguration.env`, with
+///   `valueFrom` entries): the process and Docker workers refuse a list when they read it
+///   ([`crate::fields::env`]);
 /// * `labels`: an object of strings.
 ///
 /// Absent fields are fine (the model's defaults apply). Worker-specific fields
@@ -32,6 +35,7 @@ pub fn validate_base_fields(config: &Map) -> Result<(), TemplateError> {
     }
     match config.get("env") {
         None | Some(Value::Object(_)) => {}
+        Some(Value::Array(entries)) if entries.iter().all(Value::is_object) => {}
         Some(other) => {
             return Err(TemplateError::invalid_field(
                 "env",
