@@ -15,7 +15,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let dir = args.next().ok_or("usage: serve <dir> [docker]")?;
     let kubelet = match args.next().as_deref() {
-        Some("docker") => return Err("the Docker kubelet is not built yet".into()),
+        Some("docker") => Kubelet::Docker { network_host: true },
         _ => Kubelet::Scripted {
             auto_schedule: true,
         },

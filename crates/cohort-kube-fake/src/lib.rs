@@ -80,6 +80,7 @@ pub use error::ApiError;
 pub use http::ResponseLost;
 pub use kind::Kind;
 pub use kubeconfig::CONTEXT as KUBECONFIG_CONTEXT;
+pub use kubelet::engine::{CONTAINER_LABEL, EMULATOR_LABEL, POD_LABEL, POD_UID_LABEL};
 pub use kubelet::Kubelet;
 pub use requests::{RecordedRequest, Transport};
 pub use server::Served;
@@ -137,6 +138,11 @@ pub(crate) struct Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+        // Never leave containers behind, even when the emulator is dropped without
+        // `shutdown()` (a failing test).
+        if matches!(self.shared.config.kubelet, Kubelet::Docker { .. }) {
+            kubelet::engine::sweep_blocking(self.shared.id.clone());
+        }
     }
 }
 
@@ -165,6 +171,8 @@ impl Emulator {
             logs: Default::default(),
             shutdown: CancellationToken::new(),
             id: meta::new_uid(),
+            engine: Default::default(),
+            kubelet_commands: Default::default(),
             config,
         });
         let emulator = Self {
@@ -188,7 +196,12 @@ impl Emulator {
         emulator
     }
 
-    fn shared(&self) -> &Arc<Shared> {
+    /// This emulator's id, the value of the [`EMULATOR_LABEL`] label on its containers.
+    pub fn id(&self) -> &str {
+        &self.shared().id
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
     }
 
@@ -308,8 +321,8 @@ impl Emulator {
         self.shared().store.compact();
     }
 
-    /// Stops the controller, the kubelet and every watch. The store can still be read and
-    /// served.
+    /// Stops the controller, the kubelet and every watch, and (Docker kubelet) removes every
+    /// container the emulator created. The store can still be read and served.
     pub async fn shutdown(&self) {
         self.shared().shutdown.cancel();
         let tasks = std::mem::take(&mut *self.handle.tasks.lock().expect("not poisoned"));

@@ -46,9 +46,31 @@ pub fn parse_bytes(quantity: &str) -> Result<i64, QuantityError> {
     Ok(bytes as i64)
 }
 
+/// CPU cores in a quantity (`500m` is half a core, `2` two cores).
+pub fn parse_cores(quantity: &str) -> Result<f64, QuantityError> {
+    let q = quantity.trim();
+    match q.strip_suffix('m') {
+        Some(milli) => milli
+            .parse::<f64>()
+            .map(|m| m / 1000.0)
+            .map_err(|_| QuantityError(quantity.to_owned())),
+        None => q
+            .parse::<f64>()
+            .or_else(|_| parse_bytes(q).map(|b| b as f64)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::{parse_bytes, parse_cores};
+
+    #[test]
+    fn cores() {
+        assert_eq!(parse_cores("500m"), Ok(0.5));
+        assert_eq!(parse_cores("2"), Ok(2.0));
+        assert_eq!(parse_cores("1.5"), Ok(1.5));
+        assert!(parse_cores("lots").is_err());
+    }
 
     #[test]
     fn binary_suffixes() {

@@ -7,6 +7,7 @@ use crate::apiserver::DeleteOptions;
 use crate::error::ApiError;
 use crate::kind::Kind;
 use crate::kubelet::status::{self, ContainerState};
+use crate::kubelet::KubeletCommand;
 use crate::meta;
 use crate::Emulator;
 
@@ -140,8 +141,21 @@ impl Emulator {
     }
 
     /// Node-pressure eviction: phase Failed, `status.reason` `Evicted`, this message, and a
-    /// `DisruptionTarget` condition. Container states are left as they were.
+    /// `DisruptionTarget` condition. Scripted: at once, container states are left as they
+    /// were. Docker: the containers get SIGTERM (then SIGKILL after the pod's grace period)
+    /// and the pod is marked once they have stopped; this returns the pod as it is now.
     pub fn pod_evict(&self, namespace: &str, pod: &str, message: &str) -> Result<Value, ApiError> {
+        if let Some(kubelet) = self.shared().kubelet_commands.get() {
+            let current = self
+                .get(Kind::Pod, namespace, pod)
+                .ok_or_else(|| ApiError::not_found(Kind::Pod, pod))?;
+            let _ = kubelet.send(KubeletCommand::Evict {
+                namespace: namespace.to_owned(),
+                name: pod.to_owned(),
+                message: message.to_owned(),
+            });
+            return Ok(current);
+        }
         self.script_pod(namespace, pod, |p| status::evicted(p, message))
     }
 

@@ -562,3 +562,66 @@ async fn active_deadline_and_ttl() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn scripted_logs_tail_follow_and_refuse_waiting_containers() {
+    let (emulator, client) = setup();
+    let (_, job) = client
+        .call(
+            "POST",
+            "/apis/batch/v1/namespaces/default/jobs",
+            Some(prefect_job("logs-", "run", "img:1", &["x"])),
+        )
+        .await;
+    let pod = name_of(
+        &within(
+            "the pod",
+            emulator.wait_for_pod(
+                "default",
+                &format!("job-name={}", name_of(&job)),
+                common::STEP,
+            ),
+        )
+        .await
+        .unwrap(),
+    );
+    let log = format!("/api/v1/namespaces/default/pods/{pod}/log");
+    let (code, status) = client.call("GET", &log, None).await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        status["message"],
+        format!(
+            "container \"prefect-job\" in pod \"{pod}\" is waiting to start: ContainerCreating"
+        )
+    );
+    emulator.pod_running("default", &pod).unwrap();
+    emulator.set_pod_log("default", &pod, "one\ntwo\n");
+    let response = client
+        .send("GET", &format!("{log}?tailLines=1"), None, "")
+        .await;
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "two\n"
+    );
+    let (code, status) = client
+        .call("GET", &format!("{log}?previous=true"), None)
+        .await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+
+    let response = client
+        .send(
+            "GET",
+            &format!("{log}?follow=true&container=prefect-job"),
+            None,
+            "",
+        )
+        .await;
+    let collecting =
+        tokio::spawn(async move { response.into_body().collect().await.unwrap().to_bytes() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    emulator.append_container_log("default", &pod, "prefect-job", "three\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    emulator.pod_exit("default", &pod, 0, "Completed").unwrap();
+    let followed = within("the followed log ends", collecting).await.unwrap();
+    assert_eq!(followed, "one\ntwo\nthree\n");
+}

@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bollard::query_parameters::LogsOptions;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use serde_json::Value;
 
-use super::status;
-use crate::body::ResponseBody;
+use super::{status, Kubelet};
+use crate::body::{BodyError, ResponseBody};
 use crate::error::ApiError;
 use crate::http::ApiRequest;
 use crate::kind::Kind;
@@ -119,7 +121,82 @@ pub(crate) async fn serve(
         follow: req.flag("follow"),
         timestamps: req.flag("timestamps"),
     };
+    if matches!(shared.config.kubelet, Kubelet::Docker { .. }) {
+        let id = status::container_status(&pod, &query.container)
+            .and_then(|s| s.get("containerID"))
+            .and_then(Value::as_str)
+            .and_then(|id| id.strip_prefix("docker://"))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "container \"{}\" in pod \"{name}\" is waiting to start: ContainerCreating",
+                    query.container
+                ))
+            })?;
+        return docker(shared, id, query).await;
+    }
     Ok(scripted(shared, namespace, name, query))
+}
+
+/// The container's output from the Engine (stdout and stderr interleaved, as the kubelet
+/// returns them).
+async fn docker(
+    shared: &Arc<Shared>,
+    id: String,
+    query: LogQuery,
+) -> Result<ResponseBody, ApiError> {
+    let docker = shared
+        .engine
+        .get()
+        .await
+        .map_err(|e| ApiError::new(500, "InternalError", e, None))?
+        .clone();
+    let options = LogsOptions {
+        follow: query.follow,
+        stdout: true,
+        stderr: true,
+        timestamps: query.timestamps,
+        tail: query
+            .tail_lines
+            .map_or_else(|| "all".to_owned(), |n| n.to_string()),
+        ..Default::default()
+    };
+    let mut logs = Box::pin(docker.logs(&id, Some(options)));
+    if !query.follow {
+        let mut text = Vec::new();
+        while let Some(chunk) = logs.next().await {
+            match chunk {
+                Ok(out) => text.extend_from_slice(&out.into_bytes()),
+                Err(e) => {
+                    return Err(ApiError::new(500, "InternalError", e.to_string(), None));
+                }
+            }
+        }
+        return Ok(ResponseBody::full(text));
+    }
+    let (tx, body) = ResponseBody::channel();
+    let shutdown = shared.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                chunk = logs.next() => match chunk {
+                    None => return,
+                    Some(Ok(out)) => {
+                        if tx.send(Ok(out.into_bytes())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(BodyError::Logs(e.to_string()))).await;
+                        return;
+                    }
+                },
+            }
+        }
+    });
+    Ok(body)
 }
 
 /// RFC 3339 with nanoseconds, as the kubelet prefixes lines with `timestamps=true`.

@@ -3,9 +3,15 @@
 //! Docker Engine ([`Kubelet::Docker`]). Both write the same status shapes
 //! (`status.rs`) and both finish the deletion of terminating pods.
 
+mod docker;
+pub(crate) mod engine;
+mod env;
 pub(crate) mod logs;
+mod pod;
 mod scripted;
 pub(crate) mod status;
+
+pub(crate) use docker::KubeletCommand;
 
 use std::sync::Arc;
 
@@ -28,6 +34,16 @@ pub enum Kubelet {
         /// Bind new pods to the node at once.
         auto_schedule: bool,
     },
+    /// Every pod runs as containers on the local Docker Engine (`DOCKER_HOST` or the local
+    /// socket), labelled with the emulator's id and removed when the pod is gone, on
+    /// [`crate::Emulator::shutdown`], and when the emulator is dropped. Images are never
+    /// pulled: an image the Engine does not have (or `imagePullPolicy: Always`) leaves the
+    /// pod Pending in `ErrImagePull`, then `ImagePullBackOff`.
+    Docker {
+        /// Run containers in the host's network namespace, so that a server on 127.0.0.1
+        /// (such as the tests' Prefect server) is reachable from them.
+        network_host: bool,
+    },
 }
 
 impl Default for Kubelet {
@@ -48,6 +64,11 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> JoinHandle<()> {
     match shared.config.kubelet {
         Kubelet::Scripted { auto_schedule } => {
             tokio::spawn(scripted::ScriptedKubelet::new(shared.clone(), auto_schedule).run(sub))
+        }
+        Kubelet::Docker { network_host } => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let _ = shared.kubelet_commands.set(tx);
+            tokio::spawn(docker::DockerKubelet::new(shared.clone(), network_host).run(sub, rx))
         }
     }
 }
