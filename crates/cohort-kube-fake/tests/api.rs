@@ -348,8 +348,9 @@ async fn watches_follow_selectors_resume_and_expire() {
 
     // Resuming replays what happened after the version.
     let rv = first["metadata"]["resourceVersion"].as_str().unwrap();
+    // `watch=True` is how Python's client spells it.
     let mut resumed = client
-        .watch(&format!("{SECRETS}?watch=1&resourceVersion={rv}"))
+        .watch(&format!("{SECRETS}?watch=True&resourceVersion={rv}"))
         .await;
     let kinds: Vec<String> = {
         let mut v = Vec::new();
@@ -444,6 +445,29 @@ async fn deletion_policies_for_jobs() {
             None,
         )
         .await;
+    // Foreground: the answer is the Job as marked, even when its pods went at once.
+    let (_, job) = client.call("POST", jobs, Some(make("foreground-"))).await;
+    let name = name_of(&job);
+    within(
+        "the pod",
+        emulator.wait_for_pod("default", &format!("job-name={name}"), common::STEP),
+    )
+    .await
+    .unwrap();
+    let (code, marked) = client
+        .call(
+            "DELETE",
+            &format!("{jobs}/{name}?propagationPolicy=Foreground&gracePeriodSeconds=30"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(marked["kind"], "Job");
+    assert_eq!(
+        marked["metadata"]["finalizers"],
+        json!(["foregroundDeletion"])
+    );
+    assert!(marked["metadata"]["deletionTimestamp"].is_string());
     let left: Vec<String> = emulator
         .pods("default")
         .iter()

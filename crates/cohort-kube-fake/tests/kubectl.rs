@@ -136,6 +136,7 @@ async fn kubectl_creates_lists_reads_logs_and_deletes_in_the_foreground() {
     // its container exits.
     let mut delete = kubectl
         .command(&["delete", "job", &job, "--cascade=foreground", "--wait=true"])
+        .stdout(std::process::Stdio::null())
         .spawn()
         .expect("cannot run kubectl (is it installed and on the PATH?)");
     let terminating = within(

@@ -67,9 +67,13 @@ impl ApiRequest {
             .map(|(_, v)| v.as_str())
     }
 
-    /// A boolean query parameter (`true` or `1`).
+    /// A boolean query parameter, read as Go's `strconv.ParseBool` reads it (Python's client
+    /// sends `watch=True`).
     pub fn flag(&self, name: &str) -> bool {
-        matches!(self.param(name), Some("true" | "1"))
+        matches!(
+            self.param(name),
+            Some("1" | "t" | "T" | "true" | "TRUE" | "True")
+        )
     }
 
     /// The body as JSON, when there is one.

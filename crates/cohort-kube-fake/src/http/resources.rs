@@ -200,10 +200,17 @@ pub(super) fn object(
             let outcome = shared
                 .store
                 .txn(|t| apiserver::delete(t, kind, namespace, name, &opts))?;
+            let foreground = opts.propagation_policy == Some(PropagationPolicy::Foreground);
             let doc = match outcome {
                 Deleted::Pending(obj) => obj,
-                // Pods and namespaces answer with the object; other kinds with a Status.
-                Deleted::Removed(obj) if matches!(kind, Kind::Pod | Kind::Namespace) => obj,
+                // Pods and namespaces answer with the object. So does a foreground deletion
+                // (the real garbage collector finishes it later; here it may already have):
+                // the object as marked, with `deletionTimestamp` and the finalizer.
+                Deleted::Removed(obj)
+                    if foreground || matches!(kind, Kind::Pod | Kind::Namespace) =>
+                {
+                    obj
+                }
                 Deleted::Removed(obj) => success_status(kind, name, meta::uid(&obj)),
             };
             Ok(json(StatusCode::OK, &doc))
