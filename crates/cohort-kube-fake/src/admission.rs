@@ -333,11 +333,8 @@ fn prepare_job(obj: &mut Value) {
         ("completionMode", json!("NonIndexed")),
         ("suspend", json!(false)),
         ("podReplacementPolicy", json!("TerminatingOrFailed")),
-        ("manualSelector", Value::Null),
     ] {
-        if !v.is_null() {
-            spec.entry(k).or_insert(v);
-        }
+        spec.entry(k).or_insert(v);
     }
     spec.insert(
         "selector".into(),

@@ -134,9 +134,12 @@ impl JobController {
         let suspended = spec.get("suspend").and_then(Value::as_bool) == Some(true);
 
         let pods: Vec<Value> = t
-            .iter(Kind::Pod, Some(namespace))
-            .filter(|p| meta::controller_of(p, "Job").is_some_and(|(_, u)| u == uid))
-            .cloned()
+            .dependents(&uid)
+            .into_iter()
+            .filter(|(kind, p)| {
+                *kind == Kind::Pod && meta::controller_of(p, "Job").is_some_and(|(_, u)| u == uid)
+            })
+            .map(|(_, p)| p)
             .collect();
         let tracked = self.jobs.entry(uid.clone()).or_default();
         for pod in &pods {

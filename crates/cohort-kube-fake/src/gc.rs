@@ -9,32 +9,19 @@ use crate::kind::Kind;
 use crate::meta;
 use crate::store::Txn;
 
-/// Objects in `namespace` with an owner reference to `owner_uid`.
+/// Objects in `namespace` with an owner reference to `owner_uid` (owner references only
+/// reach within a namespace, or from a namespaced object to a cluster-scoped one).
 pub(crate) fn dependents(t: &Txn<'_>, namespace: &str, owner_uid: &str) -> Vec<(Kind, Value)> {
-    let mut found = Vec::new();
-    for kind in Kind::ALL.into_iter().filter(|k| k.namespaced()) {
-        let scope = (!namespace.is_empty()).then_some(namespace);
-        for obj in t.iter(kind, scope) {
-            if meta::owner_uids(obj)
-                .iter()
-                .any(|(uid, _)| uid == owner_uid)
-            {
-                found.push((kind, obj.clone()));
-            }
-        }
-    }
-    found
+    t.dependents(owner_uid)
+        .into_iter()
+        .filter(|(_, d)| namespace.is_empty() || meta::namespace(d) == namespace)
+        .collect()
 }
 
 /// The object with this uid, in `namespace` or cluster-scoped.
 fn find_uid(t: &Txn<'_>, namespace: &str, uid: &str) -> Option<(Kind, Value)> {
-    for kind in Kind::ALL {
-        let scope = if kind.namespaced() { namespace } else { "" };
-        if let Some(obj) = t.iter(kind, Some(scope)).find(|o| meta::uid(o) == uid) {
-            return Some((kind, obj.clone()));
-        }
-    }
-    None
+    let (kind, obj) = t.by_uid(uid)?;
+    (!kind.namespaced() || meta::namespace(obj) == namespace).then(|| (kind, obj.clone()))
 }
 
 /// Removes the owner references to `owner` from its dependents (the Orphan policy).

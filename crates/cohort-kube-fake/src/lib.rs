@@ -42,6 +42,17 @@
 //! * Strategic merge patches are applied as JSON merge patches (lists are replaced).
 //! * Any field path works in a field selector; lists always read the latest state.
 //! * A namespace is deleted at once, with everything in it.
+//! * `compact()` moves the `resourceVersion` on by one, so that even an up-to-date watcher
+//!   gets 410 and lists again.
+//! * Pods run once (`restartPolicy: Never` semantics): no container restarts, no init
+//!   containers, probes or volumes. The Docker kubelet reports `ImagePullBackOff` one second
+//!   after `ErrImagePull` and then stays there.
+//!
+//! # Time
+//!
+//! All timers (grace periods, bookmarks, `timeoutSeconds`, `activeDeadlineSeconds`,
+//! `ttlSecondsAfterFinished`) use `tokio::time`; timestamps written into objects are wall
+//! clock.
 
 #![forbid(unsafe_code)]
 

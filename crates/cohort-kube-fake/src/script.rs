@@ -1,5 +1,7 @@
 //! Scripting the cluster from a test: moving pods through the states a scheduler and a
-//! kubelet would report, and setting the text their logs return.
+//! kubelet would report, and setting the text their logs return. Meant for the scripted
+//! kubelet: with the Docker kubelet only eviction and deletion go through the kubelet; the
+//! other calls would race with the real containers' states.
 
 use serde_json::Value;
 

@@ -8,7 +8,7 @@
 //! and it makes the order in which feeds receive changes the order of `resourceVersion`s,
 //! which is what lets a watch resume without gaps. The closures never await.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -84,6 +84,10 @@ struct Subscriber {
 struct Inner {
     rv: u64,
     objects: BTreeMap<Key, Value>,
+    /// Where each uid is, so owners are found without a scan.
+    by_uid: HashMap<String, Key>,
+    /// The objects that name each uid in an owner reference (the garbage collector's graph).
+    dependents: HashMap<String, BTreeSet<Key>>,
     history: VecDeque<Arc<Change>>,
     /// Changes at or before this `resourceVersion` are gone from the history.
     compacted: u64,
@@ -104,6 +108,8 @@ impl Store {
             inner: Mutex::new(Inner {
                 rv: 1,
                 objects: BTreeMap::new(),
+                by_uid: HashMap::new(),
+                dependents: HashMap::new(),
                 history: VecDeque::new(),
                 compacted: 0,
                 subscribers: Vec::new(),
@@ -254,6 +260,7 @@ impl Txn<'_> {
         }
         let rv = self.bump();
         meta::metadata_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
+        self.index(&key, None, Some(&obj));
         self.inner.objects.insert(key, obj.clone());
         self.emit(rv, kind, ChangeType::Added, obj.clone(), None);
         Ok(obj)
@@ -273,6 +280,7 @@ impl Txn<'_> {
         }
         let rv = self.bump();
         meta::metadata_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
+        self.index(&key, Some(&old), Some(&obj));
         self.inner.objects.insert(key, obj.clone());
         self.emit(rv, kind, ChangeType::Modified, obj.clone(), Some(old));
         Ok(obj)
@@ -282,11 +290,55 @@ impl Txn<'_> {
     pub fn remove(&mut self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
         let key = (kind, namespace.to_owned(), name.to_owned());
         let old = self.inner.objects.remove(&key)?;
+        self.index(&key, Some(&old), None);
         let rv = self.bump();
         let mut last = old.clone();
         meta::metadata_mut(&mut last).insert("resourceVersion".into(), json!(rv.to_string()));
         self.emit(rv, kind, ChangeType::Deleted, last.clone(), Some(old));
         Some(last)
+    }
+
+    /// The object with this uid.
+    pub fn by_uid(&self, uid: &str) -> Option<(Kind, &Value)> {
+        let key = self.inner.by_uid.get(uid)?;
+        Some((key.0, self.inner.objects.get(key)?))
+    }
+
+    /// The objects with an owner reference to `owner_uid`.
+    pub fn dependents(&self, owner_uid: &str) -> Vec<(Kind, Value)> {
+        self.inner
+            .dependents
+            .get(owner_uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| Some((key.0, self.inner.objects.get(key)?.clone())))
+            .collect()
+    }
+
+    /// Keeps the uid and owner indexes in step with a write.
+    fn index(&mut self, key: &Key, old: Option<&Value>, new: Option<&Value>) {
+        let inner = &mut *self.inner;
+        if let Some(old) = old {
+            inner.by_uid.remove(meta::uid(old));
+            for (owner, _) in meta::owner_uids(old) {
+                if let Some(set) = inner.dependents.get_mut(&owner) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        inner.dependents.remove(&owner);
+                    }
+                }
+            }
+        }
+        if let Some(new) = new {
+            inner.by_uid.insert(meta::uid(new).to_owned(), key.clone());
+            for (owner, _) in meta::owner_uids(new) {
+                inner
+                    .dependents
+                    .entry(owner)
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
     }
 
     fn bump(&mut self) -> u64 {

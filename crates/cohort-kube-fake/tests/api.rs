@@ -649,3 +649,54 @@ async fn scripted_logs_tail_follow_and_refuse_waiting_containers() {
     let followed = within("the followed log ends", collecting).await.unwrap();
     assert_eq!(followed, "one\ntwo\nthree\n");
 }
+
+/// Enough Jobs to show that nothing scans the whole store per change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_jobs_run_and_go() {
+    let (emulator, _client) = setup();
+    let n = 1000;
+    for i in 0..n {
+        emulator
+            .create(
+                Kind::Job,
+                "prefect",
+                prefect_job("bulk-", &format!("run-{i}"), "img:1", &["x"]),
+            )
+            .unwrap();
+    }
+    within(
+        "the pods",
+        emulator.wait_until(common::STEP, |e| {
+            (e.pods("prefect").len() == n).then_some(())
+        }),
+    )
+    .await
+    .unwrap();
+    for pod in emulator.pods("prefect") {
+        emulator.pod_running("prefect", &name_of(&pod)).unwrap();
+        emulator
+            .pod_exit("prefect", &name_of(&pod), 0, "Completed")
+            .unwrap();
+    }
+    within(
+        "the Jobs complete",
+        emulator.wait_until(common::STEP, |e| {
+            e.jobs("prefect")
+                .iter()
+                .all(|j| condition(j, "Complete").is_some())
+                .then_some(())
+        }),
+    )
+    .await
+    .unwrap();
+    let foreground = cohort_kube_fake::DeleteOptions {
+        propagation_policy: Some(cohort_kube_fake::PropagationPolicy::Foreground),
+        ..Default::default()
+    };
+    for job in emulator.jobs("prefect") {
+        emulator
+            .delete(Kind::Job, "prefect", &name_of(&job), &foreground)
+            .unwrap();
+    }
+    assert!(emulator.jobs("prefect").is_empty() && emulator.pods("prefect").is_empty());
+}
