@@ -91,7 +91,7 @@ pub use error::ApiError;
 pub use http::ResponseLost;
 pub use kind::Kind;
 pub use kubeconfig::CONTEXT as KUBECONFIG_CONTEXT;
-pub use kubelet::engine::{CONTAINER_LABEL, EMULATOR_LABEL, POD_LABEL, POD_UID_LABEL};
+pub use kubelet::engine::{CONTAINER_LABEL, EMULATOR_LABEL, PID_LABEL, POD_LABEL, POD_UID_LABEL};
 pub use kubelet::Kubelet;
 pub use requests::{RecordedRequest, Transport};
 pub use server::Served;

@@ -465,3 +465,39 @@ async fn followed_logs_stream_until_the_container_exits() {
     assert_eq!(body.to_bytes(), "a\nb\n");
     emulator.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_of_a_dead_process_are_swept_at_start() {
+    // A container as a process that died without cleaning up would have left it (no
+    // process has this id: it is above Linux's largest pid).
+    let out = Command::new("docker")
+        .args([
+            "create",
+            "--label",
+            &format!("{EMULATOR_LABEL}=gone"),
+            "--label",
+            &format!("{}=999999999", cohort_kube_fake::PID_LABEL),
+            busybox(),
+            "true",
+        ])
+        .output()
+        .expect("run docker (is the Docker CLI installed?)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(containers_with(&format!("{EMULATOR_LABEL}=gone")).len(), 1);
+    let emulator = docker_emulator();
+    within(
+        "the sweep",
+        emulator.wait_until(common::STEP, |_| {
+            containers_with(&format!("{EMULATOR_LABEL}=gone"))
+                .is_empty()
+                .then_some(())
+        }),
+    )
+    .await
+    .expect("the orphan is removed");
+    emulator.shutdown().await;
+}

@@ -56,6 +56,9 @@ impl DockerKubelet {
         mut sub: Subscription,
         mut commands: mpsc::UnboundedReceiver<KubeletCommand>,
     ) {
+        if let Ok(docker) = self.shared.engine.get().await {
+            engine::sweep_orphans(docker).await;
+        }
         for pod in std::mem::take(&mut sub.snapshot) {
             self.handle_pod(&pod, ChangeType::Added);
         }

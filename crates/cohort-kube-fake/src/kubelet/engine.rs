@@ -17,6 +17,9 @@ pub const POD_UID_LABEL: &str = "cohort-kube-fake.pod-uid";
 pub const POD_LABEL: &str = "cohort-kube-fake.pod";
 /// The label with the container's name in the pod spec.
 pub const CONTAINER_LABEL: &str = "cohort-kube-fake.container";
+/// The label with the id of the process that ran the emulator, so that containers left by a
+/// process that died without cleaning up can be recognised.
+pub const PID_LABEL: &str = "cohort-kube-fake.pid";
 
 /// A lazily connected Docker client.
 #[derive(Debug, Default)]
@@ -75,6 +78,31 @@ pub(crate) async fn sweep(docker: &Docker, emulator_id: &str) {
             }
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+/// Removes the containers of emulators whose process is gone (killed, or exited without
+/// dropping its emulator). Only where `/proc` shows which processes run.
+pub(crate) async fn sweep_orphans(docker: &Docker) {
+    let proc = std::path::Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let filters = HashMap::from([("label".to_owned(), vec![PID_LABEL.to_owned()])]);
+    let listed = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_or_default();
+    for c in listed {
+        let pid = c.labels.as_ref().and_then(|l| l.get(PID_LABEL)).cloned();
+        let gone = pid.is_some_and(|pid| !proc.join(pid).exists());
+        if let (true, Some(id)) = (gone, c.id) {
+            remove(docker, &id).await;
+        }
     }
 }
 

@@ -36,7 +36,9 @@ pub enum Kubelet {
     },
     /// Every pod runs as containers on the local Docker Engine (`DOCKER_HOST` or the local
     /// socket), labelled with the emulator's id and removed when the pod is gone, on
-    /// [`crate::Emulator::shutdown`], and when the emulator is dropped. Images are never
+    /// [`crate::Emulator::shutdown`], and when the emulator is dropped. An emulator held
+    /// until its process exits (in a `static`) is never dropped: its containers are removed
+    /// by the next Docker kubelet that starts, which sweeps containers of dead processes. Images are never
     /// pulled: an image the Engine does not have (or `imagePullPolicy: Always`) leaves the
     /// pod Pending in `ErrImagePull`, then `ImagePullBackOff`.
     Docker {

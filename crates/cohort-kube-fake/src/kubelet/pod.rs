@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::engine::{self, CONTAINER_LABEL, EMULATOR_LABEL, POD_LABEL, POD_UID_LABEL};
+use super::engine::{self, CONTAINER_LABEL, EMULATOR_LABEL, PID_LABEL, POD_LABEL, POD_UID_LABEL};
 use super::env;
 use super::status::{self, ContainerState};
 use crate::apiserver;
@@ -211,6 +211,7 @@ impl PodWorker {
                 format!("{}/{}", self.namespace, self.name),
             ),
             (CONTAINER_LABEL.to_owned(), cname.to_owned()),
+            (PID_LABEL.to_owned(), std::process::id().to_string()),
         ]);
         ContainerCreateBody {
             image: Some(image),
