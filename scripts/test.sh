@@ -71,11 +71,15 @@ export RUST_TEST_THREADS="${RUST_TEST_THREADS:-6}"
 # but was not before fails the run, whatever the tests said.
 untracked() { git -C "$repo_root" ls-files --others --exclude-standard | LC_ALL=C sort; }
 untracked_before="$(untracked)"
-# Nor containers: what carries Prefect's run label after the run but did not before fails
-# the run too (every Docker test removes what it kept).
+# Nor containers: what carries Prefect's run label, or is a pod of the Kubernetes emulator,
+# after the run but did not before fails the run too (every Docker test removes what it kept,
+# every Kubernetes test deletes its Jobs).
 containers() {
     command -v docker >/dev/null 2>&1 || return 0
-    docker ps -aq --no-trunc --filter label=io.prefect.flow-run-id 2>/dev/null | LC_ALL=C sort
+    {
+        docker ps -aq --no-trunc --filter label=io.prefect.flow-run-id 2>/dev/null
+        docker ps -aq --no-trunc --filter label=cohort-kube-fake.emulator 2>/dev/null
+    } | LC_ALL=C sort -u
 }
 containers_before="$(containers)"
 log "cargo test --workspace"
@@ -90,6 +94,7 @@ leaked="$(LC_ALL=C comm -13 <(printf '%s\n' "$containers_before") <(printf '%s\n
 if [[ -n $leaked ]]; then
     printf 'test.sh: error: the tests left containers behind:\n' >&2
     docker ps -a --no-trunc --filter label=io.prefect.flow-run-id >&2
+    docker ps -a --no-trunc --filter label=cohort-kube-fake.emulator >&2
     exit 1
 fi
 exit "$tests_status"

@@ -200,7 +200,7 @@ impl Infrastructure for KubernetesInfrastructure {
     ) -> BoxFuture<'a, Option<Box<dyn Started>>> {
         Box::pin(async move {
             let (cluster, client) = self.clients.get(None).await.ok()?;
-            for namespace in &self.options.namespaces {
+            for namespace in &self.search_namespaces(&client) {
                 let observer = self
                     .observers
                     .get(cluster.clone(), client.clone(), namespace);
@@ -208,9 +208,9 @@ impl Infrastructure for KubernetesInfrastructure {
                     tracing::warn!(%namespace, "could not list the namespace's Jobs and pods; its runs are not re-adopted");
                     continue;
                 }
-                let view = observer.follow(flow_run, None);
+                let following = observer.follow(flow_run, None);
                 let newest = {
-                    let v = view.borrow();
+                    let v = following.view.borrow();
                     v.jobs
                         .values()
                         .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(pod::to_chrono))
@@ -222,9 +222,7 @@ impl Infrastructure for KubernetesInfrastructure {
                     client.clone(),
                     namespace.clone(),
                     job,
-                    flow_run,
-                    observer,
-                    view,
+                    following,
                     Timeouts::default(),
                     Arc::new(cohort_infra::Silent),
                 )) as Box<dyn Started>);
@@ -247,7 +245,7 @@ impl Infrastructure for KubernetesInfrastructure {
             let worker = cohort_kube_manifest::slugify_label_value(worker_name);
             let pool = pool_id.to_string();
             let mut found = Vec::new();
-            for namespace in &self.options.namespaces {
+            for namespace in &self.search_namespaces(&client) {
                 let observer = self
                     .observers
                     .get(cluster.clone(), client.clone(), namespace);
@@ -287,6 +285,17 @@ impl Infrastructure for KubernetesInfrastructure {
 }
 
 impl KubernetesInfrastructure {
+    /// Where Jobs of an earlier worker are looked for: the configured namespaces, and the
+    /// client's own (the kubeconfig context's, or the worker pod's namespace in a cluster).
+    fn search_namespaces(&self, client: &Client) -> Vec<String> {
+        let mut namespaces = self.options.namespaces.clone();
+        let own = client.default_namespace().to_owned();
+        if !namespaces.contains(&own) {
+            namespaces.push(own);
+        }
+        namespaces
+    }
+
     /// The Job of a rendered configuration, and how long it may take.
     fn prepare_job(&self, config: &Map, spec: &RunSpec) -> Result<Prepared, PrepareError> {
         let lookup = |name: &str| std::env::var(name).ok();

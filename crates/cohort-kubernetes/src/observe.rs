@@ -20,6 +20,7 @@ use kube::runtime::watcher::{self, Event as Watched};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
+use tokio::time::{Duration, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
@@ -68,7 +69,16 @@ struct Supervised {
     diagnosed: HashMap<String, (String, String)>,
     /// `InfrastructurePending` was proposed (once per run).
     pending_proposed: bool,
+    /// When its supervisor let go: the news of its last pod changes may still be on the way
+    /// (the Job's end and its pod's come on separate watches), so its events are still sent
+    /// for a while.
+    released: Option<Instant>,
 }
+
+/// How long a run's pod events are still sent after its supervisor let go.
+const RELEASE_LINGER: Duration = Duration::from_secs(30);
+/// How often released runs and views of runs gone from the cluster are dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The watches of one namespace.
 pub struct Observer {
@@ -109,8 +119,18 @@ impl Observer {
         }
     }
 
-    /// Follows `flow_run`'s view; with `events`, its pods' events are emitted from now on.
-    pub fn follow(
+    /// Follows `flow_run`'s view; with `events`, its pods' events are emitted from now on,
+    /// until the [`Following`] is dropped.
+    pub fn follow(self: &Arc<Self>, flow_run: Uuid, events: Option<Arc<PodEvents>>) -> Following {
+        let view = self.subscribe(flow_run, events);
+        Following {
+            flow_run,
+            observer: self.clone(),
+            view,
+        }
+    }
+
+    fn subscribe(
         &self,
         flow_run: Uuid,
         events: Option<Arc<PodEvents>>,
@@ -124,6 +144,7 @@ impl Observer {
                     last: HashMap::new(),
                     diagnosed: HashMap::new(),
                     pending_proposed: false,
+                    released: None,
                 },
             );
         }
@@ -134,16 +155,12 @@ impl Observer {
             .subscribe()
     }
 
-    /// Stops emitting `flow_run`'s pod events (its story is told).
-    pub fn release(&self, flow_run: Uuid) {
+    /// Stops emitting `flow_run`'s pod events (its story is told) once the news of its last
+    /// pod changes has had time to arrive.
+    fn release(&self, flow_run: Uuid) {
         let mut registry = self.registry.lock().expect("registry lock poisoned");
-        registry.supervised.remove(&flow_run);
-        if registry
-            .views
-            .get(&flow_run)
-            .is_some_and(|v| v.borrow().is_empty() && v.receiver_count() == 0)
-        {
-            registry.views.remove(&flow_run);
+        if let Some(supervised) = registry.supervised.get_mut(&flow_run) {
+            supervised.released.get_or_insert_with(Instant::now);
         }
     }
 
@@ -170,6 +187,19 @@ impl Observer {
     }
 }
 
+/// One run followed in its namespace's observer; let go when dropped.
+pub struct Following {
+    pub flow_run: Uuid,
+    observer: Arc<Observer>,
+    pub view: watch::Receiver<RunView>,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.observer.release(self.flow_run);
+    }
+}
+
 /// The one owner of both watch streams.
 struct ObserverTask {
     registry: Arc<Mutex<Registry>>,
@@ -190,9 +220,12 @@ impl ObserverTask {
         stop: CancellationToken,
     ) {
         tokio::pin!(jobs, pods);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = sweep.tick() => self.sweep(),
                 Some(event) = jobs.next() => match event {
                     Ok(event) => self.on_job(event),
                     Err(e) => tracing::warn!(namespace = %self.namespace, error = %e, "watching Jobs failed; retrying"),
@@ -292,6 +325,19 @@ impl ObserverTask {
         self.update(run, |view| {
             view.deleted_pods.remove(&pod.name_any());
             view.pods.insert(pod.name_any(), pod);
+        });
+    }
+
+    /// Drops runs released long enough ago, and the views of runs no longer in the cluster
+    /// that nobody follows.
+    fn sweep(&self) {
+        let mut registry = self.registry.lock().expect("registry lock poisoned");
+        registry
+            .supervised
+            .retain(|_, s| s.released.is_none_or(|at| at.elapsed() < RELEASE_LINGER));
+        let Registry { views, supervised } = &mut *registry;
+        views.retain(|run, view| {
+            supervised.contains_key(run) || view.receiver_count() > 0 || !view.borrow().is_empty()
         });
     }
 

@@ -10,13 +10,12 @@ use k8s_openapi::api::batch::v1::Job as K8sJob;
 use kube::api::{DeleteParams, PostParams, PropagationPolicy};
 use kube::{Api, Client};
 use serde_json::Value;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::client::Clients;
-use crate::observe::{Observer, PodEvents, RunView, OBSERVER_LOGGER};
+use crate::observe::{Following, PodEvents, OBSERVER_LOGGER};
 use crate::outcome::{assess, Assessment, Cause, End};
 use crate::pod::Diagnosis;
 use crate::{Observers, FLOW_RUN_ID_LABEL};
@@ -74,16 +73,14 @@ impl Job for JobRun {
                 .map_err(|e| format!("Unable to create Kubernetes job: {e}"))?;
             // The watch starts before the Job exists, so nothing of it is missed.
             let observer = self.observers.get(cluster, client.clone(), &namespace);
-            let view = observer.follow(self.flow_run_id, Some(self.events.clone()));
+            let following = observer.follow(self.flow_run_id, Some(self.events.clone()));
             let name = create(&client, &namespace, &mut manifest, self.flow_run_id).await?;
             tracing::info!(job = %name, %namespace, "Kubernetes job created");
             Ok(Box::new(JobStarted::new(
                 client,
                 namespace,
                 name,
-                self.flow_run_id,
-                observer,
-                view,
+                following,
                 timeouts,
                 self.events.reporter.clone(),
             )) as Box<dyn Started>)
@@ -234,9 +231,7 @@ pub(crate) struct JobStarted {
     client: Client,
     namespace: String,
     job: String,
-    flow_run_id: Uuid,
-    observer: Arc<Observer>,
-    view: watch::Receiver<RunView>,
+    following: Following,
     timeouts: Timeouts,
     reporter: Arc<dyn RunReporter>,
     created: Instant,
@@ -252,9 +247,7 @@ impl JobStarted {
         client: Client,
         namespace: String,
         job: String,
-        flow_run_id: Uuid,
-        observer: Arc<Observer>,
-        view: watch::Receiver<RunView>,
+        following: Following,
         timeouts: Timeouts,
         reporter: Arc<dyn RunReporter>,
     ) -> Self {
@@ -262,9 +255,7 @@ impl JobStarted {
             client,
             namespace,
             job,
-            flow_run_id,
-            observer,
-            view,
+            following,
             timeouts,
             reporter,
             created: Instant::now(),
@@ -326,10 +317,12 @@ impl JobStarted {
     /// Waits for the Job's end as the view shows it.
     async fn ended(&mut self) -> std::io::Result<End> {
         loop {
-            if let Assessment::Ended(end) = assess(&self.view.borrow_and_update(), &self.job) {
+            if let Assessment::Ended(end) =
+                assess(&self.following.view.borrow_and_update(), &self.job)
+            {
                 return Ok(end);
             }
-            if self.view.changed().await.is_err() {
+            if self.following.view.changed().await.is_err() {
                 return Err(std::io::Error::other("the namespace's observer stopped"));
             }
         }
@@ -347,7 +340,7 @@ impl Started for JobStarted {
                 return Ok(end.code);
             }
             loop {
-                let assessment = assess(&self.view.borrow_and_update(), &self.job);
+                let assessment = assess(&self.following.view.borrow_and_update(), &self.job);
                 match assessment {
                     Assessment::Ended(end) => {
                         let code = end.code;
@@ -371,7 +364,7 @@ impl Started for JobStarted {
                 let deadline = self.deadline();
                 let at = deadline.as_ref().map(|(at, _)| *at);
                 tokio::select! {
-                    changed = self.view.changed() => {
+                    changed = self.following.view.changed() => {
                         if changed.is_err() {
                             return Err(std::io::Error::other("the namespace's observer stopped"));
                         }
@@ -477,7 +470,7 @@ impl JobStarted {
     /// (`prefect_kubernetes/observer.py: _fetch_crashed_pod_logs`).
     async fn crashed_pod_logs(&self) -> Option<(String, String, Vec<String>)> {
         let pod = {
-            let view = self.view.borrow();
+            let view = self.following.view.borrow();
             crate::outcome::newest_unsucceeded_pod(&view, &self.job)?
         };
         let api: Api<k8s_openapi::api::core::v1::Pod> =
@@ -498,12 +491,6 @@ impl JobStarted {
             }
         }
         None
-    }
-}
-
-impl Drop for JobStarted {
-    fn drop(&mut self) {
-        self.observer.release(self.flow_run_id);
     }
 }
 

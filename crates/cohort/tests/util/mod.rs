@@ -25,6 +25,8 @@
 pub mod docker;
 /// Fault-injecting HTTP/websocket proxy to put between a worker and the server.
 pub mod fault_proxy;
+/// The emulated Kubernetes cluster and the image the Kubernetes tests' pods run.
+pub mod kubernetes;
 /// Figures and checks shared by the fault trials (`tests/fault_trials.rs`).
 pub mod trials;
 

@@ -1,0 +1,426 @@
+//! End-to-end tests of `cohort worker start --type kubernetes` against a real Prefect 3.8.8
+//! server and an emulated cluster: no Kubernetes control plane can run on these machines, so
+//! the cluster is the Kubernetes API emulator (`cohort-kube-fake`), on loopback with a
+//! kubeconfig, whose kubelet runs each pod as a real container on the local Docker Engine.
+//! Real flows run in those pods (`prefect flow-run execute` in Prefect's image, built here with
+//! `examples/flows` baked in) and report to the real server. Every assertion reads the outcome
+//! back: states from the server, events through `POST /api/events/filter`, Jobs and pods from
+//! the emulator's store.
+
+// End-to-end tests wait on real processes: wall-clock time and sleeps are the point here.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+mod util;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use util::kubernetes::{cluster, flows_image, NAMESPACE};
+use util::trials::{flow_run_label, EXECUTED, STATUS_CODE_LABEL};
+use util::{server, unique, DeploySpec, Worker};
+
+const FINAL_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A kubernetes pool created empty (the worker gives it prefect-kubernetes' template) and a
+/// Cohort worker on the emulated cluster.
+fn pool_and_worker(what: &str) -> (String, String, Worker) {
+    let s = server();
+    let pool = unique(&format!("k8s-{what}"));
+    s.create_work_pool(&pool, "kubernetes");
+    let name = unique(&format!("k8s-worker-{what}"));
+    let worker = worker(&pool, &name, None);
+    (pool, name, worker)
+}
+
+fn worker(pool: &str, name: &str, home: Option<&std::path::Path>) -> Worker {
+    let mut builder = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", pool, "--type", "kubernetes", "--name", name],
+    )
+    .env("KUBECONFIG", &cluster().kubeconfig())
+    // The namespaces to watch, as Prefect's Helm chart sets them (the pool's own default
+    // namespace is `default`; these runs go to another).
+    .env(
+        "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES",
+        NAMESPACE,
+    );
+    if let Some(home) = home {
+        builder = builder.home(home);
+    }
+    builder.spawn()
+}
+
+/// The job variables of a run in the test namespace, with the flows image.
+fn variables(extra: Value) -> Value {
+    let mut v = json!({"image": flows_image(), "namespace": NAMESPACE});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    v
+}
+
+fn run_events(run_id: &str, n: usize) -> Vec<Value> {
+    server().wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{run_id}")]},
+               "event": {"prefix": ["prefect.worker.", "prefect.kubernetes.pod."]}}),
+        n,
+        Duration::from_secs(60),
+    )
+}
+
+fn names(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect()
+}
+
+fn executed(events: &[Value]) -> &Value {
+    events
+        .iter()
+        .find(|e| e["event"] == EXECUTED)
+        .expect("an executed-flow-run event")
+}
+
+fn wait_for_state(run_id: &str, state: &str) {
+    let s = server();
+    util::poll(
+        &format!("flow run {run_id} to be {state}"),
+        FINAL_TIMEOUT,
+        Duration::from_millis(500),
+        || (s.read_flow_run(run_id)["state"]["type"] == state).then_some(()),
+    );
+}
+
+fn state_names(run_id: &str) -> Vec<String> {
+    let states = server().request(
+        reqwest::Method::GET,
+        &format!("/flow_run_states/?flow_run_id={run_id}"),
+        None,
+    );
+    states
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_real_flow_runs_as_a_job_to_completed_with_prefects_events() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("ok");
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(variables(
+        json!({"labels": {"team": "data eng"}, "env": {"EXTRA": "1"}}),
+    )));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}");
+
+    let c = cluster();
+    let jobs = c.jobs_of(&run.id);
+    assert_eq!(jobs.len(), 1, "one Job per run");
+    let job = &jobs[0];
+    let job_name = job["metadata"]["name"].as_str().unwrap();
+    // prefect-kubernetes' manifest: its labels (slugged), the env, the args.
+    assert_eq!(job["metadata"]["labels"]["team"], "data-eng");
+    assert_eq!(
+        job["metadata"]["labels"]["prefect.io/deployment-id"],
+        dep.id
+    );
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["args"], json!(["prefect", "flow-run", "execute"]));
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"EXTRA") && env.contains(&"PREFECT__FLOW_RUN_ID"),
+        "{env:?}"
+    );
+    assert_eq!(
+        s.read_flow_run(&run.id)["infrastructure_pid"],
+        format!("{NAMESPACE}:{job_name}")
+    );
+
+    // The worker's events, and the observer's pod events, exactly three as Prefect's
+    // integration test expects (pending, running, succeeded).
+    let events = run_events(&run.id, 5);
+    let mut got = names(&events);
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [
+            "prefect.kubernetes.pod.pending",
+            "prefect.kubernetes.pod.running",
+            "prefect.kubernetes.pod.succeeded",
+            "prefect.worker.executed-flow-run",
+            "prefect.worker.submitted-flow-run",
+        ],
+        "{events:#?}"
+    );
+    let executed = executed(&events);
+    assert_eq!(
+        flow_run_label(executed, STATUS_CODE_LABEL).as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        flow_run_label(executed, "prefect.infrastructure.identifier").as_deref(),
+        Some(format!("{NAMESPACE}:{job_name}").as_str())
+    );
+    assert!(
+        executed["resource"]["prefect.resource.id"]
+            .as_str()
+            .unwrap()
+            .starts_with("prefect.worker.kubernetes."),
+        "{executed}"
+    );
+    // The observer's InfrastructurePending, between Submitting and Running.
+    let states = state_names(&run.id);
+    assert!(
+        states.iter().any(|n| n == "InfrastructurePending"),
+        "{states:?}"
+    );
+    c.clean_up(&run.id);
+}
+
+/// A container that dies before the engine reports anything (a bad command, an import
+/// error) is Crashed with its real exit code, which prefect-kubernetes never reads (its
+/// executed event always says "0"), and its last output is forwarded to the run's logs.
+#[test]
+fn a_container_that_dies_before_the_engine_is_crashed_with_its_code_and_output() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("dies");
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+            "command": "python -c \"print('boom before the engine'); raise SystemExit(3)\""
+        }))),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let message = state["message"].as_str().unwrap_or_default();
+    assert!(message.contains("non-zero status code 3"), "{message}");
+    let events = run_events(&run.id, 5);
+    assert_eq!(
+        flow_run_label(executed(&events), STATUS_CODE_LABEL).as_deref(),
+        Some("3")
+    );
+    assert!(
+        names(&events).contains(&"prefect.kubernetes.pod.evicted"),
+        "{events:#?}"
+    );
+    let c = cluster();
+    let logs = c.wait_for(
+        "the pod's output in the run's logs",
+        Duration::from_secs(30),
+        || {
+            let logs = s.read_logs(&run.id);
+            logs.iter()
+                .any(|l| l["message"] == "boom before the engine")
+                .then_some(logs)
+        },
+    );
+    assert!(
+        logs.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Container logs from container 'prefect-job' in pod"))),
+        "{logs:#?}"
+    );
+    c.clean_up(&run.id);
+}
+
+/// A flow process that dies without reporting (`os._exit(3)`) is reported Crashed by
+/// `prefect flow-run execute` in the pod, which then exits 0: the run keeps the engine's
+/// Crashed state and message.
+#[test]
+fn a_flow_that_dies_is_crashed_by_the_engine_in_its_pod() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("crash");
+    let dep = s.deploy(&DeploySpec::new(&pool, "crash").job_variables(variables(json!({}))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let message = state["message"].as_str().unwrap_or_default();
+    assert!(message.contains("status code: 3"), "{message}");
+    let events = run_events(&run.id, 5);
+    assert_eq!(
+        flow_run_label(executed(&events), STATUS_CODE_LABEL).as_deref(),
+        Some("0")
+    );
+    cluster().clean_up(&run.id);
+}
+
+/// A failed flow keeps Failed: the engine reports it and exits 0, so the Job completes.
+#[test]
+fn a_failed_flow_keeps_its_failed_state() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("fail");
+    let dep = s.deploy(&DeploySpec::new(&pool, "fail").job_variables(variables(json!({}))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "FAILED", "{state}");
+    let events = run_events(&run.id, 5);
+    assert_eq!(
+        flow_run_label(executed(&events), STATUS_CODE_LABEL).as_deref(),
+        Some("0")
+    );
+    assert_eq!(s.read_flow_run(&run.id)["state"]["type"], "FAILED");
+    cluster().clean_up(&run.id);
+}
+
+/// A container killed for its memory limit: Crashed, the message names the OOM kill, the pod
+/// event carries the reason, as Prefect's observer labels it.
+#[test]
+fn a_flow_killed_for_its_memory_limit_is_crashed_as_oomkilled() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("oom");
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({"memory_limit": "24Mi"}))),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let message = state["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("OOMKilled") && message.contains("137"),
+        "{message}"
+    );
+    let events = run_events(&run.id, 5);
+    let evicted = events
+        .iter()
+        .find(|e| e["event"] == "prefect.kubernetes.pod.evicted")
+        .expect("the pod's evicted event");
+    assert_eq!(evicted["resource"]["kubernetes.reason"], "OOMKilled");
+    cluster().clean_up(&run.id);
+}
+
+/// An image that cannot be pulled leaves a pod Pending for ever in Prefect. Here the run is
+/// Crashed once `pod_watch_timeout_seconds` has passed with the diagnosis unchanged, with the
+/// diagnosis as its message, and its Job is deleted.
+#[test]
+fn an_image_that_cannot_be_pulled_is_crashed_with_its_diagnosis() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("pull");
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+            "image": "cohort-test/no-such-image:1", "pod_watch_timeout_seconds": 5
+        }))),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let message = state["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("Image pull failed for container 'prefect-job'"),
+        "{message}"
+    );
+    let c = cluster();
+    c.wait_for("the Job to be deleted", Duration::from_secs(60), || {
+        c.jobs_of(&run.id).is_empty().then_some(())
+    });
+    let pending = s.wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+               "event": {"name": ["prefect.kubernetes.pod.pending"]}}),
+        2,
+        Duration::from_secs(30),
+    );
+    assert!(
+        pending
+            .iter()
+            .any(|e| e["resource"]["kubernetes.diagnosis"] == "ImagePullError"),
+        "{pending:#?}"
+    );
+    // The observer's diagnosis is in the run's logs, with its resolution.
+    let logs = s.read_logs(&run.id);
+    assert!(
+        logs.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Image pull failed") && m.contains("Resolution:"))),
+        "{logs:#?}"
+    );
+    c.clean_up(&run.id);
+}
+
+/// Proposes Cancelling as `prefect flow-run cancel` does.
+fn request_cancel(run_id: &str) {
+    let r = server().request(
+        reqwest::Method::POST,
+        &format!("/flow_runs/{run_id}/set_state"),
+        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": false})),
+    );
+    assert_eq!(r["status"], "ACCEPT", "cancel request: {r}");
+}
+
+/// The engine in the pod cancels its own run, as with Prefect's worker.
+#[test]
+fn a_running_flow_is_cancelled_by_its_engine_in_the_pod() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("cancel");
+    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").job_variables(variables(json!({}))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 300}));
+    wait_for_state(&run.id, "RUNNING");
+    request_cancel(&run.id);
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CANCELLED", "{state}");
+    cluster().clean_up(&run.id);
+}
+
+/// A run whose pod never started (its image cannot be pulled) is cancelled by the worker: its
+/// Job is deleted in the foreground, and the run Cancelled.
+#[test]
+fn a_run_cancelled_while_its_pod_is_pending_has_its_job_deleted() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("cancel-pending");
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+            "image": "cohort-test/no-such-image:2", "pod_watch_timeout_seconds": 600
+        }))),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let c = cluster();
+    c.wait_for("the run's pod", Duration::from_secs(120), || {
+        (!c.pods_of(&run.id).is_empty()).then_some(())
+    });
+    request_cancel(&run.id);
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CANCELLED", "{state}");
+    c.wait_for("the Job to be deleted", Duration::from_secs(60), || {
+        c.jobs_of(&run.id).is_empty().then_some(())
+    });
+}
+
+/// A worker SIGKILLed while its Job runs, replaced by one of the same name whose disk did not
+/// survive (a fresh `PREFECT_HOME`, as a rescheduled worker pod has): the new worker finds the
+/// Job by its labels, follows it to its end and reports it, once.
+#[test]
+fn a_worker_replaced_mid_run_finds_its_job_by_label_and_reports_it() {
+    let s = server();
+    let (pool, name, mut first) = pool_and_worker("replaced");
+    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").job_variables(variables(json!({}))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 20}));
+    wait_for_state(&run.id, "RUNNING");
+    first.sigkill();
+    let _second = worker(&pool, &name, None);
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}");
+    let executed = s.wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+               "event": {"name": [EXECUTED]}}),
+        1,
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let again = s.read_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+                                     "event": {"name": [EXECUTED]}}),
+    );
+    assert_eq!((executed.len(), again.len()), (1, 1), "{again:#?}");
+    assert_eq!(
+        flow_run_label(&executed[0], STATUS_CODE_LABEL).as_deref(),
+        Some("0")
+    );
+    cluster().clean_up(&run.id);
+}
