@@ -69,6 +69,12 @@ pub trait Infrastructure: Send + Sync + 'static {
         Box::pin(async { Vec::new() })
     }
 
+    /// The worker stops (after its runs are told): what the infrastructure made for the
+    /// worker as a whole goes (prefect-kubernetes' API key Secret, `KubernetesWorker.teardown`).
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// Drops what the infrastructure kept on this machine about a run whose story is told.
     fn forget(&self, _flow_run: Uuid) {}
 

@@ -22,6 +22,7 @@ pub mod observe;
 pub mod outcome;
 pub mod pod;
 pub mod run;
+mod secrets;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -41,6 +42,7 @@ use cohort_kube_manifest::{ManifestSettings, RunInputs};
 use crate::client::{Clients, ClusterKey};
 use crate::observe::{Observer, PodEvents};
 use crate::run::{JobRun, JobStarted, Prepared, Timeouts};
+use crate::secrets::MadeSecrets;
 
 /// The work pool type this infrastructure serves.
 pub const KUBERNETES: &str = "kubernetes";
@@ -95,6 +97,7 @@ pub struct KubernetesInfrastructure {
     clients: Clients,
     observers: Observers,
     options: KubernetesOptions,
+    secrets: Arc<MadeSecrets>,
 }
 
 impl KubernetesInfrastructure {
@@ -105,6 +108,7 @@ impl KubernetesInfrastructure {
             clients: Clients::default(),
             observers: Observers::default(),
             options,
+            secrets: Arc::default(),
         }
     }
 
@@ -114,6 +118,7 @@ impl KubernetesInfrastructure {
             clients: Clients::with_default(client),
             observers: Observers::default(),
             options,
+            secrets: Arc::default(),
         }
     }
 
@@ -185,6 +190,7 @@ impl Infrastructure for KubernetesInfrastructure {
             observers: self.observers.clone(),
             prepared,
             flow_run_id: spec.flow_run_id,
+            secrets: self.secrets.clone(),
             events: Arc::new(PodEvents {
                 sink: spec.events.sink.clone(),
                 reporter: spec.reporter.clone(),
@@ -270,6 +276,10 @@ impl Infrastructure for KubernetesInfrastructure {
         })
     }
 
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.secrets.delete_all())
+    }
+
     fn kill<'a>(
         &'a self,
         identifier: &'a str,
@@ -310,11 +320,6 @@ impl KubernetesInfrastructure {
         for warning in &job.warnings {
             tracing::warn!("{warning}");
         }
-        if !job.secrets.is_empty() {
-            return Err(PrepareError::Unavailable(
-                "this worker does not create Kubernetes Secrets yet: unset PREFECT_INTEGRATIONS_KUBERNETES_WORKER_STORE_ENV_AS_SECRET and PREFECT_INTEGRATIONS_KUBERNETES_WORKER_CREATE_SECRET_FOR_API_KEY, or name an existing secret with ..._API_KEY_SECRET_NAME".into(),
-            ));
-        }
         let seconds = |s: i64| (s > 0).then(|| Duration::from_secs(s.unsigned_abs()));
         Ok(Prepared {
             namespace: job.namespace,
@@ -328,6 +333,7 @@ impl KubernetesInfrastructure {
                 started: seconds(job.pod_watch_timeout_seconds),
                 finished: job.job_watch_timeout_seconds.and_then(seconds),
             },
+            secrets: job.secrets,
         })
     }
 }

@@ -7,17 +7,21 @@ use std::time::Duration;
 use cohort_infra::exit_codes::infrastructure_crashed_message;
 use cohort_infra::{BoxFuture, Job, RunReporter, Started};
 use k8s_openapi::api::batch::v1::Job as K8sJob;
-use kube::api::{DeleteParams, PostParams, PropagationPolicy};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, PostParams, PropagationPolicy};
 use kube::{Api, Client};
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use cohort_kube_manifest::SecretToCreate;
+
 use crate::client::Clients;
 use crate::observe::{Following, PodEvents, OBSERVER_LOGGER};
 use crate::outcome::{assess, Assessment, Cause, End};
 use crate::pod::Diagnosis;
+use crate::secrets::MadeSecrets;
 use crate::{Observers, FLOW_RUN_ID_LABEL};
 
 /// How long a run may be stuck on its way before it is given up.
@@ -39,6 +43,8 @@ pub struct Prepared {
     pub manifest: Value,
     pub cluster_config: Option<Value>,
     pub timeouts: Timeouts,
+    /// Secrets to create first (`store_env_as_secret`, the API key).
+    pub secrets: Vec<SecretToCreate>,
 }
 
 /// The Job of one flow run, to launch.
@@ -48,6 +54,7 @@ pub(crate) struct JobRun {
     pub prepared: Prepared,
     pub flow_run_id: Uuid,
     pub events: Arc<PodEvents>,
+    pub secrets: Arc<MadeSecrets>,
 }
 
 /// Prefect retries the create three times, 1 s plus up to 3 s apart
@@ -65,6 +72,7 @@ impl Job for JobRun {
                 mut manifest,
                 cluster_config,
                 timeouts,
+                secrets,
             } = self.prepared;
             let (cluster, client) = self
                 .clients
@@ -74,7 +82,16 @@ impl Job for JobRun {
             // The watch starts before the Job exists, so nothing of it is missed.
             let observer = self.observers.get(cluster, client.clone(), &namespace);
             let following = observer.follow(self.flow_run_id, Some(self.events.clone()));
-            let name = create(&client, &namespace, &mut manifest, self.flow_run_id).await?;
+            crate::secrets::create(&client, &secrets, &self.secrets).await?;
+            let (name, uid) =
+                match create(&client, &namespace, &mut manifest, self.flow_run_id).await {
+                    Ok(created) => created,
+                    Err(e) => {
+                        crate::secrets::delete_env(&client, &secrets).await;
+                        return Err(e);
+                    }
+                };
+            crate::secrets::own(&client, &secrets, &name, &uid).await;
             tracing::info!(job = %name, %namespace, "Kubernetes job created");
             Ok(Box::new(JobStarted::new(
                 client,
@@ -96,7 +113,7 @@ async fn create(
     namespace: &str,
     manifest: &mut Value,
     flow_run: Uuid,
-) -> Result<String, String> {
+) -> Result<(String, String), String> {
     let api: Api<K8sJob> = Api::namespaced(client.clone(), namespace);
     let metadata = manifest
         .get_mut("metadata")
@@ -116,29 +133,32 @@ async fn create(
             name
         }
     };
-    let job: K8sJob = serde_json::from_value(manifest.clone())
+    // The manifest goes as rendered (no field unknown to this client's types is dropped).
+    let resource = ApiResource::erase::<K8sJob>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let job: DynamicObject = serde_json::from_value(manifest.clone())
         .map_err(|e| format!("Unable to create Kubernetes job: the manifest is not a Job: {e}"))?;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match api.create(&PostParams::default(), &job).await {
-            Ok(created) => return Ok(created.metadata.name.unwrap_or(fixed_name)),
+        match raw.create(&PostParams::default(), &job).await {
+            Ok(created) => return Ok(created_job(created.metadata, &fixed_name)),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 // Ours, from an attempt whose answer was lost: take it. Another run's Job by
                 // that name (an earlier attempt of this run, finished) gets a new name.
                 match api.get_opt(&fixed_name).await {
                     Ok(Some(existing)) if is_live_job_of(&existing, flow_run) => {
                         tracing::info!(job = %fixed_name, "the Job was already created; taking it");
-                        return Ok(fixed_name);
+                        return Ok(created_job(existing.metadata, &fixed_name));
                     }
                     Ok(_) => {
                         let mut renamed = job.clone();
                         renamed.metadata.name = None;
-                        renamed.metadata.generate_name = Some(format!("{}-", fixed_name));
-                        return api
+                        renamed.metadata.generate_name = Some(format!("{fixed_name}-"));
+                        return raw
                             .create(&PostParams::default(), &renamed)
                             .await
-                            .map(|j| j.metadata.name.unwrap_or_default())
+                            .map(|j| created_job(j.metadata, &fixed_name))
                             .map_err(|e| create_error(&e, namespace));
                     }
                     Err(e) if attempt < CREATE_ATTEMPTS => {
@@ -155,6 +175,14 @@ async fn create(
         let jitter = Duration::from_millis(rand::random_range(0..3000));
         tokio::time::sleep(CREATE_RETRY_DELAY + jitter).await;
     }
+}
+
+/// A created Job's name and uid.
+fn created_job(metadata: ObjectMeta, fallback: &str) -> (String, String) {
+    (
+        metadata.name.unwrap_or_else(|| fallback.to_owned()),
+        metadata.uid.unwrap_or_default(),
+    )
 }
 
 /// Five characters of Kubernetes' suffix alphabet, drawn from the flow run's id.

@@ -13,6 +13,7 @@ use cohort_infra::{
     BoxFuture, EventContext, Infrastructure, KillError, RunReporter, RunSpec, Started,
 };
 use cohort_kube_fake::{Emulator, EmulatorConfig, Kind, Kubelet};
+use cohort_kube_manifest::ManifestSettings;
 use cohort_kubernetes::{KubernetesInfrastructure, KubernetesOptions};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -60,10 +61,14 @@ struct Cluster {
 }
 
 fn cluster() -> Cluster {
+    cluster_with(ManifestSettings::default())
+}
+
+fn cluster_with(settings: ManifestSettings) -> Cluster {
     let emulator = Emulator::new(EmulatorConfig::with_kubelet(Kubelet::Scripted {
         auto_schedule: true,
     }));
-    let infra = infrastructure(&emulator);
+    let infra = infrastructure_with(&emulator, settings);
     Cluster {
         emulator,
         infra,
@@ -74,12 +79,20 @@ fn cluster() -> Cluster {
 
 /// Another worker (fresh clients and observers) on the same cluster.
 fn infrastructure(emulator: &Emulator) -> KubernetesInfrastructure {
+    infrastructure_with(emulator, ManifestSettings::default())
+}
+
+fn infrastructure_with(
+    emulator: &Emulator,
+    manifest: ManifestSettings,
+) -> KubernetesInfrastructure {
     let client = kube::Client::new(emulator.service(), "default");
     KubernetesInfrastructure::with_client(
         client,
         KubernetesOptions {
             namespaces: vec![NS.into()],
             prefect_version: "3.8.8".into(),
+            manifest,
             ..KubernetesOptions::default()
         },
     )
@@ -88,6 +101,14 @@ fn infrastructure(emulator: &Emulator) -> KubernetesInfrastructure {
 impl Cluster {
     /// prefect-kubernetes' template rendered with `variables` and prepared for a new run.
     fn prepare(&self, variables: Value) -> (Uuid, Box<dyn cohort_infra::Job>) {
+        self.prepare_with_env(variables, &[])
+    }
+
+    fn prepare_with_env(
+        &self,
+        variables: Value,
+        worker_env: &[(&str, &str)],
+    ) -> (Uuid, Box<dyn cohort_infra::Job>) {
         let id = Uuid::new_v4();
         let template: Value =
             serde_json::from_str(cohort_kube_manifest::BASE_JOB_TEMPLATE).unwrap();
@@ -119,7 +140,14 @@ impl Cluster {
         let spec = RunSpec {
             flow_run_id: id,
             flow_run_name: "witty-otter".into(),
-            env: BTreeMap::from([("PREFECT__FLOW_RUN_ID".to_owned(), id.to_string())]),
+            env: [("PREFECT__FLOW_RUN_ID".to_owned(), id.to_string())]
+                .into_iter()
+                .chain(
+                    worker_env
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string())),
+                )
+                .collect(),
             labels,
             events: EventContext {
                 sink: self.sink.clone(),
@@ -443,4 +471,86 @@ async fn a_restarted_worker_finds_its_running_jobs_by_label_and_follows_them() {
     assert_eq!(wait(&mut adopted).await, 0);
     // A Job that ended is no orphan.
     assert!(after.orphans("My K8s Worker", pool, &[]).await.is_empty());
+}
+
+#[tokio::test]
+async fn env_secrets_are_owned_by_their_job_and_the_api_key_secret_goes_with_the_worker() {
+    let c = cluster_with(ManifestSettings {
+        store_env_as_secret: true,
+        create_secret_for_api_key: true,
+        ..ManifestSettings::default()
+    });
+    let worker_env = [
+        ("PREFECT_API_KEY", "pnu_not_a_real_key"),
+        ("PREFECT__WORKER_NAME", "My K8s Worker"),
+    ];
+    let (id, job) = c.prepare_with_env(json!({"env": {"EXTRA": "1"}}), &worker_env);
+    let _started = job.launch().await.expect("launched");
+    let job = &c.jobs_of(id)[0];
+    let (job_name, job_uid) = (
+        job["metadata"]["name"].as_str().unwrap(),
+        job["metadata"]["uid"].as_str().unwrap(),
+    );
+    let secrets = c.emulator.list(Kind::Secret, Some(NS));
+    let env_secret = secrets
+        .iter()
+        .find(|s| {
+            s["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("witty-otter-env-")
+        })
+        .expect("the env Secret");
+    assert_eq!(env_secret["metadata"]["ownerReferences"][0]["uid"], job_uid);
+    assert_eq!(
+        env_secret["metadata"]["ownerReferences"][0]["name"],
+        job_name
+    );
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["envFrom"][0]["secretRef"]["name"],
+        env_secret["metadata"]["name"]
+    );
+    let api_key = "prefect-my-k8s-worker-api-key";
+    assert!(
+        c.emulator.get(Kind::Secret, NS, api_key).is_some(),
+        "{secrets:#?}"
+    );
+
+    // The API key Secret goes when the worker stops; the env Secret with its Job.
+    c.infra.shutdown().await;
+    assert!(c.emulator.get(Kind::Secret, NS, api_key).is_none());
+    c.infra
+        .kill(&format!("{NS}:{job_name}"), Duration::ZERO)
+        .await
+        .unwrap();
+    let env_name = env_secret["metadata"]["name"].as_str().unwrap().to_owned();
+    let collected = c
+        .emulator
+        .wait_until(WAIT, |e| {
+            e.get(Kind::Secret, NS, &env_name).is_none().then_some(())
+        })
+        .await;
+    assert!(
+        collected.is_some(),
+        "the env Secret was collected with its Job"
+    );
+}
+
+#[tokio::test]
+async fn the_env_secret_of_a_job_that_could_not_be_created_is_deleted() {
+    let c = cluster_with(ManifestSettings {
+        store_env_as_secret: true,
+        ..ManifestSettings::default()
+    });
+    c.emulator.fail_next("POST", "/jobs", 403, 1);
+    let (_, job) = c.prepare(json!({"env": {"EXTRA": "1"}}));
+    let Err(e) = job.launch().await else {
+        panic!("created despite a 403")
+    };
+    assert!(
+        e.contains("Hint: Check that your service account has the required RBAC permissions"),
+        "{e}"
+    );
+    assert!(c.emulator.list(Kind::Secret, Some(NS)).is_empty());
 }

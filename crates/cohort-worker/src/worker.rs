@@ -468,6 +468,7 @@ impl Worker {
 
         background.cancel();
         tasks.join().await;
+        infra.shutdown().await;
         let stopped = Event::new(names::WORKER_STOPPED, resource, pool_related).follow(&started);
         sink.emit(stopped).await;
         tracing::info!("Worker '{}' stopped!", self.options.name);
