@@ -424,3 +424,110 @@ fn a_worker_replaced_mid_run_finds_its_job_by_label_and_reports_it() {
     );
     cluster().clean_up(&run.id);
 }
+
+/// `--limit` counts running Jobs: with a limit of one, the second run's Job is created only
+/// once the first one's has ended (prefect-kubernetes frees the slot at creation).
+#[test]
+fn the_limit_counts_running_jobs() {
+    let s = server();
+    let pool = unique("k8s-limit");
+    s.create_work_pool(&pool, "kubernetes");
+    let name = unique("k8s-worker-limit");
+    let _worker = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "kubernetes", "--name", &name, "--limit", "1"],
+    )
+    .env("KUBECONFIG", &cluster().kubeconfig())
+    .env("PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES", NAMESPACE)
+    .spawn();
+    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").job_variables(variables(json!({}))));
+    let first = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 5}));
+    let second = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 5}));
+    for run in [&first, &second] {
+        let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+        assert_eq!(state["type"], "COMPLETED", "{state}");
+    }
+    let c = cluster();
+    let created = |run: &str| {
+        let job = &c.jobs_of(run)[0];
+        chrono::DateTime::parse_from_rfc3339(job["metadata"]["creationTimestamp"].as_str().unwrap())
+            .unwrap()
+    };
+    let finished = |run: &str| {
+        let pod = &c.pods_of(run)[0];
+        let t = pod["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        chrono::DateTime::parse_from_rfc3339(&t).unwrap()
+    };
+    let (a, b) = if created(&first.id) <= created(&second.id) {
+        (&first.id, &second.id)
+    } else {
+        (&second.id, &first.id)
+    };
+    assert!(created(b) >= finished(a), "the second Job was created while the first ran");
+    c.clean_up(&first.id);
+    c.clean_up(&second.id);
+}
+
+/// A pool whose runs name a cluster with a `kubernetes-cluster-config` block: the worker's
+/// own configuration points nowhere, the Job goes to the block's cluster, and the run is
+/// followed there (prefect-kubernetes' observer ignores `cluster_config`).
+#[test]
+fn a_cluster_config_block_names_the_cluster() {
+    let s = server();
+    let c = cluster();
+    let block_type = s.request(
+        reqwest::Method::POST,
+        "/block_types/",
+        Some(&json!({"name": unique("Kubernetes Cluster Config"), "slug": unique("kubernetes-cluster-config")})),
+    );
+    let schema = s.request(
+        reqwest::Method::POST,
+        "/block_schemas/",
+        Some(&json!({
+            "block_type_id": block_type["id"],
+            "capabilities": [],
+            "fields": {"title": "KubernetesClusterConfig", "type": "object",
+                       "properties": {"config": {"type": "object"}, "context_name": {"type": "string"}},
+                       "required": ["config", "context_name"]},
+        })),
+    );
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulated",
+        "clusters": [{"name": "emulated", "cluster": {"server": c.url()}}],
+        "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "emulated"}}],
+        "users": [{"name": "emulated", "user": {}}],
+    });
+    let block = s.request(
+        reqwest::Method::POST,
+        "/block_documents/",
+        Some(&json!({
+            "name": unique("emulated"),
+            "block_type_id": block_type["id"],
+            "block_schema_id": schema["id"],
+            "data": {"config": kubeconfig, "context_name": "emulated"},
+        })),
+    );
+    let pool = unique("k8s-block");
+    s.create_work_pool(&pool, "kubernetes");
+    let name = unique("k8s-worker-block");
+    let nowhere = tempfile::tempdir().unwrap();
+    let _worker = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "kubernetes", "--name", &name],
+    )
+    .env("KUBECONFIG", &nowhere.path().join("no-such-kubeconfig").to_string_lossy())
+    .spawn();
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+        "cluster_config": {"$ref": {"block_document_id": block["id"]}}
+    }))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}");
+    assert_eq!(c.jobs_of(&run.id).len(), 1);
+    let events = run_events(&run.id, 5);
+    assert!(names(&events).contains(&"prefect.kubernetes.pod.succeeded"), "{events:#?}");
+    c.clean_up(&run.id);
+}

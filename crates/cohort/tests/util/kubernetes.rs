@@ -60,6 +60,11 @@ pub fn cluster() -> &'static Cluster {
 }
 
 impl Cluster {
+    /// The emulator's address.
+    pub fn url(&self) -> String {
+        self._served.url()
+    }
+
     /// `KUBECONFIG` for a worker.
     pub fn kubeconfig(&self) -> String {
         self.kubeconfig.to_string_lossy().into_owned()
