@@ -435,10 +435,22 @@ fn the_limit_counts_running_jobs() {
     let name = unique("k8s-worker-limit");
     let _worker = Worker::builder(
         util::WorkerKind::Cohort,
-        &["--pool", &pool, "--type", "kubernetes", "--name", &name, "--limit", "1"],
+        &[
+            "--pool",
+            &pool,
+            "--type",
+            "kubernetes",
+            "--name",
+            &name,
+            "--limit",
+            "1",
+        ],
     )
     .env("KUBECONFIG", &cluster().kubeconfig())
-    .env("PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES", NAMESPACE)
+    .env(
+        "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES",
+        NAMESPACE,
+    )
     .spawn();
     let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").job_variables(variables(json!({}))));
     let first = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 5}));
@@ -466,7 +478,10 @@ fn the_limit_counts_running_jobs() {
     } else {
         (&second.id, &first.id)
     };
-    assert!(created(b) >= finished(a), "the second Job was created while the first ran");
+    assert!(
+        created(b) >= finished(a),
+        "the second Job was created while the first ran"
+    );
     c.clean_up(&first.id);
     c.clean_up(&second.id);
 }
@@ -518,16 +533,138 @@ fn a_cluster_config_block_names_the_cluster() {
         util::WorkerKind::Cohort,
         &["--pool", &pool, "--type", "kubernetes", "--name", &name],
     )
-    .env("KUBECONFIG", &nowhere.path().join("no-such-kubeconfig").to_string_lossy())
+    .env(
+        "KUBECONFIG",
+        &nowhere.path().join("no-such-kubeconfig").to_string_lossy(),
+    )
     .spawn();
-    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(variables(json!({
-        "cluster_config": {"$ref": {"block_document_id": block["id"]}}
-    }))));
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+            "cluster_config": {"$ref": {"block_document_id": block["id"]}}
+        }))),
+    );
     let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
     let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
     assert_eq!(state["type"], "COMPLETED", "{state}");
     assert_eq!(c.jobs_of(&run.id).len(), 1);
     let events = run_events(&run.id, 5);
-    assert!(names(&events).contains(&"prefect.kubernetes.pod.succeeded"), "{events:#?}");
+    assert!(
+        names(&events).contains(&"prefect.kubernetes.pod.succeeded"),
+        "{events:#?}"
+    );
     c.clean_up(&run.id);
+}
+
+/// 200 Jobs supervised at once on an emulated cluster whose kubelet the test scripts (200
+/// Prefect engines do not fit on the test machines, so no engine runs in these pods and the
+/// runs stay Pending): every run gets exactly one Job, and when the pods end every run gets
+/// its `executed-flow-run`, read back from the server, with the pod's exit code.
+#[test]
+fn two_hundred_jobs_are_supervised_at_once() {
+    const RUNS: usize = 200;
+    let s = server();
+    let c = cluster();
+    let (emulator, served, dir) = c.block_on(async {
+        let emulator = cohort_kube_fake::Emulator::new(
+            cohort_kube_fake::EmulatorConfig::with_kubelet(cohort_kube_fake::Kubelet::Scripted {
+                auto_schedule: true,
+            }),
+        );
+        let served = emulator.serve().await.unwrap();
+        (emulator, served, tempfile::tempdir().unwrap())
+    });
+    let kubeconfig = served.write_kubeconfig(dir.path()).unwrap();
+    let pool = unique("k8s-200");
+    s.create_work_pool(&pool, "kubernetes");
+    let name = unique("k8s-worker-200");
+    let _worker = Worker::builder(
+        util::WorkerKind::Cohort,
+        &["--pool", &pool, "--type", "kubernetes", "--name", &name],
+    )
+    .env("KUBECONFIG", &kubeconfig.to_string_lossy())
+    .env(
+        "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES",
+        NAMESPACE,
+    )
+    .spawn();
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({
+        "image": "cohort-test/not-run:1", "namespace": NAMESPACE
+    })));
+    let runs: Vec<String> = (0..RUNS)
+        .map(|_| s.create_flow_run(&dep.id, &[], json!({}), json!({})).id)
+        .collect();
+
+    // Every pod runs; once all 200 run at once, each exits with a code of its own.
+    let running = |emulator: &cohort_kube_fake::Emulator| {
+        emulator
+            .pods(NAMESPACE)
+            .into_iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count()
+    };
+    util::poll(
+        "200 pods running",
+        FINAL_TIMEOUT,
+        Duration::from_millis(500),
+        || {
+            for pod in emulator.pods(NAMESPACE) {
+                if pod["status"]["phase"] == "Pending" {
+                    let _ =
+                        emulator.pod_running(NAMESPACE, pod["metadata"]["name"].as_str().unwrap());
+                }
+            }
+            (running(&emulator) == RUNS).then_some(())
+        },
+    );
+    let jobs = emulator.jobs(NAMESPACE);
+    assert_eq!(jobs.len(), RUNS, "one Job per run");
+    let mut code_of = std::collections::HashMap::new();
+    for (i, pod) in emulator.pods(NAMESPACE).iter().enumerate() {
+        let code = (i % 3) as i32;
+        let run = pod["metadata"]["labels"]["prefect.io/flow-run-id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        code_of.insert(run, code.to_string());
+        let reason = if code == 0 { "Completed" } else { "Error" };
+        emulator
+            .pod_exit(
+                NAMESPACE,
+                pod["metadata"]["name"].as_str().unwrap(),
+                code,
+                reason,
+            )
+            .unwrap();
+    }
+    let executed = util::poll(
+        "an executed-flow-run event for every run",
+        FINAL_TIMEOUT,
+        Duration::from_secs(2),
+        || {
+            let events = s.read_events(json!({
+                "event": {"name": [EXECUTED]},
+                "resource": {"id": [format!("prefect.worker.kubernetes.{}", name.to_lowercase())]},
+            }));
+            (events.len() >= RUNS).then_some(events)
+        },
+    );
+    assert_eq!(executed.len(), RUNS, "one executed-flow-run per run");
+    for event in &executed {
+        let run = event["related"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["prefect.resource.role"] == "flow-run")
+            .unwrap()["prefect.resource.id"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("prefect.flow-run.")
+            .to_owned();
+        assert!(runs.contains(&run));
+        assert_eq!(
+            flow_run_label(event, STATUS_CODE_LABEL),
+            code_of.get(&run).cloned()
+        );
+    }
+    c.block_on(emulator.shutdown());
 }
