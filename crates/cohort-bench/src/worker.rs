@@ -44,7 +44,7 @@ impl WorkerKind {
     /// Who goes first in repetition `rep`: alternate, so neither always meets a server
     /// warmed (or loaded) by the other.
     pub fn order(rep: usize) -> [WorkerKind; 2] {
-        if rep % 2 == 0 {
+        if rep.is_multiple_of(2) {
             [WorkerKind::Python, WorkerKind::Cohort]
         } else {
             [WorkerKind::Cohort, WorkerKind::Python]
