@@ -40,7 +40,12 @@ pub fn prepare_create(kind: Kind, obj: &mut Value) {
             obj["spec"] = json!({"finalizers": ["kubernetes"]});
             obj["status"] = json!({"phase": "Active"});
         }
-        Kind::Event | Kind::CustomResourceDefinition => {}
+        Kind::Event
+        | Kind::CustomResourceDefinition
+        | Kind::ServiceAccount
+        | Kind::Deployment
+        | Kind::Role
+        | Kind::RoleBinding => {}
     }
 }
 

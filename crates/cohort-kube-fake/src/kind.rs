@@ -21,17 +21,28 @@ pub enum Kind {
     /// `apiextensions.k8s.io/v1` CustomResourceDefinition: always an empty, read-only list,
     /// because kopf waits for the resource to exist before it starts.
     CustomResourceDefinition,
+    /// `v1` ServiceAccount, `apps/v1` Deployment, `rbac.authorization.k8s.io/v1` Role and
+    /// RoleBinding: stored and served, nothing more (no controller, no authorization), so that
+    /// `kubectl apply` of the worker's own manifests can be checked.
+    ServiceAccount,
+    Deployment,
+    Role,
+    RoleBinding,
 }
 
 impl Kind {
     /// Every kind, in discovery order.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Secret,
         Kind::Event,
         Kind::Job,
         Kind::CustomResourceDefinition,
+        Kind::ServiceAccount,
+        Kind::Deployment,
+        Kind::Role,
+        Kind::RoleBinding,
     ];
 
     /// The `kind` field (`Pod`).
@@ -43,6 +54,10 @@ impl Kind {
             Kind::Event => "Event",
             Kind::Job => "Job",
             Kind::CustomResourceDefinition => "CustomResourceDefinition",
+            Kind::ServiceAccount => "ServiceAccount",
+            Kind::Deployment => "Deployment",
+            Kind::Role => "Role",
+            Kind::RoleBinding => "RoleBinding",
         }
     }
 
@@ -55,6 +70,10 @@ impl Kind {
             Kind::Event => "events",
             Kind::Job => "jobs",
             Kind::CustomResourceDefinition => "customresourcedefinitions",
+            Kind::ServiceAccount => "serviceaccounts",
+            Kind::Deployment => "deployments",
+            Kind::Role => "roles",
+            Kind::RoleBinding => "rolebindings",
         }
     }
 
@@ -63,6 +82,8 @@ impl Kind {
         match self {
             Kind::Job => "batch",
             Kind::CustomResourceDefinition => "apiextensions.k8s.io",
+            Kind::Deployment => "apps",
+            Kind::Role | Kind::RoleBinding => "rbac.authorization.k8s.io",
             _ => "",
         }
     }
@@ -72,6 +93,8 @@ impl Kind {
         match self.group() {
             "" => "v1",
             "batch" => "batch/v1",
+            "apps" => "apps/v1",
+            "rbac.authorization.k8s.io" => "rbac.authorization.k8s.io/v1",
             _ => "apiextensions.k8s.io/v1",
         }
     }
@@ -94,6 +117,8 @@ impl Kind {
             Kind::Pod => &["po"],
             Kind::Event => &["ev"],
             Kind::CustomResourceDefinition => &["crd", "crds"],
+            Kind::ServiceAccount => &["sa"],
+            Kind::Deployment => &["deploy"],
             _ => &[],
         }
     }

@@ -157,7 +157,9 @@ async fn create_conflicts_and_validation_are_status_errors() {
         status["details"],
         json!({"name": "nope", "group": "batch", "kind": "jobs"})
     );
-    let (code, _) = client.call("GET", "/apis/apps/v1/deployments", None).await;
+    let (code, _) = client
+        .call("GET", "/apis/networking.k8s.io/v1/ingresses", None)
+        .await;
     assert_eq!(code, 404);
 }
 

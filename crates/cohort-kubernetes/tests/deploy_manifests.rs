@@ -1,7 +1,8 @@
 //! `deploy/kubernetes/worker.yaml`, the manifests that run the worker in a cluster: every
 //! document is a known kind whose every field Kubernetes' own types know (a misspelt field
-//! would be dropped on the way through k8s-openapi's types), and the Role grants no more than
-//! what the worker does.
+//! would be dropped on the way through k8s-openapi's types), the Role grants no more than
+//! what the worker does, and `kubectl apply --dry-run=client` accepts them (against the
+//! Kubernetes emulator, for the discovery kubectl needs).
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -79,4 +80,40 @@ fn the_worker_manifests_are_well_formed_kubernetes_objects() {
     assert!(args.windows(2).any(|w| w == ["--type", "kubernetes"]));
     // Non-root, as the image runs.
     assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_accepts_the_worker_manifests_in_a_client_dry_run() {
+    use cohort_kube_fake::{Emulator, EmulatorConfig, Kind};
+    let emulator = Emulator::new(EmulatorConfig::default());
+    let served = emulator.serve().await.expect("serve the emulator");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = served.write_kubeconfig(dir.path()).unwrap();
+    let manifests = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/kubernetes/worker.yaml"
+    );
+    let out = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["apply", "--dry-run=client", "-f", manifests])
+        .output()
+        .await
+        .expect("run kubectl (is it installed and on PATH?)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubectl refused the manifests:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for created in [
+        "serviceaccount/cohort-worker created (dry run)",
+        "role.rbac.authorization.k8s.io/cohort-worker created (dry run)",
+        "rolebinding.rbac.authorization.k8s.io/cohort-worker created (dry run)",
+        "deployment.apps/cohort-worker created (dry run)",
+    ] {
+        assert!(stdout.contains(created), "{stdout}");
+    }
+    // A dry run writes nothing.
+    assert!(emulator.list(Kind::Deployment, Some("prefect")).is_empty());
 }

@@ -38,7 +38,12 @@ pub(crate) fn groups() -> Value {
     json!({
         "kind": "APIGroupList",
         "apiVersion": "v1",
-        "groups": [group_doc("batch"), group_doc("apiextensions.k8s.io")]
+        "groups": [
+            group_doc("batch"),
+            group_doc("apiextensions.k8s.io"),
+            group_doc("apps"),
+            group_doc("rbac.authorization.k8s.io"),
+        ]
     })
 }
 

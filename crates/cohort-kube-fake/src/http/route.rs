@@ -40,7 +40,12 @@ pub(crate) enum Route {
     Log { namespace: String, name: String },
 }
 
-const GROUPS: [&str; 2] = ["batch", "apiextensions.k8s.io"];
+const GROUPS: [&str; 4] = [
+    "batch",
+    "apiextensions.k8s.io",
+    "apps",
+    "rbac.authorization.k8s.io",
+];
 
 /// The route for a path, if the emulator serves it.
 pub(crate) fn parse(path: &str) -> Option<Route> {
@@ -155,7 +160,7 @@ mod tests {
             })
         );
         assert_eq!(parse("/apis/batch/v1/namespaces/x/pods"), None);
-        assert_eq!(parse("/apis/apps/v1"), None);
+        assert_eq!(parse("/apis/networking.k8s.io/v1"), None);
         assert_eq!(parse("/api/v1/namespaces/x/jobs"), None);
     }
 }
