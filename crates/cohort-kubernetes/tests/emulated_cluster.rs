@@ -554,3 +554,74 @@ async fn the_env_secret_of_a_job_that_could_not_be_created_is_deleted() {
     );
     assert!(c.emulator.list(Kind::Secret, Some(NS)).is_empty());
 }
+
+/// The Job POSTs a create made, in order.
+fn job_posts(c: &Cluster) -> usize {
+    c.emulator
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        .count()
+}
+
+#[tokio::test]
+async fn refusals_are_not_retried_and_say_what_was_refused() {
+    for (code, expect) in [
+        (401, "Unable to create Kubernetes job: "),
+        (
+            403,
+            "Hint: Check that your service account has the required RBAC permissions for this operation.",
+        ),
+        (422, "Unable to create Kubernetes job: "),
+    ] {
+        let c = cluster();
+        c.emulator.fail_next("POST", "/jobs", code, 3);
+        let (_, job) = c.prepare(json!({}));
+        let Err(e) = job.launch().await else { panic!("{code}: created") };
+        assert!(e.contains(expect), "{code}: {e}");
+        assert_eq!(job_posts(&c), 1, "{code} was retried");
+    }
+}
+
+#[tokio::test]
+async fn overload_and_server_errors_are_retried_three_times_in_all() {
+    // Two failures, then the create goes through.
+    for code in [429, 500, 503] {
+        let c = cluster();
+        c.emulator.fail_next("POST", "/jobs", code, 2);
+        let (id, job) = c.prepare(json!({}));
+        job.launch().await.unwrap_or_else(|e| panic!("{code}: {e}"));
+        assert_eq!((job_posts(&c), c.jobs_of(id).len()), (3, 1), "{code}");
+    }
+    // Three failures: the run cannot start, with the server's words.
+    let c = cluster();
+    c.emulator.fail_next("POST", "/jobs", 503, 3);
+    let (_, job) = c.prepare(json!({}));
+    let Err(e) = job.launch().await else {
+        panic!("created")
+    };
+    assert!(e.starts_with("Unable to create Kubernetes job: "), "{e}");
+    assert_eq!(job_posts(&c), 3);
+}
+
+#[tokio::test]
+async fn the_job_is_posted_to_the_namespace_variable_as_rendered() {
+    let c = cluster();
+    let (_, started, _) = c.launch(json!({"cpu_request": "250m"})).await;
+    let post = c
+        .emulator
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        .unwrap();
+    assert_eq!(post.path, format!("/apis/batch/v1/namespaces/{NS}/jobs"));
+    let body = post.body.unwrap();
+    // The name is fixed before the POST; everything else is the rendered manifest.
+    let name = body["metadata"]["name"].as_str().unwrap();
+    assert_eq!(started.identifier(), format!("{NS}:{name}"));
+    assert!(body["metadata"].get("generateName").is_none());
+    let container = &body["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["resources"]["requests"]["cpu"], "250m");
+    assert_eq!(container["resources"]["limits"], json!({}));
+    assert_eq!(body["spec"]["backoffLimit"], 0);
+}

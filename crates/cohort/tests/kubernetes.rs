@@ -17,9 +17,30 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use util::kubernetes::{cluster, flows_image, NAMESPACE};
 use util::trials::{flow_run_label, EXECUTED, STATUS_CODE_LABEL};
-use util::{server, unique, DeploySpec, Worker};
+use util::{configure_server, unique, DeploySpec, ServerOptions, Worker};
 
 const FINAL_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long the server lets a run stay Cancelling before it cancels it and sends a worker
+/// the clean-up (300 s by default).
+const CANCELLING_TIMEOUT_SECONDS: u64 = 15;
+
+/// The shared server of this binary, with a short Cancelling timeout.
+fn server() -> &'static util::PrefectServer {
+    configure_server(ServerOptions {
+        auth_string: None,
+        env: vec![
+            (
+                "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_CANCELLING_TIMEOUT_SECONDS".into(),
+                CANCELLING_TIMEOUT_SECONDS.to_string(),
+            ),
+            (
+                "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS".into(),
+                "5".into(),
+            ),
+        ],
+    });
+    util::server()
+}
 
 /// A kubernetes pool created empty (the worker gives it prefect-kubernetes' template) and a
 /// Cohort worker on the emulated cluster.
@@ -667,4 +688,56 @@ fn two_hundred_jobs_are_supervised_at_once() {
         );
     }
     c.block_on(emulator.shutdown());
+}
+
+/// A run left Cancelling by a worker that died is cancelled by the server after its timeout,
+/// which asks a worker of the pool to tear its infrastructure down
+/// (`cancelling_timeout_teardown.v1` over the worker channel): another worker deletes the Job
+/// named by the run's `infrastructure_pid`.
+#[test]
+fn the_servers_cleanup_after_a_cancelling_timeout_deletes_the_job() {
+    let (_, busybox) = util::docker::images();
+    let s = server();
+    let c = cluster();
+    let pool = unique("k8s-cleanup");
+    s.create_work_pool(&pool, "kubernetes");
+    let mut first = worker(&pool, &unique("k8s-dies"), None);
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+            "image": busybox, "command": "sh -c 'trap \"exit 0\" TERM; sleep 600 & wait'"
+        }))),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let pid = util::poll(
+        "infrastructure_pid to be set",
+        FINAL_TIMEOUT,
+        Duration::from_millis(250),
+        || {
+            s.read_flow_run(&run.id)["infrastructure_pid"]
+                .as_str()
+                .map(str::to_owned)
+        },
+    );
+    // Nobody supervises it any more; a worker of another name does not take it up.
+    first.sigkill();
+    let second = worker(&pool, &unique("k8s-cleans"), None);
+    let r = s.request(
+        reqwest::Method::POST,
+        &format!("/flow_runs/{}/set_state", run.id),
+        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+    );
+    assert_eq!(r["status"], "ACCEPT", "{r}");
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CANCELLED", "{state}");
+    c.wait_for(
+        "the Job to be deleted by the clean-up",
+        Duration::from_secs(120),
+        || c.jobs_of(&run.id).is_empty().then_some(()),
+    );
+    assert!(
+        second.stderr().contains("after its Cancelling timeout"),
+        "the clean-up was not the second worker's ({pid}):\n{}",
+        second.stderr()
+    );
+    c.clean_up(&run.id);
 }
