@@ -94,7 +94,7 @@ pub fn assess(view: &RunView, job: &str) -> Assessment {
                             .and_then(|s| s.message.clone())
                             .unwrap_or_else(|| "no reason given".into()),
                     )
-                } else if failed_reason.as_deref() == Some("DeadlineExceeded") && t.is_none() {
+                } else if failed_reason.as_deref() == Some("DeadlineExceeded") {
                     Cause::DeadlineExceeded
                 } else if deleted && failed_reason.is_none() && t.is_none() {
                     Cause::JobDeleted

@@ -479,7 +479,7 @@ impl Started for JobStarted {
                 "Kubernetes pod '{pod}' was evicted ({why}); its container exited with status code {code}."
             ),
             Some(Cause::DeadlineExceeded) => format!(
-                "Kubernetes job '{}' exceeded its active deadline (activeDeadlineSeconds).",
+                "Kubernetes job '{}' exceeded its active deadline (activeDeadlineSeconds); its pod was stopped with status code {code}.",
                 self.job
             ),
             Some(Cause::JobDeleted) if code == -1 => "Kubernetes job was deleted".to_owned(),

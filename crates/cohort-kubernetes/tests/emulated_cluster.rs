@@ -58,6 +58,8 @@ struct Cluster {
     infra: KubernetesInfrastructure,
     sink: Arc<RecordingSink>,
     reports: Arc<Reports>,
+    /// The pool's base job template (prefect-kubernetes' unless a test changes it).
+    template: Value,
 }
 
 fn cluster() -> Cluster {
@@ -65,26 +67,34 @@ fn cluster() -> Cluster {
 }
 
 fn cluster_with(settings: ManifestSettings) -> Cluster {
+    cluster_with_options(KubernetesOptions {
+        manifest: settings,
+        ..KubernetesOptions::default()
+    })
+}
+
+fn cluster_with_options(options: KubernetesOptions) -> Cluster {
     let emulator = Emulator::new(EmulatorConfig::with_kubelet(Kubelet::Scripted {
         auto_schedule: true,
     }));
-    let infra = infrastructure_with(&emulator, settings);
+    let infra = infrastructure_with_options(&emulator, options);
     Cluster {
         emulator,
         infra,
         sink: Arc::new(RecordingSink::default()),
         reports: Arc::new(Reports::default()),
+        template: serde_json::from_str(cohort_kube_manifest::BASE_JOB_TEMPLATE).unwrap(),
     }
 }
 
 /// Another worker (fresh clients and observers) on the same cluster.
 fn infrastructure(emulator: &Emulator) -> KubernetesInfrastructure {
-    infrastructure_with(emulator, ManifestSettings::default())
+    infrastructure_with_options(emulator, KubernetesOptions::default())
 }
 
-fn infrastructure_with(
+fn infrastructure_with_options(
     emulator: &Emulator,
-    manifest: ManifestSettings,
+    options: KubernetesOptions,
 ) -> KubernetesInfrastructure {
     let client = kube::Client::new(emulator.service(), "default");
     KubernetesInfrastructure::with_client(
@@ -92,8 +102,7 @@ fn infrastructure_with(
         KubernetesOptions {
             namespaces: vec![NS.into()],
             prefect_version: "3.8.8".into(),
-            manifest,
-            ..KubernetesOptions::default()
+            ..options
         },
     )
 }
@@ -110,14 +119,13 @@ impl Cluster {
         worker_env: &[(&str, &str)],
     ) -> (Uuid, Box<dyn cohort_infra::Job>) {
         let id = Uuid::new_v4();
-        let template: Value =
-            serde_json::from_str(cohort_kube_manifest::BASE_JOB_TEMPLATE).unwrap();
+        let template = &self.template;
         let mut values = json!({"namespace": NS, "image": "prefecthq/prefect:3.8.8-python3.11"});
         for (k, v) in variables.as_object().unwrap() {
             values[k] = v.clone();
         }
         let config =
-            cohort_template::render(&template, values.as_object().unwrap(), &|_| None).unwrap();
+            cohort_template::render(template, values.as_object().unwrap(), &|_| None).unwrap();
         let labels = BTreeMap::from([
             ("prefect.io/flow-run-id".to_owned(), id.to_string()),
             (
@@ -624,4 +632,64 @@ async fn the_job_is_posted_to_the_namespace_variable_as_rendered() {
     assert_eq!(container["resources"]["requests"]["cpu"], "250m");
     assert_eq!(container["resources"]["limits"], json!({}));
     assert_eq!(body["spec"]["backoffLimit"], 0);
+}
+
+#[tokio::test]
+async fn an_unschedulable_pod_crashes_its_run_after_the_scheduled_timeout() {
+    let c = cluster_with_options(KubernetesOptions {
+        scheduled_timeout: Some(Duration::from_secs(1)),
+        ..KubernetesOptions::default()
+    });
+    let (id, mut started, pod) = c.launch(json!({})).await;
+    c.emulator
+        .pod_unschedulable(NS, &pod, "0/3 nodes are available: 3 Insufficient memory.")
+        .unwrap();
+    assert_eq!(wait(&mut started).await, -1);
+    let message = started.crashed_message(-1);
+    assert!(
+        message.starts_with("Pod is unschedulable: Kubernetes cannot find a suitable node")
+            && message.contains("was not scheduled within 1 s"),
+        "{message}"
+    );
+    let events = c.pod_events();
+    assert_eq!(
+        events[events.len() - 1]
+            .resource
+            .get("kubernetes.diagnosis"),
+        Some("Unschedulable.InsufficientResources")
+    );
+    let gone = c
+        .emulator
+        .wait_until(WAIT, |_| c.jobs_of(id).is_empty().then_some(()))
+        .await;
+    assert!(gone.is_some(), "the Job was deleted");
+}
+
+#[tokio::test]
+async fn an_unschedulable_pod_waits_when_no_scheduled_timeout_is_set() {
+    let c = cluster();
+    let (_, mut started, pod) = c.launch(json!({"pod_watch_timeout_seconds": 1})).await;
+    c.emulator
+        .pod_unschedulable(NS, &pod, "0/3 nodes are available: 3 Insufficient memory.")
+        .unwrap();
+    // As in Prefect: a node may yet come (an autoscaler).
+    assert!(tokio::time::timeout(Duration::from_secs(3), started.wait())
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn a_job_past_its_active_deadline_is_crashed_as_such() {
+    let mut c = cluster();
+    let spec = &mut c.template["job_configuration"]["job_manifest"]["spec"];
+    spec["activeDeadlineSeconds"] = json!(1);
+    spec["template"]["spec"]["terminationGracePeriodSeconds"] = json!(1);
+    let (_, mut started, pod) = c.launch(json!({})).await;
+    c.emulator.pod_running(NS, &pod).unwrap();
+    let code = wait(&mut started).await;
+    let message = started.crashed_message(code);
+    assert!(
+        message.contains("exceeded its active deadline"),
+        "{code}: {message}"
+    );
 }
