@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Removes every inherited `PREFECT_*` variable, so a developer's own profile or API URL
@@ -91,4 +91,46 @@ mod tests {
         assert_eq!(slugify("  Trial Outage-4d062604 "), "trial-outage-4d062604");
         assert_eq!(slugify("a__b!!C"), "a-b-c");
     }
+}
+
+/// The Python of a pinned Prefect venv: `$<variable>/bin/python`, or the venv
+/// `scripts/prefect-venv.sh <flavour>` makes (or finds) when the variable is unset. A venv that
+/// cannot be had fails the caller loudly: the differential tests are only worth something while
+/// they run against Prefect's code.
+pub fn venv_python(flavour: &str, variable: &str) -> PathBuf {
+    let venv = match std::env::var_os(variable) {
+        Some(venv) if !venv.is_empty() => PathBuf::from(venv),
+        _ => {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let out = Command::new("bash")
+                .arg("scripts/prefect-venv.sh")
+                .arg(flavour)
+                .current_dir(&repo)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run bash scripts/prefect-venv.sh {flavour}: {e}")
+                });
+            assert!(
+                out.status.success(),
+                "scripts/prefect-venv.sh {flavour} failed ({}); set {variable} to the venv:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8(out.stdout).expect("the venv path is UTF-8");
+            PathBuf::from(
+                stdout
+                    .lines()
+                    .last()
+                    .expect("scripts/prefect-venv.sh printed no venv path")
+                    .trim(),
+            )
+        }
+    };
+    let python = venv.join("bin").join("python");
+    assert!(
+        python.is_file(),
+        "no Python at {} ({variable} or scripts/prefect-venv.sh {flavour})",
+        python.display()
+    );
+    python
 }

@@ -19,6 +19,8 @@ mod env;
 mod rest;
 mod server;
 
-pub use env::{free_port, path_with_venv_first, scrub_prefect_env, slugify, worker_command};
+pub use env::{
+    free_port, path_with_venv_first, scrub_prefect_env, slugify, venv_python, worker_command,
+};
 pub use rest::{Rest, RestError, RetryPolicy};
 pub use server::{ServerConfig, ServerError, ServerProcess};
