@@ -81,18 +81,6 @@ pub fn slugify(name: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::slugify;
-
-    #[test]
-    fn slugs_as_prefect_makes_them() {
-        assert_eq!(slugify("Demo Worker"), "demo-worker");
-        assert_eq!(slugify("  Trial Outage-4d062604 "), "trial-outage-4d062604");
-        assert_eq!(slugify("a__b!!C"), "a-b-c");
-    }
-}
-
 /// The Python of a pinned Prefect venv: `$<variable>/bin/python`, or the venv
 /// `scripts/prefect-venv.sh <flavour>` makes (or finds) when the variable is unset. A venv that
 /// cannot be had fails the caller loudly: the differential tests are only worth something while
@@ -133,4 +121,16 @@ pub fn venv_python(flavour: &str, variable: &str) -> PathBuf {
         python.display()
     );
     python
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slugify;
+
+    #[test]
+    fn slugs_as_prefect_makes_them() {
+        assert_eq!(slugify("Demo Worker"), "demo-worker");
+        assert_eq!(slugify("  Trial Outage-4d062604 "), "trial-outage-4d062604");
+        assert_eq!(slugify("a__b!!C"), "a-b-c");
+    }
 }
