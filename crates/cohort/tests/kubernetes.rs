@@ -741,3 +741,50 @@ fn the_servers_cleanup_after_a_cancelling_timeout_deletes_the_job() {
     );
     c.clean_up(&run.id);
 }
+
+/// An evicted pod of a Job with `backoff_limit` 0: the engine in it takes the SIGTERM as
+/// prefect-kubernetes tells it to (`PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule`),
+/// reschedules its run and exits 0, so the run is not Crashed: the worker picks it up again,
+/// and it completes in a second Job.
+#[test]
+fn an_evicted_run_is_rescheduled_and_completes_in_a_new_job() {
+    let s = server();
+    let (pool, _, _worker) = pool_and_worker("evicted");
+    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").job_variables(variables(json!({}))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 15}));
+    wait_for_state(&run.id, "RUNNING");
+    let c = cluster();
+    let pod = c.pods_of(&run.id)[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.emulator
+        .pod_evict(NAMESPACE, &pod, "The node was low on resource: memory.")
+        .unwrap();
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}");
+    assert_eq!(
+        c.jobs_of(&run.id).len(),
+        2,
+        "a second Job for the rescheduled run"
+    );
+    let states = state_names(&run.id);
+    assert!(states.iter().any(|n| n == "AwaitingRetry"), "{states:?}");
+    assert!(!states.iter().any(|n| n == "Crashed"), "{states:?}");
+    let executed = s.wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+               "event": {"name": [EXECUTED]}}),
+        2,
+        Duration::from_secs(60),
+    );
+    let codes: Vec<_> = executed
+        .iter()
+        .map(|e| flow_run_label(e, STATUS_CODE_LABEL))
+        .collect();
+    assert_eq!(
+        codes,
+        [Some("0".to_owned()), Some("0".to_owned())],
+        "{executed:#?}"
+    );
+    c.clean_up(&run.id);
+}
