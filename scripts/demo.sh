@@ -14,7 +14,12 @@
 #      (scripts/docker-test-images.sh prefect, 2-3 minutes the first time), start
 #      `cohort worker start --pool demo-docker-pool --type docker`, run hello and fail in
 #      containers, print the worker's and the containers' events; otherwise say why not
-#   8. stop the server
+#   8. when a Docker Engine is reachable: start the Kubernetes API emulator the tests use
+#      (no cluster can be had here; its pods run as containers on the local Engine), start
+#      `cohort worker start --pool demo-k8s-pool --type kubernetes` on it, run hello and
+#      fail as Jobs (Prefect's image with examples/flows baked in, built locally), print the
+#      worker's and the pods' events
+#   9. stop the server
 #
 #   COHORT_DEMO_WORKER=python  run Prefect's own `prefect worker start` instead (same steps,
 #                              to compare; skips the cargo build)
@@ -55,6 +60,7 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/cohort-demo.XXXXXX")"
 server_pid=""
 worker_pid=""
+emulator_pid=""
 
 # SIGTERM a child and reap it, SIGKILLing it after `secs` seconds; the exit status of the
 # child is left in $stopped_status.
@@ -75,12 +81,17 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     [[ -n $worker_pid ]] && stop_pid "$worker_pid" 30
+    # The emulator removes its pods' containers when it stops (SIGINT).
+    if [[ -n $emulator_pid ]]; then
+        kill -INT "$emulator_pid" 2>/dev/null || true
+        wait "$emulator_pid" 2>/dev/null || true
+    fi
     if [[ -n $server_pid ]]; then
         echo "stopping the Prefect server (pid $server_pid)"
         stop_pid "$server_pid" 15
     fi
     if ((rc != 0)); then
-        for f in server.log worker.log docker-worker.log; do
+        for f in server.log worker.log docker-worker.log k8s-worker.log emulator.log; do
             [[ -s $work/$f ]] || continue
             printf '\n----- last lines of %s -----\n' "$f" >&2
             tail -n 40 "$work/$f" >&2
@@ -198,5 +209,63 @@ else
     worker_pid=""
     echo "worker exited with status $status"
     ((status == 0)) || die "the Docker worker exited with status $status after SIGTERM"
+
+    # --- the same flows as Kubernetes Jobs, on the emulated cluster -------------------------
+    if [[ $worker_kind == cohort ]]; then
+        step "Kubernetes work pool (on the Kubernetes API emulator; no real cluster)"
+        cargo build --release -p cohort-kube-fake --example serve
+        serve="${CARGO_TARGET_DIR:-$repo_root/target}/release/examples/serve"
+        mkdir -p "$work/emulator"
+        "$serve" "$work/emulator" docker </dev/null >"$work/emulator.log" 2>&1 &
+        emulator_pid=$!
+        for _ in $(seq 1 100); do
+            [[ -s $work/emulator/kubeconfig ]] && break
+            sleep 0.1
+        done
+        [[ -s $work/emulator/kubeconfig ]] || die "the emulator wrote no kubeconfig"
+        echo "emulator pid $emulator_pid: $(head -n1 "$work/emulator.log")"
+
+        # A Kubernetes user ships flow code in the image: Prefect's, with examples/flows at the
+        # same path the deployments name.
+        flows_image="cohort-demo/prefect-flows:$(cat "$flows/flows.py" <(echo "$image $flows") | sha256sum | cut -c1-12)"
+        if ! docker image inspect "$flows_image" >/dev/null 2>&1; then
+            printf 'FROM %s\nCOPY . %s/\n' "$image" "$flows" |
+                docker build -q -t "$flows_image" -f- "$flows" >/dev/null
+        fi
+        echo "image $flows_image"
+
+        k8s_worker_name="Demo Kubernetes Worker"
+        step "worker: ${worker_cmd[*]} --pool demo-k8s-pool --type kubernetes --name \"$k8s_worker_name\""
+        mkdir -p "$work/k8s-worker-home"
+        PREFECT_API_URL="$api" \
+            PREFECT_HOME="$work/k8s-worker-home" \
+            PREFECT_WORKER_QUERY_SECONDS=5 \
+            KUBECONFIG="$work/emulator/kubeconfig" \
+            "${worker_cmd[@]}" --pool demo-k8s-pool --type kubernetes --name "$k8s_worker_name" \
+            </dev/null >"$work/k8s-worker.log" 2>&1 &
+        worker_pid=$!
+        echo "pid $worker_pid, log $work/k8s-worker.log"
+
+        step "run hello and fail as Kubernetes Jobs"
+        "${client[@]}" run --api "$api" --pool demo-k8s-pool --flows-dir "$flows" \
+            --only hello-demo fail-demo --suffix=-k8s \
+            --job-variables "{\"image\": \"$flows_image\"}" \
+            --timeout 300
+
+        k8s_resource="prefect.worker.kubernetes.demo-kubernetes-worker"
+        step "Kubernetes worker events (resource $k8s_resource)"
+        # started + 2 submitted + 2 executed (when each Job ended, with its exit code)
+        "${client[@]}" events --api "$api" --resource-id "$k8s_resource" --min-count 5
+        step "pod events (prefect.kubernetes.pod.*)"
+        # pending, running, succeeded for each of the two runs
+        "${client[@]}" events --api "$api" --prefix prefect.kubernetes.pod. --min-count 6
+
+        step "SIGTERM the Kubernetes worker"
+        stop_pid "$worker_pid" 60
+        status=$stopped_status
+        worker_pid=""
+        echo "worker exited with status $status"
+        ((status == 0)) || die "the Kubernetes worker exited with status $status after SIGTERM"
+    fi
 fi
 step "done"
