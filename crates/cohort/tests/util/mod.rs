@@ -25,6 +25,8 @@
 pub mod docker;
 /// Fault-injecting HTTP/websocket proxy to put between a worker and the server.
 pub mod fault_proxy;
+/// Prefect's Kubernetes worker as the oracle for Cohort's, on emulated clusters.
+pub mod kube_oracle;
 /// The emulated Kubernetes cluster and the image the Kubernetes tests' pods run.
 pub mod kubernetes;
 /// Figures and checks shared by the fault trials (`tests/fault_trials.rs`).
@@ -780,9 +782,18 @@ pub struct WorkerBuilder {
     envs: Vec<(String, String)>,
     api_url: Option<String>,
     home: Option<PathBuf>,
+    venv: Option<PathBuf>,
 }
 
 impl WorkerBuilder {
+    /// Take `prefect` (for a [`WorkerKind::Python`] worker) and the front of `PATH` from this
+    /// virtualenv instead of [`venv()`]'s, e.g. one with an integration installed. The
+    /// shared server always runs from [`venv()`].
+    pub fn venv(mut self, venv: &Path) -> Self {
+        self.venv = Some(venv.to_path_buf());
+        self
+    }
+
     /// Use this `PREFECT_HOME` (default: a fresh temporary one): a worker restarted with
     /// the same name and home recovers the runs of the one before.
     pub fn home(mut self, home: &Path) -> Self {
@@ -805,7 +816,7 @@ impl WorkerBuilder {
     }
 
     pub fn spawn(self) -> Worker {
-        let venv = venv();
+        let venv = self.venv.clone().unwrap_or_else(venv);
         let venv_bin = venv.join("bin");
         let api_url = match self.api_url {
             Some(u) => u,
@@ -881,6 +892,7 @@ impl Worker {
             envs: Vec::new(),
             api_url: None,
             home: None,
+            venv: None,
         }
     }
 
