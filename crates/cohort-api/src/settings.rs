@@ -224,11 +224,13 @@ impl Settings {
 
     /// Every `PREFECT_*` setting set explicitly (environment or profile), for the flow-run
     /// process: Prefect passes `settings.to_environment_variables(exclude_unset=True)`
-    /// (`prefect/workers/base.py: BaseJobConfiguration._base_environment`).
+    /// (`prefect/workers/base.py: BaseJobConfiguration._base_environment`). Integrations'
+    /// settings (`PREFECT_INTEGRATIONS_*`, e.g. prefect-kubernetes' observer's) belong to their
+    /// own settings models, not Prefect's `Settings`, so they are not passed on.
     pub fn explicit(&self) -> impl Iterator<Item = (&str, &str)> {
         self.entries
             .iter()
-            .filter(|(k, _)| k.starts_with("PREFECT_"))
+            .filter(|(k, _)| k.starts_with("PREFECT_") && !k.starts_with("PREFECT_INTEGRATIONS_"))
             .map(|(k, e)| (k.as_str(), e.value.as_str()))
     }
 
@@ -364,6 +366,10 @@ mod tests {
         let s = Settings::load(&env(&[
             ("PREFECT_API_URL", "http://x/api"),
             ("PREFECT__FLOW_RUN_ID", "internal"),
+            (
+                "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES",
+                "prefect",
+            ),
             ("HOME", "/nonexistent"),
         ]))
         .unwrap();

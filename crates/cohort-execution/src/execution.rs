@@ -151,6 +151,9 @@ impl Executor {
                 return Err(NotExecuted::CouldNotStart(message));
             }
         };
+        for line in started.launch_log() {
+            log.info(line);
+        }
         let pid = started.identifier();
         if let Err(e) = self.api.set_infrastructure_pid(run.id, &pid).await {
             tracing::error!(error = %e, "could not set the `infrastructure_pid` of the flow run; it will not be cancellable by other tools");

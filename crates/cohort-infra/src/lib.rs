@@ -232,6 +232,12 @@ pub trait Started: Send {
         hurry: CancellationToken,
     ) -> BoxFuture<'_, std::io::Result<i64>>;
 
+    /// Lines for the run's log about how it was started (prefect-kubernetes' `Creating
+    /// Kubernetes job...`), shipped with the supervisor's own.
+    fn launch_log(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The engine reported the run's outcome over a control channel (its state is its own).
     fn concluded(&self) -> bool {
         false

@@ -65,6 +65,20 @@ pub fn assess(view: &RunView, job: &str) -> Assessment {
         });
     }
     let failed_reason = condition_reason(object, "Failed");
+    // A Job deleted before it ended (gone, or going in the foreground) was deleted, whatever
+    // its pods' codes: as Prefect's observer says, at once when the Job is gone while its
+    // pod still runs (a background or orphaning delete).
+    let deleting = deleted || object.metadata.deletion_timestamp.is_some();
+    let pod_runs_on = pods
+        .first()
+        .is_some_and(|(pod, gone)| !gone && terminated(pod).is_none() && !evicted(pod));
+    if deleted && failed_reason.is_none() && pod_runs_on {
+        return Assessment::Ended(End {
+            code: -1,
+            cause: Cause::JobDeleted,
+            pod: pods.first().and_then(|(p, _)| p.metadata.name.clone()),
+        });
+    }
     // The Job's status and its pods' come on separate watches: a Job seen failed (or gone)
     // while its newest pod still shows as pending or running is ahead of that pod's news.
     let pod_lags = pods.first().is_some_and(|(pod, deleted)| {
@@ -96,7 +110,7 @@ pub fn assess(view: &RunView, job: &str) -> Assessment {
                     )
                 } else if failed_reason.as_deref() == Some("DeadlineExceeded") {
                     Cause::DeadlineExceeded
-                } else if deleted && failed_reason.is_none() && t.is_none() {
+                } else if deleting && failed_reason.is_none() {
                     Cause::JobDeleted
                 } else {
                     Cause::Exited
@@ -117,8 +131,13 @@ pub fn assess(view: &RunView, job: &str) -> Assessment {
     let newest = pods.first().map(|(p, _)| *p);
     Assessment::Waiting {
         diagnosis: newest.and_then(|p| p.status.as_ref()).and_then(diagnose),
-        started: pods.iter().any(|(p, _)| started(p)),
+        started: pods.iter().any(|(p, _)| started_pod(p)),
     }
+}
+
+/// Whether a container of one of `job`'s pods has started (so an engine runs, or ran).
+pub fn started(view: &RunView, job: &str) -> bool {
+    pods_of(view, job).iter().any(|(p, _)| started_pod(p))
 }
 
 /// The newest pod of `job` that did not succeed, and its flow container (or only one).
@@ -193,7 +212,7 @@ fn evicted(pod: &Pod) -> bool {
         .is_some_and(|s| s.reason.as_deref() == Some("Evicted"))
 }
 
-fn started(pod: &Pod) -> bool {
+fn started_pod(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref())

@@ -444,8 +444,20 @@ impl Started for JobStarted {
     }
 
     fn cancels_itself(&self) -> bool {
-        // `prefect flow-run execute` in the pod watches for its own cancellation.
-        true
+        // `prefect flow-run execute` in the pod watches for its own cancellation, once its
+        // container has started; a pod still pending has no engine to wait for.
+        crate::outcome::started(&self.following.view.borrow(), &self.job)
+    }
+
+    fn launch_log(&self) -> Vec<String> {
+        // `KubernetesWorker._create_job`'s lines.
+        vec![
+            "Creating Kubernetes job...".to_owned(),
+            format!(
+                "Kubernetes job '{}' created in namespace '{}'",
+                self.job, self.namespace
+            ),
+        ]
     }
 
     fn crashed(&mut self) -> BoxFuture<'_, ()> {
@@ -483,6 +495,9 @@ impl Started for JobStarted {
                 self.job
             ),
             Some(Cause::JobDeleted) if code == -1 => "Kubernetes job was deleted".to_owned(),
+            Some(Cause::JobDeleted) => format!(
+                "Kubernetes job was deleted; its pod's container exited with status code {code}."
+            ),
             _ => infrastructure_crashed_message(code),
         }
     }
