@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Benchmark Prefect's Python workers (process, and Docker with prefect-docker 0.7.4) against
-# Cohort's on identical workloads, against one local Prefect 3.8.8 server, and write
-# BENCHMARKS.md and bench-results/<date>.json.
+# Benchmark Prefect's Python workers (process, Docker with prefect-docker 0.7.4, Kubernetes with
+# prefect-kubernetes 0.8.0 on an emulated cluster) against Cohort's on identical workloads,
+# against one local Prefect 3.8.8 server, and write BENCHMARKS.md and bench-results/<date>.json.
 #
 #   bash scripts/bench.sh [--quick] [--postgres] [driver flags…]
 #
@@ -10,14 +10,17 @@
 #                port, installed from Debian packages if missing) instead of SQLite, so
 #                the worker rather than the server is the bottleneck
 #   other flags go to the driver (crates/cohort-bench), e.g. `--reps 5`,
-#   `--scenarios idle,burst`, `--scale-reps 0`, `--docker-runs 20`
+#   `--scenarios idle,burst`, `--scale-reps 0`, `--docker-runs 20`, `--kubernetes-runs 100`
 #
 # Installs what it needs: the pinned Prefect venvs (scripts/prefect-venv.sh; the second,
-# with prefect-docker, for the Docker scenario), and for --postgres the `postgresql`
-# package; the Docker scenario builds its image locally (scripts/docker-test-images.sh).
+# with prefect-docker, for the Docker scenario; the third, with prefect-kubernetes, for the
+# Kubernetes scenario), and for --postgres the `postgresql` package; the Docker scenario builds
+# its image locally (scripts/docker-test-images.sh).
 # Builds `cohort` and the driver in release mode.
 #   COHORT_PREFECT_VENV         Prefect venv (default: $HOME/.cache/cohort/prefect-3.8.8)
 #   COHORT_PREFECT_DOCKER_VENV  the one with prefect-docker (default: …/prefect-3.8.8-docker)
+#   COHORT_PREFECT_KUBERNETES_VENV  the one with prefect-kubernetes
+#                               (default: …/prefect-3.8.8-kubernetes)
 #   CARGO_TARGET_DIR     honoured, as by cargo (default: ./target)
 set -euo pipefail
 
@@ -34,7 +37,7 @@ for arg in "$@"; do
     case $arg in
         --quick) quick=1 ;;
         --postgres) postgres=1 ;;
-        -h | --help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) driver_args+=("$arg") ;;
     esac
 done
@@ -57,6 +60,10 @@ log "Prefect 3.8.8 + prefect-docker 0.7.4 venv"
 COHORT_PREFECT_DOCKER_VENV="$("$repo_root/scripts/prefect-venv.sh" docker </dev/null | tail -n1)"
 export COHORT_PREFECT_DOCKER_VENV
 printf '%s\n' "$COHORT_PREFECT_DOCKER_VENV" >&2
+log "Prefect 3.8.8 + prefect-kubernetes 0.8.0 venv"
+COHORT_PREFECT_KUBERNETES_VENV="$("$repo_root/scripts/prefect-venv.sh" kubernetes </dev/null | tail -n1)"
+export COHORT_PREFECT_KUBERNETES_VENV
+printf '%s\n' "$COHORT_PREFECT_KUBERNETES_VENV" >&2
 
 log "cargo build --release -p cohort -p cohort-bench"
 cargo build --release -p cohort -p cohort-bench </dev/null

@@ -30,7 +30,15 @@ use crate::scenarios::{Ctx, Plan};
 use crate::server::{Database, PrefectServer};
 use crate::worker::Programs;
 
-const ALL_SCENARIOS: [&str; 6] = ["idle", "burst", "flows", "scale", "server", "docker"];
+const ALL_SCENARIOS: [&str; 7] = [
+    "idle",
+    "burst",
+    "flows",
+    "scale",
+    "server",
+    "docker",
+    "kubernetes",
+];
 
 /// Benchmark Prefect's Python workers against Cohort's.
 #[derive(Debug, Parser)]
@@ -54,16 +62,19 @@ struct Args {
     #[arg(long)]
     server_runs: Option<usize>,
     /// Scenarios to run, comma-separated: idle (1 and 2), burst, flows, scale, server,
-    /// docker.
+    /// docker, kubernetes.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,burst,flows,scale,server,docker"
+        default_value = "idle,burst,flows,scale,server,docker,kubernetes"
     )]
     scenarios: Vec<String>,
     /// Runs of scenario 7's burst (default: 10 quick, 50 full).
     #[arg(long)]
     docker_runs: Option<usize>,
+    /// Jobs of scenario 8's burst (default: 50 quick, 200 full).
+    #[arg(long)]
+    kubernetes_runs: Option<usize>,
     /// Run the server on PostgreSQL at this `postgresql+asyncpg://` URL (default: SQLite).
     #[arg(long)]
     database_url: Option<String>,
@@ -74,6 +85,10 @@ struct Args {
     /// (scenario 7).
     #[arg(long, env = "COHORT_PREFECT_DOCKER_VENV")]
     docker_venv: Option<PathBuf>,
+    /// A Prefect 3.8.8 virtualenv with prefect-kubernetes 0.8.0, for Prefect's Kubernetes
+    /// worker (scenario 8).
+    #[arg(long, env = "COHORT_PREFECT_KUBERNETES_VENV")]
+    kubernetes_venv: Option<PathBuf>,
     /// The `cohort` binary (a release build).
     #[arg(long)]
     cohort: PathBuf,
@@ -119,16 +134,28 @@ fn run(args: Args) -> Result<()> {
     if let Some(n) = args.docker_runs {
         plan.docker_runs = n.max(1);
     }
+    if let Some(n) = args.kubernetes_runs {
+        plan.kubernetes_runs = n.max(1);
+    }
     if let Some(r) = args.reps {
         plan.docker_reps = r.max(1);
+        plan.kubernetes_reps = r.max(1);
     }
     for s in &args.scenarios {
         if !ALL_SCENARIOS.contains(&s.as_str()) {
-            bail!("unknown scenario {s:?}: expected idle, burst, flows, scale, server or docker");
+            bail!(
+                "unknown scenario {s:?}: expected idle, burst, flows, scale, server, docker or \
+                 kubernetes"
+            );
         }
     }
     if args.scenarios.iter().any(|s| s == "docker") && args.docker_venv.is_none() {
         bail!("the docker scenario needs --docker-venv (scripts/prefect-venv.sh docker)");
+    }
+    if args.scenarios.iter().any(|s| s == "kubernetes") && args.kubernetes_venv.is_none() {
+        bail!(
+            "the kubernetes scenario needs --kubernetes-venv (scripts/prefect-venv.sh kubernetes)"
+        );
     }
     let repo = args.repo.canonicalize().context("--repo")?;
     let flows_dir = repo.join("examples/flows");
@@ -156,6 +183,7 @@ fn run(args: Args) -> Result<()> {
             venv: args.venv.clone(),
             cohort: args.cohort.clone(),
             docker_venv: args.docker_venv.clone(),
+            kubernetes_venv: args.kubernetes_venv.clone(),
         },
         repo: repo.clone(),
         flows_dir,
@@ -185,6 +213,9 @@ fn run(args: Args) -> Result<()> {
     if wants("docker") {
         scenarios.push(scenarios::docker::run(&ctx));
     }
+    if wants("kubernetes") {
+        scenarios.push(scenarios::kubernetes::run(&ctx));
+    }
 
     let run_info = RunInfo {
         mode: plan.mode.to_owned(),
@@ -209,7 +240,7 @@ fn run(args: Args) -> Result<()> {
         rustc: command_line("rustc", &["--version"], None),
         worker_settings: "defaults for both (`PREFECT_WORKER_QUERY_SECONDS` 10, \
                           `PREFECT_WORKER_PREFETCH_SECONDS` 10, no `--limit`); \
-                          `worker start --pool P --type process|docker --name N`"
+                          `worker start --pool P --type process|docker|kubernetes --name N`"
             .to_owned(),
         duration_s: started.elapsed().as_secs_f64(),
     };

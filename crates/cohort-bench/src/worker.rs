@@ -60,13 +60,16 @@ pub struct Programs {
     /// A Prefect 3.8.8 venv with prefect-docker 0.7.4 (`scripts/prefect-venv.sh docker`),
     /// for Prefect's Docker worker.
     pub docker_venv: Option<PathBuf>,
+    /// A Prefect 3.8.8 venv with prefect-kubernetes 0.8.0 (`scripts/prefect-venv.sh
+    /// kubernetes`), for Prefect's Kubernetes worker.
+    pub kubernetes_venv: Option<PathBuf>,
 }
 
 /// A running worker. Dropping it stops it (and everything in its tree).
 pub struct Worker<'s> {
     pub kind: WorkerKind,
     pub name: String,
-    /// `process` or `docker`.
+    /// `process`, `docker` or `kubernetes`.
     pub worker_type: &'static str,
     /// Wall-clock time just before `exec`.
     pub spawned_at: DateTime<Utc>,
@@ -103,7 +106,7 @@ impl<'s> Worker<'s> {
     }
 
     /// `<worker> worker start --pool <pool> --type <worker_type> --name <name>`; Prefect's
-    /// Docker worker runs from the venv that has prefect-docker.
+    /// Docker and Kubernetes workers run from the venvs that have their integration.
     pub fn spawn_typed(
         server: &'s PrefectServer,
         programs: &Programs,
@@ -116,6 +119,10 @@ impl<'s> Worker<'s> {
         let venv = match (kind, worker_type) {
             (WorkerKind::Python, "docker") => programs.docker_venv.as_ref().context(
                 "Prefect's Docker worker needs a venv with prefect-docker (--docker-venv)",
+            )?,
+            (WorkerKind::Python, "kubernetes") => programs.kubernetes_venv.as_ref().context(
+                "Prefect's Kubernetes worker needs a venv with prefect-kubernetes \
+                 (--kubernetes-venv)",
             )?,
             _ => &programs.venv,
         };

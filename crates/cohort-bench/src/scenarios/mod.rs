@@ -1,4 +1,4 @@
-//! The seven scenarios of the benchmark, and what they share: the plan (counts per mode),
+//! The eight scenarios of the benchmark, and what they share: the plan (counts per mode),
 //! the per-repetition fixture (a fresh pool and deployment, removed afterwards) and time
 //! helpers.
 //!
@@ -8,6 +8,7 @@
 pub mod burst;
 pub mod docker;
 pub mod flows;
+pub mod kubernetes;
 pub mod scale;
 pub mod server_load;
 pub mod startup;
@@ -58,6 +59,11 @@ pub struct Plan {
     /// … for this long each.
     pub docker_sleep_s: u64,
     pub docker_reps: usize,
+    /// Jobs of scenario 8's burst, all running at once on the emulated cluster …
+    pub kubernetes_runs: usize,
+    /// … until this long after the last pod is Running.
+    pub kubernetes_hold_s: f64,
+    pub kubernetes_reps: usize,
     /// Client threads creating runs: 1 on SQLite, where concurrent writers only wait on
     /// each other's lock (one thread creates ~30 runs/s on an idle server, four fewer);
     /// 4 on PostgreSQL.
@@ -84,6 +90,9 @@ impl Plan {
             docker_runs: 10,
             docker_sleep_s: 20,
             docker_reps: 1,
+            kubernetes_runs: 50,
+            kubernetes_hold_s: 5.0,
+            kubernetes_reps: 1,
             client_threads: 1,
         }
     }
@@ -107,6 +116,9 @@ impl Plan {
             docker_runs: 50,
             docker_sleep_s: 60,
             docker_reps: 2,
+            kubernetes_runs: 200,
+            kubernetes_hold_s: 10.0,
+            kubernetes_reps: 2,
             client_threads: 1,
         }
     }
@@ -216,6 +228,7 @@ pub fn one_rep_on(
             "scale" => ctx.plan.scale_reps,
             "flows" => ctx.plan.flow_reps,
             "docker" => ctx.plan.docker_reps,
+            "kubernetes" => ctx.plan.kubernetes_reps,
             _ => ctx.plan.reps,
         },
         kind.label()
