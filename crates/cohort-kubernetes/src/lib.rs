@@ -33,7 +33,7 @@ use cohort_infra::{
     BoxFuture, ChannelHello, Infrastructure, KillError, Map, PrepareError, RunSpec, Started,
 };
 use k8s_openapi::api::batch::v1::Job as K8sJob;
-use kube::api::{DeleteParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, PropagationPolicy};
 use kube::{Api, Client};
 use uuid::Uuid;
 
@@ -49,7 +49,7 @@ pub const KUBERNETES: &str = "kubernetes";
 /// The label every Job and pod of a flow run carries.
 pub const FLOW_RUN_ID_LABEL: &str = "prefect.io/flow-run-id";
 
-/// How long start-up waits for a namespace's first listing.
+/// How long start-up waits for a namespace's Jobs to be listed.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The observers started so far, one per cluster and namespace.
@@ -150,6 +150,27 @@ impl KubernetesInfrastructure {
     }
 }
 
+/// The Jobs of `namespace` that `selector` selects (one LIST, its pages followed).
+async fn list_jobs(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+) -> Result<Vec<K8sJob>, kube::Error> {
+    let api: Api<K8sJob> = Api::namespaced(client.clone(), namespace);
+    let mut jobs = Vec::new();
+    let mut params = ListParams::default().labels(selector);
+    loop {
+        let page = tokio::time::timeout(SYNC_TIMEOUT, api.list(&params))
+            .await
+            .map_err(|_| kube::Error::Service("the list did not answer in time".into()))??;
+        jobs.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(jobs),
+        }
+    }
+}
+
 /// `<namespace>:<job name>`; the three-part identifiers of prefect-kubernetes before 0.6.0
 /// (`<cluster uid>:<namespace>:<job name>`) are accepted with the uid ignored.
 pub fn parse_identifier(identifier: &str) -> Option<(&str, &str)> {
@@ -206,24 +227,27 @@ impl Infrastructure for KubernetesInfrastructure {
     ) -> BoxFuture<'a, Option<Box<dyn Started>>> {
         Box::pin(async move {
             let (cluster, client) = self.clients.get(None).await.ok()?;
+            let selector = format!("{FLOW_RUN_ID_LABEL}={flow_run}");
             for namespace in &self.search_namespaces(&client) {
+                // One LIST per namespace; a namespace is watched only once a Job is found in
+                // it, so searching costs no long-lived watch.
+                let jobs = match list_jobs(&client, namespace, &selector).await {
+                    Ok(jobs) => jobs,
+                    Err(e) => {
+                        tracing::warn!(%namespace, error = %e, "could not list the namespace's Jobs; its runs are not re-adopted");
+                        continue;
+                    }
+                };
+                let newest = jobs
+                    .iter()
+                    .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(pod::to_chrono))
+                    .and_then(|j| j.metadata.name.clone());
+                let Some(job) = newest else { continue };
                 let observer = self
                     .observers
                     .get(cluster.clone(), client.clone(), namespace);
-                if !observer.synced(SYNC_TIMEOUT).await {
-                    tracing::warn!(%namespace, "could not list the namespace's Jobs and pods; its runs are not re-adopted");
-                    continue;
-                }
-                let following = observer.follow(flow_run, None);
-                let newest = {
-                    let v = following.view.borrow();
-                    v.jobs
-                        .values()
-                        .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(pod::to_chrono))
-                        .and_then(|j| j.metadata.name.clone())
-                };
-                let Some(job) = newest else { continue };
                 // No sink reaches here: an adopted run's pod events are not replicated.
+                let following = observer.follow(flow_run, None);
                 return Some(Box::new(JobStarted::new(
                     client.clone(),
                     namespace.clone(),
@@ -244,31 +268,35 @@ impl Infrastructure for KubernetesInfrastructure {
         journaled: &'a [Uuid],
     ) -> BoxFuture<'a, Vec<Uuid>> {
         Box::pin(async move {
-            let Ok((cluster, client)) = self.clients.get(None).await else {
+            let Ok((_, client)) = self.clients.get(None).await else {
                 return Vec::new();
             };
-            // As the labels carry them (`prefect_kubernetes/worker.py: _slugify_label_value`).
+            // As the labels carry them (`prefect_kubernetes/worker.py: _slugify_label_value`),
+            // selected by the API server.
             let worker = cohort_kube_manifest::slugify_label_value(worker_name);
-            let pool = pool_id.to_string();
+            let selector = format!(
+                "{FLOW_RUN_ID_LABEL},prefect.io/worker-name={worker},prefect.io/work-pool-id={pool_id}"
+            );
             let mut found = Vec::new();
             for namespace in &self.search_namespaces(&client) {
-                let observer = self
-                    .observers
-                    .get(cluster.clone(), client.clone(), namespace);
-                if !observer.synced(SYNC_TIMEOUT).await {
-                    tracing::warn!(%namespace, "could not list the namespace's Jobs and pods; runs of an earlier worker there are not taken up");
-                    continue;
-                }
-                for (run, view) in observer.runs_with_jobs() {
-                    let ours = view.jobs.values().any(|job| {
-                        let labels = job.metadata.labels.as_ref();
-                        let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
-                        label("prefect.io/worker-name") == Some(worker.as_str())
-                            && label("prefect.io/work-pool-id") == Some(pool.as_str())
-                            && !outcome::finished(job)
-                    });
-                    if ours && !journaled.contains(&run) && !found.contains(&run) {
-                        found.push(run);
+                let jobs = match list_jobs(&client, namespace, &selector).await {
+                    Ok(jobs) => jobs,
+                    Err(e) => {
+                        tracing::warn!(%namespace, error = %e, "could not list the namespace's Jobs; runs of an earlier worker there are not taken up");
+                        continue;
+                    }
+                };
+                for job in jobs.iter().filter(|j| !outcome::finished(j)) {
+                    let run = job
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(FLOW_RUN_ID_LABEL))
+                        .and_then(|id| id.parse::<Uuid>().ok());
+                    if let Some(run) = run {
+                        if !journaled.contains(&run) && !found.contains(&run) {
+                            found.push(run);
+                        }
                     }
                 }
             }

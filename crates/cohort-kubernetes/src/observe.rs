@@ -174,17 +174,6 @@ impl Observer {
         .await;
         listed == Ok(true)
     }
-
-    /// The flow runs with Jobs in this namespace, as last listed or watched.
-    pub fn runs_with_jobs(&self) -> Vec<(Uuid, RunView)> {
-        let registry = self.registry.lock().expect("registry lock poisoned");
-        registry
-            .views
-            .iter()
-            .filter(|(_, v)| !v.borrow().jobs.is_empty())
-            .map(|(id, v)| (*id, v.borrow().clone()))
-            .collect()
-    }
 }
 
 /// One run followed in its namespace's observer; let go when dropped.
