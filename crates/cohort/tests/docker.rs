@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use util::docker::{containers_of, docker, flow_mount, images, inspect};
 use util::trials::{flow_run_label, EXECUTED, STATUS_CODE_LABEL};
-use util::{configure_server, unique, DeploySpec, PrefectServer, ServerOptions, Worker};
+use util::{unique, DeploySpec, PrefectServer, Worker};
 
 const FINAL_TIMEOUT: Duration = Duration::from_secs(240);
 /// How long the server lets a run stay Cancelling before it cancels it and sends a worker
@@ -26,20 +26,7 @@ const CANCELLING_TIMEOUT_SECONDS: u64 = 15;
 
 /// The shared server of this binary, with a short Cancelling timeout.
 fn server() -> &'static PrefectServer {
-    configure_server(ServerOptions {
-        auth_string: None,
-        env: vec![
-            (
-                "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_CANCELLING_TIMEOUT_SECONDS".into(),
-                CANCELLING_TIMEOUT_SECONDS.to_string(),
-            ),
-            (
-                "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS".into(),
-                "5".into(),
-            ),
-        ],
-    });
-    util::server()
+    util::server_with_cancelling_timeout(CANCELLING_TIMEOUT_SECONDS)
 }
 
 /// A docker pool created empty (the worker gives it prefect-docker's template) and a worker.

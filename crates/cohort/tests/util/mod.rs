@@ -179,6 +179,26 @@ pub fn configure_server(options: ServerOptions) {
     );
 }
 
+/// The shared server, with the server's Cancelling clean-up due after `seconds` (300 s by
+/// default) and looked for every 5 s: for binaries whose tests wait for the clean-up the
+/// server sends a worker (`cancelling_timeout_teardown.v1`).
+pub fn server_with_cancelling_timeout(seconds: u64) -> &'static PrefectServer {
+    configure_server(ServerOptions {
+        auth_string: None,
+        env: vec![
+            (
+                "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_CANCELLING_TIMEOUT_SECONDS".into(),
+                seconds.to_string(),
+            ),
+            (
+                "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS".into(),
+                "5".into(),
+            ),
+        ],
+    });
+    server()
+}
+
 /// `Basic base64(<auth string>)`, the `Authorization` value Prefect's client sends for
 /// `PREFECT_API_AUTH_STRING` (`prefect/client/base.py`).
 pub fn basic_authorization(auth_string: &str) -> String {
