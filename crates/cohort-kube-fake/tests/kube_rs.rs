@@ -82,53 +82,36 @@ async fn job_lifecycle(emulator: &Emulator, client: Client) {
     );
 
     emulator.pod_running("prefect", &pod_name).unwrap();
-    let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone());
-    loop {
-        let p = within("Running", applied.try_next())
-            .await
-            .unwrap()
-            .unwrap();
-        if phase(&p).as_deref() == Some("Running") {
-            let cs = &p
-                .status
-                .as_ref()
-                .unwrap()
-                .container_statuses
-                .as_ref()
-                .unwrap()[0];
-            assert!(cs
-                .state
-                .as_ref()
-                .unwrap()
-                .running
-                .as_ref()
-                .unwrap()
-                .started_at
-                .is_some());
-            break;
-        }
-    }
+    let p = until_phase(&mut applied, "Running").await;
+    let cs = &p
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0];
+    assert!(cs
+        .state
+        .as_ref()
+        .unwrap()
+        .running
+        .as_ref()
+        .unwrap()
+        .started_at
+        .is_some());
     emulator
         .pod_exit("prefect", &pod_name, 0, "Completed")
         .unwrap();
-    loop {
-        let p = within("Succeeded", applied.try_next())
-            .await
-            .unwrap()
-            .unwrap();
-        if phase(&p).as_deref() == Some("Succeeded") {
-            let cs = &p
-                .status
-                .as_ref()
-                .unwrap()
-                .container_statuses
-                .as_ref()
-                .unwrap()[0];
-            let t = cs.state.as_ref().unwrap().terminated.as_ref().unwrap();
-            assert_eq!((t.exit_code, t.reason.as_deref()), (0, Some("Completed")));
-            break;
-        }
-    }
+    let p = until_phase(&mut applied, "Succeeded").await;
+    let cs = &p
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0];
+    let t = cs.state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (0, Some("Completed")));
 
     let done = within(
         "the Job completes",
@@ -357,4 +340,17 @@ async fn missing_namespace_is_404_like_the_apiserver() {
     }
     let last: Value = emulator.requests().last().unwrap().body.clone().unwrap();
     assert_eq!(name_of(&last), "");
+}
+
+/// The watched pod's next version in `phase`.
+async fn until_phase(
+    applied: &mut (impl futures_util::Stream<Item = Result<Pod, watcher::Error>> + Unpin),
+    phase: &str,
+) -> Pod {
+    loop {
+        let p = within(phase, applied.try_next()).await.unwrap().unwrap();
+        if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(phase) {
+            return p;
+        }
+    }
 }
