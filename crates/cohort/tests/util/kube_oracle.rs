@@ -26,42 +26,16 @@ pub const KUBERNETES_VENV_ENV: &str = "COHORT_PREFECT_KUBERNETES_VENV";
 /// The namespace the tests' runs go to.
 pub const NAMESPACE: &str = "prefect";
 
-/// The virtualenv of Prefect's Kubernetes worker; panics with instructions when it is not
-/// usable (the oracle is never skipped).
+/// The virtualenv of Prefect's Kubernetes worker (`$COHORT_PREFECT_KUBERNETES_VENV`, else the
+/// one `scripts/prefect-venv.sh kubernetes` makes); the oracle is never skipped: a venv that
+/// cannot be had fails the test.
 pub fn kubernetes_venv() -> PathBuf {
-    let hint = "run scripts/test.sh, or `bash scripts/prefect-venv.sh kubernetes` and export \
-                COHORT_PREFECT_KUBERNETES_VENV=<the path it prints>";
-    let dir = match std::env::var_os(KUBERNETES_VENV_ENV) {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => panic!(
-            "{KUBERNETES_VENV_ENV} is not set: these tests run prefect-kubernetes 0.8.0 as the \
-             oracle; {hint}"
-        ),
-    };
-    assert!(
-        dir.join("bin").join("prefect").is_file(),
-        "{KUBERNETES_VENV_ENV}={} has no bin/prefect: {hint}",
-        dir.display()
-    );
-    let lib = dir.join("lib");
-    let has_integration = std::fs::read_dir(&lib)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|python| {
-            python
-                .path()
-                .join("site-packages")
-                .join("prefect_kubernetes")
-                .join("observer.py")
-                .is_file()
-        });
-    assert!(
-        has_integration,
-        "{KUBERNETES_VENV_ENV}={} has no prefect_kubernetes package: {hint}",
-        dir.display()
-    );
-    dir
+    let python = cohort_testkit::venv_python("kubernetes", KUBERNETES_VENV_ENV);
+    python
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("<venv>/bin/python")
+        .to_path_buf()
 }
 
 // ---------------------------------------------------------------------------------------
