@@ -30,7 +30,7 @@ use super::{
 use crate::procfs::{self, sample_at, Sampler};
 use crate::proxy::CountingProxy;
 use crate::report::{MetricDef, RepResult, ScenarioReport};
-use crate::stats::{median, percentile};
+use crate::stats::percentile;
 use crate::worker::{run_occurred, Worker, WorkerKind};
 
 const EVENT_EXECUTED: &str = "prefect.worker.executed-flow-run";
@@ -176,15 +176,7 @@ fn body(ctx: &Ctx<'_>, fx: &Fixture, kind: WorkerKind, r: &mut RepResult) -> Res
     worker.wait_started(Duration::from_secs(120))?;
 
     // -- idle -----------------------------------------------------------------------------
-    sleep(Duration::from_secs_f64(plan.idle_settle_s));
-    let idle = Sampler::start(worker.pid(), Duration::from_millis(250));
-    sleep(Duration::from_secs_f64(plan.idle_window_s));
-    let idle_rss: Vec<f64> = idle
-        .finish()
-        .iter()
-        .map(|(_, u)| u.worker_rss_kib as f64 / MIB)
-        .collect();
-    r.set("idle_rss_mib", median(&idle_rss));
+    r.set("idle_rss_mib", super::idle_rss_mib(worker.pid(), plan));
 
     // -- the burst --------------------------------------------------------------------------
     let sampler = Sampler::start(worker.pid(), Duration::from_millis(250));

@@ -248,15 +248,7 @@ fn body(
     worker.wait_started(Duration::from_secs(120))?;
 
     // -- idle -----------------------------------------------------------------------------
-    sleep(Duration::from_secs_f64(plan.idle_settle_s));
-    let idle = Sampler::start(worker.pid(), Duration::from_millis(250));
-    sleep(Duration::from_secs_f64(plan.idle_window_s));
-    let idle_rss: Vec<f64> = idle
-        .finish()
-        .iter()
-        .map(|(_, u)| u.worker_rss_kib as f64 / MIB)
-        .collect();
-    r.set("idle_rss_mib", median(&idle_rss));
+    r.set("idle_rss_mib", super::idle_rss_mib(worker.pid(), plan));
 
     // -- the burst --------------------------------------------------------------------------
     let startup_requests = cluster.emulator.requests();

@@ -26,6 +26,7 @@ use serde_json::Value;
 use crate::procfs;
 use crate::report::RepResult;
 use crate::server::{parse_time, PrefectServer};
+use crate::stats::median;
 use crate::worker::{Programs, WorkerKind};
 
 /// Counts and durations of a run (`--quick` or full).
@@ -309,6 +310,20 @@ pub fn server_cpu(ctx: &Ctx<'_>) -> Option<f64> {
 }
 
 /// Seconds from `a` to `b`.
+/// A worker's median RSS (MiB) at rest: sampled over `idle_window_s` once it has settled for
+/// `idle_settle_s`.
+pub fn idle_rss_mib(pid: i32, plan: &Plan) -> Option<f64> {
+    sleep(Duration::from_secs_f64(plan.idle_settle_s));
+    let idle = procfs::Sampler::start(pid, Duration::from_millis(250));
+    sleep(Duration::from_secs_f64(plan.idle_window_s));
+    let rss: Vec<f64> = idle
+        .finish()
+        .iter()
+        .map(|(_, u)| u.worker_rss_kib as f64 / MIB)
+        .collect();
+    median(&rss)
+}
+
 pub fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
     (b - a).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6
 }
