@@ -33,7 +33,7 @@ use cohort_infra::{
     BoxFuture, ChannelHello, Infrastructure, KillError, Map, PrepareError, RunSpec, Started,
 };
 use k8s_openapi::api::batch::v1::Job as K8sJob;
-use kube::api::{DeleteParams, ListParams, PropagationPolicy};
+use kube::api::ListParams;
 use kube::{Api, Client};
 use uuid::Uuid;
 
@@ -133,18 +133,12 @@ impl KubernetesInfrastructure {
             .get(None)
             .await
             .map_err(|e| KillError::Unavailable(e.to_string()))?;
-        let api: Api<K8sJob> = Api::namespaced(client, namespace);
-        let params = DeleteParams {
-            grace_period_seconds: Some(grace.as_secs().try_into().unwrap_or(u32::MAX)),
-            propagation_policy: Some(PropagationPolicy::Foreground),
-            ..DeleteParams::default()
-        };
-        match api.delete(job, &params).await {
-            Ok(_) => {
+        match run::delete_job(&client, namespace, job, grace).await {
+            Ok(true) => {
                 tracing::info!("Deleted Kubernetes job '{job}' in namespace '{namespace}'");
                 Ok(())
             }
-            Err(kube::Error::Api(status)) if status.code == 404 => Err(KillError::NotFound),
+            Ok(false) => Err(KillError::NotFound),
             Err(e) => Err(KillError::Unavailable(e.to_string())),
         }
     }

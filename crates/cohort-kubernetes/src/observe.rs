@@ -24,7 +24,7 @@ use tokio::time::{Duration, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
-use crate::pod::{diagnose, pod_event, Seen};
+use crate::pod::{pod_event_and_diagnosis, Seen};
 use crate::FLOW_RUN_ID_LABEL;
 
 /// Everything the cluster shows of one flow run: its Jobs and their pods, and the last state of
@@ -361,7 +361,8 @@ impl ObserverTask {
         let Some(supervised) = registry.supervised.get_mut(&run) else {
             return;
         };
-        let Some(mut event) = pod_event(pod, seen, &supervised.events.prefect_version, Utc::now())
+        let Some((mut event, diagnosis)) =
+            pod_event_and_diagnosis(pod, seen, &supervised.events.prefect_version, Utc::now())
         else {
             return;
         };
@@ -379,7 +380,7 @@ impl ObserverTask {
                     .propose_pending("InfrastructurePending", "Kubernetes pod is pending."),
             );
         }
-        match status.and_then(diagnose) {
+        match diagnosis {
             Some(d) => {
                 let key = (d.category.to_owned(), d.detail.clone());
                 if supervised.diagnosed.get(&uid) != Some(&key) {

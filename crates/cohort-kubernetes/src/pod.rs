@@ -206,6 +206,16 @@ pub fn pod_event(
     prefect_version: &str,
     now: DateTime<Utc>,
 ) -> Option<Event> {
+    pod_event_and_diagnosis(pod, seen, prefect_version, now).map(|(event, _)| event)
+}
+
+/// [`pod_event`], with the pod's diagnosis it was labelled with.
+pub fn pod_event_and_diagnosis(
+    pod: &Pod,
+    seen: Seen,
+    prefect_version: &str,
+    now: DateTime<Utc>,
+) -> Option<(Event, Option<Diagnosis>)> {
     let meta = &pod.metadata;
     let uid = meta.uid.as_deref()?;
     let status = pod.status.as_ref()?;
@@ -246,15 +256,14 @@ pub fn pod_event(
     }
     let occurred = occurred(&name, status, meta.creation_timestamp.as_ref()).unwrap_or(now);
     let labels = meta.labels.clone().unwrap_or_default();
-    Some(
-        Event::new(
-            format!("prefect.kubernetes.pod.{name}"),
-            resource,
-            related_from_labels(&labels, prefect_version),
-        )
-        .with_id(id)
-        .with_occurred(occurred),
+    let event = Event::new(
+        format!("prefect.kubernetes.pod.{name}"),
+        resource,
+        related_from_labels(&labels, prefect_version),
     )
+    .with_id(id)
+    .with_occurred(occurred);
+    Some((event, diagnosis))
 }
 
 /// `uuid5(NAMESPACE_URL, json.dumps({...}, sort_keys=True))` over the pod's uid, its phase

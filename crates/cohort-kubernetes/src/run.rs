@@ -204,13 +204,29 @@ fn is_live_job_of(job: &K8sJob, flow_run: Uuid) -> bool {
         .as_ref()
         .and_then(|l| l.get(FLOW_RUN_ID_LABEL))
         .is_some_and(|id| *id == flow_run.to_string());
-    let finished = job.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .flatten()
-            .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-    });
-    ours && !finished && job.metadata.deletion_timestamp.is_none()
+    ours && !crate::outcome::finished(job) && job.metadata.deletion_timestamp.is_none()
+}
+
+/// Deletes a Job in the foreground with `grace` for its pods, as prefect-kubernetes'
+/// `kill_infrastructure` does: the Job is kept, with a finalizer, until its pods are gone.
+/// `Ok(false)` when there was no such Job.
+pub(crate) async fn delete_job(
+    client: &Client,
+    namespace: &str,
+    job: &str,
+    grace: Duration,
+) -> Result<bool, kube::Error> {
+    let api: Api<K8sJob> = Api::namespaced(client.clone(), namespace);
+    let params = DeleteParams {
+        grace_period_seconds: Some(grace.as_secs().try_into().unwrap_or(u32::MAX)),
+        propagation_policy: Some(PropagationPolicy::Foreground),
+        ..DeleteParams::default()
+    };
+    match api.delete(job, &params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Worth another attempt: the server or the connection failed, or asked us to slow down. A
@@ -329,17 +345,9 @@ impl JobStarted {
     }
 
     async fn delete(&self, grace: Duration) -> Result<(), kube::Error> {
-        let api: Api<K8sJob> = Api::namespaced(self.client.clone(), &self.namespace);
-        let params = DeleteParams {
-            grace_period_seconds: Some(grace.as_secs().try_into().unwrap_or(u32::MAX)),
-            propagation_policy: Some(PropagationPolicy::Foreground),
-            ..DeleteParams::default()
-        };
-        match api.delete(&self.job, &params).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-            Err(e) => Err(e),
-        }
+        delete_job(&self.client, &self.namespace, &self.job, grace)
+            .await
+            .map(|_| ())
     }
 
     /// Waits for the Job's end as the view shows it.
