@@ -238,6 +238,11 @@ pub trait Started: Send {
         Vec::new()
     }
 
+    /// Where a re-adopted run's own reports go from now on: it was found again before the
+    /// worker had read the run, so [`Infrastructure::adopt`] had nowhere to send its events
+    /// (prefect-kubernetes' observer keeps replicating a pod's events across worker restarts).
+    fn report_to(&mut self, _events: EventContext, _reporter: Arc<dyn RunReporter>) {}
+
     /// The engine reported the run's outcome over a control channel (its state is its own).
     fn concluded(&self) -> bool {
         false

@@ -20,6 +20,7 @@
 pub mod client;
 pub mod observe;
 pub mod outcome;
+mod output;
 pub mod pod;
 pub mod run;
 mod secrets;
@@ -240,7 +241,7 @@ impl Infrastructure for KubernetesInfrastructure {
                 let observer = self
                     .observers
                     .get(cluster.clone(), client.clone(), namespace);
-                // No sink reaches here: an adopted run's pod events are not replicated.
+                // Its events go where `Started::report_to` says, once the worker read the run.
                 let following = observer.follow(flow_run, None);
                 return Some(Box::new(JobStarted::new(
                     client.clone(),
@@ -249,6 +250,7 @@ impl Infrastructure for KubernetesInfrastructure {
                     following,
                     Timeouts::default(),
                     Arc::new(cohort_infra::Silent),
+                    self.options.prefect_version.clone(),
                 )) as Box<dyn Started>);
             }
             None
@@ -356,6 +358,7 @@ impl KubernetesInfrastructure {
                 finished: job.job_watch_timeout_seconds.and_then(seconds),
             },
             secrets: job.secrets,
+            stream_output: job.stream_output,
         })
     }
 }

@@ -60,6 +60,75 @@ struct Registry {
     supervised: HashMap<Uuid, Supervised>,
 }
 
+impl Registry {
+    /// A supervision starts afresh: a run launched again (rescheduled by its engine) is not
+    /// let go with its earlier Job.
+    fn supervise(&mut self, flow_run: Uuid, events: Arc<PodEvents>) {
+        self.supervised.insert(
+            flow_run,
+            Supervised {
+                events,
+                last: HashMap::new(),
+                diagnosed: HashMap::new(),
+                pending_proposed: false,
+                released: None,
+            },
+        );
+    }
+
+    /// Sends `run`'s event for `pod` as `seen`, when the run is supervised here, with the
+    /// observer's reports (`InfrastructurePending`, diagnosis log lines) it calls for.
+    fn emit_pod_event(&mut self, run: Uuid, pod: &Pod, seen: Seen) {
+        let Some(supervised) = self.supervised.get_mut(&run) else {
+            return;
+        };
+        let Some((mut event, diagnosis)) =
+            pod_event_and_diagnosis(pod, seen, &supervised.events.prefect_version, Utc::now())
+        else {
+            return;
+        };
+        let uid = pod.meta().uid.clone().unwrap_or_default();
+        let status = pod.status.as_ref();
+        if seen != Seen::Deleted
+            && !supervised.pending_proposed
+            && status.and_then(|s| s.phase.as_deref()) == Some("Pending")
+        {
+            supervised.pending_proposed = true;
+            tokio::spawn(
+                supervised
+                    .events
+                    .reporter
+                    .propose_pending("InfrastructurePending", "Kubernetes pod is pending."),
+            );
+        }
+        match diagnosis {
+            Some(d) => {
+                let key = (d.category.to_owned(), d.detail.clone());
+                if supervised.diagnosed.get(&uid) != Some(&key) {
+                    supervised.diagnosed.insert(uid.clone(), key);
+                    tokio::spawn(supervised.events.reporter.log(
+                        OBSERVER_LOGGER,
+                        d.level.python_level(),
+                        vec![d.log_line()],
+                    ));
+                }
+            }
+            None => {
+                supervised.diagnosed.remove(&uid);
+            }
+        }
+        if let Some(previous) = supervised.last.get(&uid) {
+            if previous.id == event.id {
+                return;
+            }
+            event = event.follow(previous);
+        }
+        supervised.last.insert(uid, event.clone());
+        let emitted = supervised.events.sink.emit(event);
+        tokio::spawn(emitted);
+    }
+}
+
 struct Supervised {
     events: Arc<PodEvents>,
     /// The last event per pod uid: a change that does not change the event's id (its phase,
@@ -137,16 +206,7 @@ impl Observer {
     ) -> watch::Receiver<RunView> {
         let mut registry = self.registry.lock().expect("registry lock poisoned");
         if let Some(events) = events {
-            registry.supervised.insert(
-                flow_run,
-                Supervised {
-                    events,
-                    last: HashMap::new(),
-                    diagnosed: HashMap::new(),
-                    pending_proposed: false,
-                    released: None,
-                },
-            );
+            registry.supervise(flow_run, events);
         }
         registry
             .views
@@ -181,6 +241,25 @@ pub struct Following {
     pub flow_run: Uuid,
     observer: Arc<Observer>,
     pub view: watch::Receiver<RunView>,
+}
+
+impl Following {
+    /// The run's pod events go to `events` from now on: a re-adopted run, followed before the
+    /// worker read it. Its pods as they are now are told at once, as a restarted observer's
+    /// listing tells them (their ids are deterministic: what the earlier worker sent already,
+    /// the server keeps once).
+    pub fn report_to(&self, events: Arc<PodEvents>) {
+        let mut registry = self
+            .observer
+            .registry
+            .lock()
+            .expect("registry lock poisoned");
+        registry.supervise(self.flow_run, events);
+        let pods: Vec<Pod> = self.view.borrow().pods.values().cloned().collect();
+        for pod in &pods {
+            registry.emit_pod_event(self.flow_run, pod, Seen::Listed);
+        }
+    }
 }
 
 impl Drop for Following {
@@ -299,7 +378,10 @@ impl ObserverTask {
             Watched::Apply(pod) => self.apply_pod(pod, Seen::Changed),
             Watched::Delete(pod) => {
                 let Some(run) = flow_run_of(&pod) else { return };
-                self.emit_pod_event(run, &pod, Seen::Deleted);
+                self.registry
+                    .lock()
+                    .expect("registry lock poisoned")
+                    .emit_pod_event(run, &pod, Seen::Deleted);
                 self.update(run, |view| {
                     view.pods.remove(&pod.name_any());
                     view.deleted_pods.insert(pod.name_any(), pod);
@@ -310,7 +392,10 @@ impl ObserverTask {
 
     fn apply_pod(&mut self, pod: Pod, seen: Seen) {
         let Some(run) = flow_run_of(&pod) else { return };
-        self.emit_pod_event(run, &pod, seen);
+        self.registry
+            .lock()
+            .expect("registry lock poisoned")
+            .emit_pod_event(run, &pod, seen);
         self.update(run, |view| {
             view.deleted_pods.remove(&pod.name_any());
             view.pods.insert(pod.name_any(), pod);
@@ -354,57 +439,6 @@ impl ObserverTask {
                 before != (v.jobs.len(), v.pods.len())
             });
         }
-    }
-
-    fn emit_pod_event(&self, run: Uuid, pod: &Pod, seen: Seen) {
-        let mut registry = self.registry.lock().expect("registry lock poisoned");
-        let Some(supervised) = registry.supervised.get_mut(&run) else {
-            return;
-        };
-        let Some((mut event, diagnosis)) =
-            pod_event_and_diagnosis(pod, seen, &supervised.events.prefect_version, Utc::now())
-        else {
-            return;
-        };
-        let uid = pod.meta().uid.clone().unwrap_or_default();
-        let status = pod.status.as_ref();
-        if seen != Seen::Deleted
-            && !supervised.pending_proposed
-            && status.and_then(|s| s.phase.as_deref()) == Some("Pending")
-        {
-            supervised.pending_proposed = true;
-            tokio::spawn(
-                supervised
-                    .events
-                    .reporter
-                    .propose_pending("InfrastructurePending", "Kubernetes pod is pending."),
-            );
-        }
-        match diagnosis {
-            Some(d) => {
-                let key = (d.category.to_owned(), d.detail.clone());
-                if supervised.diagnosed.get(&uid) != Some(&key) {
-                    supervised.diagnosed.insert(uid.clone(), key);
-                    tokio::spawn(supervised.events.reporter.log(
-                        OBSERVER_LOGGER,
-                        d.level.python_level(),
-                        vec![d.log_line()],
-                    ));
-                }
-            }
-            None => {
-                supervised.diagnosed.remove(&uid);
-            }
-        }
-        if let Some(previous) = supervised.last.get(&uid) {
-            if previous.id == event.id {
-                return;
-            }
-            event = event.follow(previous);
-        }
-        supervised.last.insert(uid, event.clone());
-        let emitted = supervised.events.sink.emit(event);
-        tokio::spawn(emitted);
     }
 }
 

@@ -145,13 +145,32 @@ pub fn newest_unsucceeded_pod(view: &RunView, job: &str) -> Option<(String, Stri
     let (pod, _) = pods_of(view, job)
         .into_iter()
         .find(|(p, _)| p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Succeeded"))?;
-    let containers = &pod.spec.as_ref()?.containers;
-    let container = containers
+    Some((pod.metadata.name.clone()?, flow_container(pod)))
+}
+
+/// The pods of `job` whose containers have started, oldest first, each with its flow
+/// container (or only one).
+pub fn started_pods(view: &RunView, job: &str) -> Vec<(String, String)> {
+    pods_of(view, job)
+        .into_iter()
+        .rev()
+        .filter(|(p, _)| started_pod(p))
+        .filter_map(|(p, _)| Some((p.metadata.name.clone()?, flow_container(p))))
+        .collect()
+}
+
+/// The name of `pod`'s flow container: `prefect-job`, or its first.
+fn flow_container(pod: &Pod) -> String {
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    containers
         .iter()
         .find(|c| c.name == FLOW_CONTAINER)
         .or(containers.first())
-        .map_or_else(|| FLOW_CONTAINER.to_owned(), |c| c.name.clone());
-    Some((pod.metadata.name.clone()?, container))
+        .map_or_else(|| FLOW_CONTAINER.to_owned(), |c| c.name.clone())
 }
 
 /// The Job's pods, live and deleted, newest first.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_infra::exit_codes::infrastructure_crashed_message;
-use cohort_infra::{BoxFuture, Job, RunReporter, Started};
+use cohort_infra::{BoxFuture, EventContext, Job, RunReporter, Started};
 use k8s_openapi::api::batch::v1::Job as K8sJob;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, PostParams, PropagationPolicy};
@@ -45,6 +45,8 @@ pub struct Prepared {
     pub timeouts: Timeouts,
     /// Secrets to create first (`store_env_as_secret`, the API key).
     pub secrets: Vec<SecretToCreate>,
+    /// Follow the flow container's output to the worker's stdout.
+    pub stream_output: bool,
 }
 
 /// The Job of one flow run, to launch.
@@ -73,6 +75,7 @@ impl Job for JobRun {
                 cluster_config,
                 timeouts,
                 secrets,
+                stream_output,
             } = self.prepared;
             let (cluster, client) = self
                 .clients
@@ -93,6 +96,14 @@ impl Job for JobRun {
                 };
             crate::secrets::own(&client, &secrets, &name, &uid).await;
             tracing::info!(job = %name, %namespace, "Kubernetes job created");
+            if stream_output {
+                tokio::spawn(crate::output::follow(
+                    client.clone(),
+                    namespace.clone(),
+                    name.clone(),
+                    following.view.clone(),
+                ));
+            }
             Ok(Box::new(JobStarted::new(
                 client,
                 namespace,
@@ -100,6 +111,7 @@ impl Job for JobRun {
                 following,
                 timeouts,
                 self.events.reporter.clone(),
+                self.events.prefect_version.clone(),
             )) as Box<dyn Started>)
         })
     }
@@ -278,6 +290,8 @@ pub(crate) struct JobStarted {
     following: Following,
     timeouts: Timeouts,
     reporter: Arc<dyn RunReporter>,
+    /// The Prefect version the pod events report, for a re-adopted run's.
+    prefect_version: String,
     created: Instant,
     /// Since when the pod has been stuck, and on what.
     blocked: Option<(Instant, Diagnosis)>,
@@ -294,6 +308,7 @@ impl JobStarted {
         following: Following,
         timeouts: Timeouts,
         reporter: Arc<dyn RunReporter>,
+        prefect_version: String,
     ) -> Self {
         Self {
             client,
@@ -302,6 +317,7 @@ impl JobStarted {
             following,
             timeouts,
             reporter,
+            prefect_version,
             created: Instant::now(),
             blocked: None,
             end: None,
@@ -368,6 +384,15 @@ impl JobStarted {
 impl Started for JobStarted {
     fn identifier(&self) -> String {
         format!("{}:{}", self.namespace, self.job)
+    }
+
+    fn report_to(&mut self, events: EventContext, reporter: Arc<dyn RunReporter>) {
+        self.reporter = reporter.clone();
+        self.following.report_to(Arc::new(PodEvents {
+            sink: events.sink,
+            reporter,
+            prefect_version: self.prefect_version.clone(),
+        }));
     }
 
     fn wait(&mut self) -> BoxFuture<'_, std::io::Result<i64>> {

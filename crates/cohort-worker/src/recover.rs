@@ -7,12 +7,13 @@
 
 use std::sync::Arc;
 
-use cohort_api::models::{FlowRun, StateType};
-use cohort_events::related;
-use cohort_infra::Started;
+use cohort_api::models::{Deployment, Flow, FlowRun, StateType};
+use cohort_events::{related, RelatedResource};
+use cohort_infra::{EventContext, Started};
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::Claim;
+use crate::report::ApiReporter;
 use crate::submit::{emit_executed, flow_run_objects, forget, Outcome, RunContext};
 use cohort_execution::execution::{Executed, NotExecuted, RunLog};
 
@@ -108,6 +109,21 @@ async fn supervise_adopted(
                 None => None,
             };
             let flow = client.read_flow(run.flow_id).await.ok();
+            if let Some(related) =
+                adopted_related(ctx, claim, &run, deployment.as_ref(), flow.as_ref())
+            {
+                started.report_to(
+                    EventContext {
+                        sink: ctx.executor.sink.clone(),
+                        worker: ctx.resource.clone(),
+                        related,
+                    },
+                    Arc::new(ApiReporter {
+                        api: ctx.executor.api.clone(),
+                        flow_run_id: id,
+                    }),
+                );
+            }
             let executed = ctx
                 .executor
                 .supervise(
@@ -142,26 +158,34 @@ async fn supervise_adopted(
             return Outcome::FailedToSubmit(m);
         }
     };
-    match (&claim.submitted, run) {
-        (Some(submitted), _) => {
-            emit_executed(ctx, submitted.related.clone(), Some(submitted), &executed).await
+    let related = match &run {
+        Some((run, deployment, flow)) => {
+            adopted_related(ctx, claim, run, deployment.as_ref(), flow.as_ref())
         }
-        // The submitted event was never journaled (the journal failed then): relate the
-        // executed event to what the server knows, without `follows`.
-        (None, Some((run, deployment, Some(flow)))) => {
-            let pool = ctx.pool.read().expect("pool lock poisoned").clone();
-            let objects = flow_run_objects(&run, deployment.as_ref(), &flow, &pool);
-            emit_executed(
-                ctx,
-                related::worker_flow_run_related(&objects),
-                None,
-                &executed,
-            )
-            .await;
-        }
-        (None, _) => {
+        None => claim.submitted.as_ref().map(|s| s.related.clone()),
+    };
+    match related {
+        Some(related) => emit_executed(ctx, related, claim.submitted.as_ref(), &executed).await,
+        None => {
             tracing::warn!("no executed-flow-run event for flow run '{id}': neither the journal nor the server describes it");
         }
     }
     Outcome::Exited(executed.status_code)
+}
+
+/// What a re-adopted run's events relate to: the journaled `submitted-flow-run`'s resources,
+/// or, when the journal failed to keep that event, what the server knows of the run.
+fn adopted_related(
+    ctx: &RunContext,
+    claim: &Claim,
+    run: &FlowRun,
+    deployment: Option<&Deployment>,
+    flow: Option<&Flow>,
+) -> Option<Vec<RelatedResource>> {
+    if let Some(submitted) = &claim.submitted {
+        return Some(submitted.related.clone());
+    }
+    let pool = ctx.pool.read().expect("pool lock poisoned").clone();
+    let objects = flow_run_objects(run, deployment, flow?, &pool);
+    Some(related::worker_flow_run_related(&objects))
 }

@@ -194,6 +194,42 @@ fn a_real_flow_runs_as_a_job_to_completed_with_prefects_events() {
     c.clean_up(&run.id);
 }
 
+/// `stream_output` (on in prefect-kubernetes' template, ignored by its worker since 0.6.0):
+/// the flow container's output is followed to the worker's stdout, and not with it off.
+#[test]
+fn stream_output_follows_the_flow_containers_output_to_the_workers_stdout() {
+    let s = server();
+    let (pool, _, worker) = pool_and_worker("stream");
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(variables(json!({}))));
+    let quiet = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({"stream_output": false}))),
+    );
+    let (streamed, silent) = (unique("streamed"), unique("silent"));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({"name": streamed}));
+    let quiet_run = s.create_flow_run(&quiet.id, &[], json!({}), json!({"name": silent}));
+    for id in [&run.id, &quiet_run.id] {
+        let state = s.wait_for_final_state(id, FINAL_TIMEOUT);
+        assert_eq!(state["type"], "COMPLETED", "{state}");
+    }
+    util::poll(
+        "the streamed run's greeting on the worker's stdout",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            worker
+                .stdout()
+                .contains(&format!("Hello, {streamed}!"))
+                .then_some(())
+        },
+    );
+    // Both runs' containers have ended and their logs were drained: the silent one's
+    // greeting would be there by now.
+    assert!(!worker.stdout().contains(&silent), "{}", worker.stdout());
+    for id in [&run.id, &quiet_run.id] {
+        cluster().clean_up(id);
+    }
+}
+
 /// A container that dies before the engine reports anything (a bad command, an import
 /// error) is Crashed with its real exit code, which prefect-kubernetes never reads (its
 /// executed event always says "0"), and its last output is forwarded to the run's logs.
@@ -402,7 +438,9 @@ fn a_run_cancelled_while_its_pod_is_pending_has_its_job_deleted() {
 
 /// A worker SIGKILLed while its Job runs, replaced by one of the same name whose disk did not
 /// survive (a fresh `PREFECT_HOME`, as a rescheduled worker pod has): the new worker finds the
-/// Job by its labels, follows it to its end and reports it, once.
+/// Job by its labels, follows it to its end and reports it, once, and sends the pod's events
+/// from then on (the pod succeeds after the first worker is gone), as Prefect's observer does
+/// across restarts.
 #[test]
 fn a_worker_replaced_mid_run_finds_its_job_by_label_and_reports_it() {
     let s = server();
@@ -430,6 +468,13 @@ fn a_worker_replaced_mid_run_finds_its_job_by_label_and_reports_it() {
         flow_run_label(&executed[0], STATUS_CODE_LABEL).as_deref(),
         Some("0")
     );
+    let succeeded = s.wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+               "event": {"name": ["prefect.kubernetes.pod.succeeded"]}}),
+        1,
+        Duration::from_secs(60),
+    );
+    assert_eq!(succeeded.len(), 1, "{succeeded:#?}");
     cluster().clean_up(&run.id);
 }
 
