@@ -167,6 +167,11 @@ impl ApiError {
         )
     }
 
+    /// 401 for a request without the service account's token, as the real API server words it.
+    pub fn unauthorized() -> Self {
+        Self::new(401, "Unauthorized", "Unauthorized", None)
+    }
+
     /// 410 for a watch or list continuation from a compacted `resourceVersion`.
     pub fn expired(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message, None)

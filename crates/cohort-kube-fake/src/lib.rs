@@ -24,15 +24,17 @@
 //! * a kubelet: scripted by the test, or running pods as containers on the local Docker
 //!   Engine;
 //! * errors as `Status` bodies worded as the apiserver words them, a log of every request,
-//!   and injected faults (error statuses, lost responses, dropped watches, compaction).
+//!   and injected faults (error statuses, lost responses, dropped watches, compaction);
+//! * served plain on loopback with a kubeconfig, or as a pod sees its API server (HTTPS with
+//!   a certificate of a fresh cluster CA, a service account's bearer token required).
 //!
 //! # What it cannot prove
 //!
 //! It encodes one reading of Kubernetes. It does not show how a real cluster behaves: the
 //! real Job controller's edge cases (pod-replacement races, backoff delays, pod failure
 //! policies, finalizer-based tracking), real kubelet timing and signal paths, image pulls,
-//! the scheduler, the watch cache's real bookmark and 410 timing, TLS, authentication,
-//! RBAC, admission webhooks, server-side apply, or behaviour at scale.
+//! the scheduler, the watch cache's real bookmark and 410 timing, authentication beyond one
+//! static token, RBAC, admission webhooks, server-side apply, or behaviour at scale.
 //!
 //! # Deliberate differences from a real cluster
 //!
@@ -94,7 +96,7 @@ pub use kubeconfig::CONTEXT as KUBECONFIG_CONTEXT;
 pub use kubelet::engine::{CONTAINER_LABEL, EMULATOR_LABEL, PID_LABEL, POD_LABEL, POD_UID_LABEL};
 pub use kubelet::Kubelet;
 pub use requests::{RecordedRequest, Transport};
-pub use server::Served;
+pub use server::{InCluster, Served};
 pub use service::{BoxError, EmulatorService, ServiceError};
 
 use faults::Fault;
@@ -220,6 +222,14 @@ impl Emulator {
     /// dropped.
     pub async fn serve(&self) -> std::io::Result<Served> {
         server::serve(self.handle.clone()).await
+    }
+
+    /// Serves the emulator on 127.0.0.1 as a cluster's API server is seen from its pods:
+    /// HTTPS with a certificate of a fresh cluster CA, and `token` required of every request
+    /// (401 without it). [`Served::in_cluster`] has what goes into a pod's service account
+    /// directory.
+    pub async fn serve_in_cluster(&self, token: &str) -> std::io::Result<Served> {
+        server::serve_in_cluster(self.handle.clone(), token.to_owned()).await
     }
 
     /// The emulator as a `tower::Service`, e.g. for `kube::Client::new(service, "default")`.

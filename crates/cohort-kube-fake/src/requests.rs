@@ -12,6 +12,9 @@ pub enum Transport {
     InProcess,
     /// Through the loopback HTTP server.
     Http,
+    /// Through the loopback HTTPS server, with the service account's bearer token
+    /// ([`crate::Emulator::serve_in_cluster`]).
+    Https,
 }
 
 /// One request as the emulator received it.

@@ -183,6 +183,55 @@ async fn job_lifecycle_over_http_with_a_kubeconfig() {
     );
 }
 
+/// Served as a pod sees its API server: the whole lifecycle over HTTPS with the cluster CA and
+/// the token; without the token the answer is 401 `Unauthorized`, and a client that does
+/// not trust the cluster CA does not get through the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_lifecycle_over_https_with_a_service_account_token() {
+    let emulator = Emulator::new(EmulatorConfig::default());
+    let served = emulator.serve_in_cluster("sa-token-1").await.unwrap();
+    assert!(
+        served.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        served.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let client = over_http(&served, dir.path()).await;
+    job_lifecycle(&emulator, client).await;
+    assert!(emulator
+        .requests()
+        .iter()
+        .all(|r| r.from == cohort_kube_fake::Transport::Https));
+
+    let anonymous = served
+        .kubeconfig()
+        .replace("token: sa-token-1", "token: another");
+    let kubeconfig = Kubeconfig::from_yaml(&anonymous).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let jobs: Api<Job> = Api::namespaced(Client::try_from(config).unwrap(), "prefect");
+    match jobs.list(&ListParams::default()).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!((status.code, status.reason.as_str()), (401, "Unauthorized"));
+        }
+        other => panic!("a wrong token must be refused: {other:?}"),
+    }
+
+    let other_ca = emulator.serve_in_cluster("sa-token-1").await.unwrap();
+    let untrusted = served.kubeconfig().replace(&served.url(), &other_ca.url());
+    let kubeconfig = Kubeconfig::from_yaml(&untrusted).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let jobs: Api<Job> = Api::namespaced(Client::try_from(config).unwrap(), "prefect");
+    let refused = jobs.list(&ListParams::default()).await;
+    assert!(
+        matches!(refused, Err(ref e) if !matches!(e, kube::Error::Api(_))),
+        "a server certificate of another CA must fail the handshake: {refused:?}"
+    );
+}
+
 /// After compaction and dropped watches, the watcher's resumed watch gets 410 and it lists
 /// again (Init, InitApply, InitDone), then carries on with new events.
 async fn relist_after_compaction(emulator: &Emulator, client: Client) {

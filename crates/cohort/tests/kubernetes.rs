@@ -478,6 +478,140 @@ fn a_worker_replaced_mid_run_finds_its_job_by_label_and_reports_it() {
     cluster().clean_up(&run.id);
 }
 
+/// The worker as it runs in a cluster (`deploy/kubernetes/worker.yaml`): in a container, with
+/// no kubeconfig, only `KUBERNETES_SERVICE_HOST`/`_PORT` and the pod's service account
+/// directory (token, cluster CA, namespace). The emulator is served as a cluster's API
+/// server is seen from a pod: HTTPS with its own CA, the token required. A real flow's Job
+/// is created and followed to Completed over that connection, in the service account's
+/// namespace.
+#[test]
+fn a_worker_in_a_container_uses_the_in_cluster_service_account() {
+    let s = server();
+    let c = cluster();
+    let token = unique("sa-token");
+    let served = c
+        .block_on(c.emulator.serve_in_cluster(&token))
+        .expect("serve the emulator in-cluster style");
+    let in_cluster = served.in_cluster().expect("served in-cluster style");
+    let account = tempfile::tempdir().expect("temp dir");
+    for (file, text) in [
+        ("token", in_cluster.token.as_str()),
+        ("ca.crt", in_cluster.ca_pem.as_str()),
+        ("namespace", NAMESPACE),
+    ] {
+        std::fs::write(account.path().join(file), text).expect("write the service account");
+    }
+    let pool = unique("k8s-in-cluster");
+    s.create_work_pool(&pool, "kubernetes");
+    let out = tempfile::tempdir().expect("temp dir");
+    let container = InClusterWorker {
+        name: unique("cohort-in-cluster"),
+        pool: pool.clone(),
+        port: served.addr().port(),
+        account: account.path().to_owned(),
+        log: out.path().join("worker.log"),
+    }
+    .start();
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(variables(json!({}))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(
+        state["type"],
+        "COMPLETED",
+        "{state}\n{}",
+        container.output()
+    );
+    assert_eq!(c.jobs_of(&run.id).len(), 1);
+    let created_over_tls = c.emulator.requests().iter().any(|r| {
+        r.from == cohort_kube_fake::Transport::Https
+            && r.method == "POST"
+            && r.path
+                .starts_with(&format!("/apis/batch/v1/namespaces/{NAMESPACE}/jobs"))
+    });
+    assert!(created_over_tls, "{}", container.output());
+    let events = run_events(&run.id, 5);
+    assert!(
+        names(&events).contains(&"prefect.kubernetes.pod.succeeded"),
+        "{events:#?}"
+    );
+    c.clean_up(&run.id);
+}
+
+/// A Cohort worker in a container on the host's network, its service account mounted where a
+/// pod's is; removed when dropped.
+struct InClusterWorker {
+    name: String,
+    pool: String,
+    port: u16,
+    account: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+struct RunningContainer {
+    name: String,
+    log: std::path::PathBuf,
+    _client: std::process::Child,
+}
+
+impl InClusterWorker {
+    fn start(self) -> RunningContainer {
+        let log = std::fs::File::create(&self.log).expect("worker log");
+        let client = std::process::Command::new("docker")
+            .args(["run", "--rm", "--name", &self.name, "--network", "host"])
+            .arg("-v")
+            .arg(format!(
+                "{}:/usr/local/bin/cohort:ro",
+                env!("CARGO_BIN_EXE_cohort")
+            ))
+            .arg("-v")
+            .arg(format!(
+                "{}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
+                self.account.display()
+            ))
+            .args(["-e", "KUBERNETES_SERVICE_HOST=127.0.0.1"])
+            .arg("-e")
+            .arg(format!("KUBERNETES_SERVICE_PORT={}", self.port))
+            .arg("-e")
+            .arg(format!("PREFECT_API_URL={}", server().api_url()))
+            .args(["-e", "PREFECT_HOME=/tmp/prefect-home"])
+            .args(["-e", "PREFECT_WORKER_QUERY_SECONDS=3"])
+            .args(["--entrypoint", "/usr/local/bin/cohort", flows_image()])
+            .args([
+                "worker",
+                "start",
+                "--type",
+                "kubernetes",
+                "--pool",
+                &self.pool,
+            ])
+            .args(["--name", &self.name])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("worker log"))
+            .stderr(log)
+            .spawn()
+            .expect("docker run the worker");
+        RunningContainer {
+            name: self.name,
+            log: self.log,
+            _client: client,
+        }
+    }
+}
+
+impl RunningContainer {
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RunningContainer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .output();
+    }
+}
+
 /// `--limit` counts running Jobs: with a limit of one, the second run's Job is created only
 /// once the first one's has ended (prefect-kubernetes frees the slot at creation).
 #[test]
