@@ -247,7 +247,7 @@ impl Executor {
                 status_code: 0,
             });
         }
-        if code != 0 {
+        if code != 0 || started.stopped_by_infrastructure() {
             // A non-zero exit without a reported outcome is a crash.
             let message = started.crashed_message(code);
             log.error(message.clone());

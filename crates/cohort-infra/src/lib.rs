@@ -260,6 +260,14 @@ pub trait Started: Send {
         Box::pin(async { CancelSignal::NoChannel })
     }
 
+    /// The infrastructure stopped the run on its own account (a Kubernetes Job past its
+    /// `activeDeadlineSeconds`): whatever its status code, a run without a final state is
+    /// Crashed — even one its engine rescheduled on the stop signal, which would otherwise
+    /// start again and be stopped again, for ever.
+    fn stopped_by_infrastructure(&self) -> bool {
+        false
+    }
+
     /// The Crashed message for a non-zero status code.
     fn crashed_message(&self, code: i64) -> String;
 

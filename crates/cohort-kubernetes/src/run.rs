@@ -386,6 +386,12 @@ impl Started for JobStarted {
         format!("{}:{}", self.namespace, self.job)
     }
 
+    fn stopped_by_infrastructure(&self) -> bool {
+        self.end
+            .as_ref()
+            .is_some_and(|end| end.cause == Cause::DeadlineExceeded)
+    }
+
     fn report_to(&mut self, events: EventContext, reporter: Arc<dyn RunReporter>) {
         self.reporter = reporter.clone();
         self.following.report_to(Arc::new(PodEvents {

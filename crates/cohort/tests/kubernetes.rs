@@ -388,6 +388,116 @@ fn an_image_that_cannot_be_pulled_is_crashed_with_its_diagnosis() {
     c.clean_up(&run.id);
 }
 
+/// A pool whose base job template is prefect-kubernetes' with `change` applied to its Job
+/// manifest (what a user edits in the pool's advanced settings), and a Cohort worker for it
+/// with `env`.
+fn pool_with_manifest(
+    what: &str,
+    change: impl FnOnce(&mut Value),
+    env: &[(&str, &str)],
+) -> (String, Worker) {
+    let s = server();
+    let mut template: Value = serde_json::from_str(cohort_kube_manifest::BASE_JOB_TEMPLATE)
+        .expect("the bundled template is JSON");
+    change(&mut template["job_configuration"]["job_manifest"]);
+    let pool = unique(&format!("k8s-{what}"));
+    s.create_work_pool_with_template(&pool, "kubernetes", template);
+    let mut builder = Worker::builder(
+        util::WorkerKind::Cohort,
+        &[
+            "--pool",
+            &pool,
+            "--type",
+            "kubernetes",
+            "--name",
+            &unique(&format!("k8s-worker-{what}")),
+        ],
+    )
+    .env("KUBECONFIG", &cluster().kubeconfig())
+    .env(
+        "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES",
+        NAMESPACE,
+    );
+    for (k, v) in env {
+        builder = builder.env(k, v);
+    }
+    (pool, builder.spawn())
+}
+
+/// A pod no node fits (a `nodeSelector` the emulated cluster's one node does not match) stays
+/// Pending with `PodScheduled=False`; with `COHORT_KUBERNETES_SCHEDULED_TIMEOUT_SECONDS` its run
+/// is Crashed with the scheduler's reason once that has passed, and its Job deleted, where
+/// prefect-kubernetes leaves it Pending for ever.
+#[test]
+fn an_unschedulable_pod_is_crashed_after_the_scheduled_timeout() {
+    let s = server();
+    let (pool, _worker) = pool_with_manifest(
+        "unschedulable",
+        |manifest| {
+            manifest["spec"]["template"]["spec"]["nodeSelector"] = json!({"disktype": "ssd"})
+        },
+        &[("COHORT_KUBERNETES_SCHEDULED_TIMEOUT_SECONDS", "5")],
+    );
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(variables(json!({}))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CRASHED", "{state}");
+    let message = state["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("Pod is unschedulable")
+            && message.contains("didn't match Pod's node affinity/selector"),
+        "{message}"
+    );
+    let c = cluster();
+    c.wait_for("the Job to be deleted", Duration::from_secs(60), || {
+        c.jobs_of(&run.id).is_empty().then_some(())
+    });
+    let pending = s.wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+               "event": {"name": ["prefect.kubernetes.pod.pending"]}}),
+        1,
+        Duration::from_secs(30),
+    );
+    assert!(
+        pending.iter().any(|e| e["resource"]["kubernetes.diagnosis"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("Unschedulable"))),
+        "{pending:#?}"
+    );
+    c.clean_up(&run.id);
+}
+
+/// A Job past its `activeDeadlineSeconds` (set in the pool's manifest) is failed by the Job
+/// controller, which stops its pod; the run is Crashed as such, and stays so: the engine's
+/// SIGTERM rule must not turn a deadline into a rescheduled run that starts a new Job.
+#[test]
+fn a_job_past_its_active_deadline_is_crashed_as_such() {
+    let s = server();
+    let (pool, _worker) = pool_with_manifest(
+        "deadline",
+        |manifest| manifest["spec"]["activeDeadlineSeconds"] = json!(8),
+        &[],
+    );
+    let dep = s.deploy(&DeploySpec::new(&pool, "sleepy").job_variables(variables(json!({}))));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 120}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(
+        state["type"],
+        "CRASHED",
+        "{state}\n{:?}",
+        state_names(&run.id)
+    );
+    let message = state["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("exceeded its active deadline"),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(s.read_flow_run(&run.id)["state"]["type"], "CRASHED");
+    assert_eq!(cluster().jobs_of(&run.id).len(), 1, "no second Job");
+    cluster().clean_up(&run.id);
+}
+
 /// Proposes Cancelling as `prefect flow-run cancel` does.
 fn request_cancel(run_id: &str) {
     let r = server().request(

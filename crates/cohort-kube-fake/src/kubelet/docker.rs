@@ -117,9 +117,16 @@ impl DockerKubelet {
             && !status::is_terminal(pod)
             && !self.workers.contains_key(&uid)
         {
+            // The scheduler's part: a pod its one node does not fit stays Pending,
+            // `PodScheduled=False` (Unschedulable), until it is deleted.
             let scheduled = self.shared.store.txn(|t| {
                 let mut current = t.get(Kind::Pod, &ns, &name)?.clone();
                 if current.pointer("/spec/nodeName").is_none() {
+                    if !status::fits_node(&current) {
+                        status::unschedulable(&mut current, status::SELECTOR_MISMATCH);
+                        let _ = t.put(Kind::Pod, current);
+                        return None;
+                    }
                     status::schedule(&mut current);
                     current = t.put(Kind::Pod, current).ok()?;
                 }

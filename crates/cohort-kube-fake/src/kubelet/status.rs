@@ -109,6 +109,29 @@ pub(crate) fn container_status<'a>(pod: &'a Value, container: &str) -> Option<&'
         .find(|s| s.get("name").and_then(Value::as_str) == Some(container))
 }
 
+/// The labels of the one node, as a kubelet registers them; a pod whose `nodeSelector` asks
+/// for anything else cannot be scheduled.
+pub(crate) const NODE_LABELS: [(&str, &str); 3] = [
+    ("kubernetes.io/hostname", NODE_NAME),
+    ("kubernetes.io/os", "linux"),
+    ("kubernetes.io/arch", "amd64"),
+];
+
+/// What the scheduler says of a pod its one node does not fit.
+pub(crate) const SELECTOR_MISMATCH: &str = "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling.";
+
+/// Whether the node's labels satisfy the pod's `spec.nodeSelector`.
+pub(crate) fn fits_node(pod: &Value) -> bool {
+    let Some(selector) = pod.pointer("/spec/nodeSelector").and_then(Value::as_object) else {
+        return true;
+    };
+    selector.iter().all(|(key, want)| {
+        NODE_LABELS
+            .iter()
+            .any(|(k, v)| k == key && want.as_str() == Some(v))
+    })
+}
+
 /// Binds the pod to the node: `spec.nodeName` and `PodScheduled=True`.
 pub(crate) fn schedule(pod: &mut Value) {
     meta::object_mut(pod, "spec").insert("nodeName".into(), json!(NODE_NAME));
