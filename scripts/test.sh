@@ -38,6 +38,20 @@ if ! python_ok; then
     python_ok || die "need Python >= 3.10 with the venv module (set PYTHON=/path/to/python3.x)"
 fi
 
+# The metrics tests scrape the worker with a real Prometheus and lint with promtool.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || die "prometheus and promtool are missing (install Prometheus 2.x)"
+    sudo=""
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null 2>&1 || die "prometheus is missing and apt-get needs root (no sudo)"
+        sudo="sudo -n"
+    fi
+    log "installing prometheus (apt-get)"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        prometheus </dev/null
+fi
+
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs)"
 if command -v rustup >/dev/null 2>&1; then
     for component in rustfmt clippy; do

@@ -211,6 +211,8 @@ impl PrefectClient {
             url.query_pairs_mut().extend_pairs(query);
         }
         let path = url.path().to_owned();
+        let endpoint = cohort_metrics::endpoint(segments);
+        let metrics = cohort_metrics::metrics();
         let write = is_write(&method, segments);
         let mut backoff = Backoff::new(self.config.retry_base_delay, Duration::from_secs(30));
         loop {
@@ -245,6 +247,7 @@ impl PrefectClient {
             match sent {
                 Err(source) => {
                     drop(permit);
+                    metrics.api_request(method.as_str(), &endpoint, None);
                     let may_retry = (self.has_connected.load(Ordering::Relaxed)
                         || source.is_timeout())
                         && retry.retries_unanswered(source.is_connect());
@@ -257,12 +260,14 @@ impl PrefectClient {
                         return Err(err);
                     }
                     let delay = backoff.next_delay();
+                    metrics.api_retry(method.as_str(), &endpoint);
                     tracing::warn!(%method, %path, error = %err, retry_in = ?delay, "request failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 Ok(resp) => {
                     self.has_connected.store(true, Ordering::Relaxed);
                     let status = resp.status();
+                    metrics.api_request(method.as_str(), &endpoint, Some(status.as_u16()));
                     let retry_after = retry_after(resp.headers());
                     let body = resp.bytes().await.map_err(|source| ApiError::Transport {
                         method: method.to_string(),
@@ -283,6 +288,7 @@ impl PrefectClient {
                         return Err(err);
                     }
                     let backoff_delay = backoff.next_delay();
+                    metrics.api_retry(method.as_str(), &endpoint);
                     // Wait at least what the server asked for (`Retry-After`).
                     let delay = retry_after
                         .map(|d| jittered(d, 0.2).max(d))

@@ -74,6 +74,7 @@ pub async fn watch(
     let mut polled_since_connect = false;
     loop {
         let connected = *subscription.connected.borrow();
+        cohort_metrics::metrics().event_feed("cancel", connected);
         if !connected {
             polled_since_connect = false;
         }
@@ -111,6 +112,7 @@ pub async fn watch(
             }
         }
     }
+    cohort_metrics::metrics().event_feed("cancel", false);
     drop(subscription);
     task.abort();
 }

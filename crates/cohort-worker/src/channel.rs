@@ -111,7 +111,8 @@ pub async fn run(
                     }
                     tracing::debug!(pool = %config.pool_name, "worker channel connected");
                     let cleaner = Cleaner::new(Arc::new(client.clone()), infra.clone());
-                    match healthy(
+                    cohort_metrics::metrics().worker_channel(true);
+                    let ended = healthy(
                         socket,
                         &config,
                         &consumer_id,
@@ -120,8 +121,9 @@ pub async fn run(
                         cleaner,
                         &shutdown,
                     )
-                    .await
-                    {
+                    .await;
+                    cohort_metrics::metrics().worker_channel(false);
+                    match ended {
                         Ok(()) => return,
                         Err(ChannelError::Terminal(reason)) => {
                             tracing::info!(%reason, "worker channel closed for good; using REST heartbeats");

@@ -1,4 +1,5 @@
-//! The `--with-healthcheck` web server. `GET /health` answers like Prefect's worker
+//! The worker's web server: `GET /metrics` (Prometheus text, `cohort-metrics`) with
+//! `--with-metrics` or `--with-healthcheck`, and with the latter the probes. `GET /health` answers like Prefect's worker
 //! (`prefect/workers/server.py`): OK while the last successful poll is recent, 503 otherwise.
 //! Cohort adds liveness and readiness apart, for orchestrators that restart on one and route
 //! on the other: `GET /livez` is OK while the poll loop turns, server reachable or not (a
@@ -23,7 +24,7 @@ use cohort_supervise as supervise;
 pub use cohort_supervise::LastPolled;
 
 /// What the health endpoints look at.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Probes {
     /// The last successful poll.
     pub last_polled: LastPolled,
@@ -37,6 +38,26 @@ pub struct Probes {
     pub journal: Journal,
     /// The supervised background tasks.
     pub tasks: supervise::Health,
+    /// The event outbox, read at each scrape.
+    pub outbox: Option<cohort_events::emitter::Outbox>,
+    /// Serve the probes (`--with-healthcheck`), not only `/metrics`.
+    pub health: bool,
+}
+
+/// `GET /metrics`: the gauges that are read rather than counted are read now.
+fn scrape(probes: &Probes) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let metrics = cohort_metrics::metrics();
+    metrics.journal(probes.journal.is_healthy());
+    if let Some(outbox) = &probes.outbox {
+        match outbox.stats() {
+            Ok(stats) => metrics.outbox(stats.depth, stats.oldest_age.unwrap_or_default()),
+            Err(e) => tracing::warn!(error = %e, "cannot read the event outbox's depth"),
+        }
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, metrics.content_type())],
+        metrics.encode(),
+    )
 }
 
 fn answer(ok: bool, failing: serde_json::Value) -> (StatusCode, Json<serde_json::Value>) {
@@ -54,8 +75,29 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 
 /// Serves the probes on `listener` until `shutdown`.
 pub async fn serve(listener: tokio::net::TcpListener, probes: Probes, shutdown: CancellationToken) {
+    let scraped = probes.clone();
+    let metrics = Router::new().route(
+        "/metrics",
+        get(move || {
+            let answer = scrape(&scraped);
+            async move { answer }
+        }),
+    );
+    let app = if probes.health {
+        metrics.merge(probe_routes(probes))
+    } else {
+        metrics
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "the worker's web server failed");
+    }
+}
+
+/// `/health`, `/livez`, `/readyz`.
+fn probe_routes(probes: Probes) -> Router {
     let (health, live, ready) = (probes.clone(), probes.clone(), probes);
-    let app = Router::new()
+    Router::new()
         .route(
             "/health",
             get(move || {
@@ -114,11 +156,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probes: Probes, shutdown: 
                     )
                 }
             }),
-        );
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-    if let Err(e) = server.await {
-        tracing::error!(error = %e, "healthcheck server failed");
-    }
+        )
 }
 
 #[cfg(test)]
@@ -164,6 +202,8 @@ mod tests {
             interval: Duration::from_secs(10),
             journal,
             tasks: supervisor.health(),
+            outbox: None,
+            health: true,
         };
         let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let addr = listener.local_addr().unwrap();

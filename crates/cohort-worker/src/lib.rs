@@ -20,4 +20,4 @@ mod worker;
 
 pub use journal::{Journal, JournalError};
 pub use state::LegacyState;
-pub use worker::{StartError, Worker, WorkerOptions, WorkerState};
+pub use worker::{StartError, Webserver, Worker, WorkerOptions, WorkerState};

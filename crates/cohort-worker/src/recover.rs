@@ -170,6 +170,7 @@ async fn supervise_adopted(
             tracing::warn!("no executed-flow-run event for flow run '{id}': neither the journal nor the server describes it");
         }
     }
+    crate::submit::count_finished(ctx, id).await;
     Outcome::Exited(executed.status_code)
 }
 

@@ -38,6 +38,9 @@ pub(crate) struct RunContext {
     pub pool: SharedPool,
     /// `PREFECT_*` settings set explicitly for the worker, passed on to the flow.
     pub settings_env: Vec<(String, String)>,
+    /// `/metrics` is served: each run's state is read once when its supervision ends, for
+    /// `cohort_flow_runs_finished_total` (one request per run, only then).
+    pub count_final_states: bool,
 }
 
 impl RunContext {
@@ -269,6 +272,10 @@ async fn submit_journaled(
     }
     drop(journaled);
     ctx.executor.sink.emit(submitted.clone()).await;
+    let pickup = run
+        .expected_start_time
+        .and_then(|expected| (chrono::Utc::now() - expected).to_std().ok());
+    cohort_metrics::metrics().run_submitted(&ctx.worker_type, pickup);
 
     // 5. Labels (a failure does not stop the run; Prefect ignores it too), then Submitting.
     let labels = json!({
@@ -306,13 +313,25 @@ async fn submit_journaled(
         Ok(e) => e,
         // Could not start (already Crashed), or lost track of: no executed event, as Prefect.
         Err(NotExecuted::CouldNotStart(m) | NotExecuted::Lost(m)) => {
-            return Outcome::FailedToSubmit(m)
+            count_finished(ctx, run.id).await;
+            return Outcome::FailedToSubmit(m);
         }
     };
 
     // 7. executed-flow-run, linked to submitted.
     emit_executed(ctx, submitted.related.clone(), Some(&submitted), &executed).await;
+    count_finished(ctx, run.id).await;
     Outcome::Exited(executed.status_code)
+}
+
+/// Counts a run whose supervision ended, by its state now (when metrics are served).
+pub(crate) async fn count_finished(ctx: &RunContext, id: Uuid) {
+    if !ctx.count_final_states {
+        return;
+    }
+    let state = cohort_execution::cancel::current_state(ctx.api(), id).await;
+    let state = state.map_or_else(|| "unknown".to_owned(), |s| format!("{s:?}").to_lowercase());
+    cohort_metrics::metrics().run_finished(&ctx.worker_type, &state);
 }
 
 /// `executed-flow-run`: the run's related resources (those of its `submitted` event) plus the

@@ -68,6 +68,7 @@ pub(crate) fn fakes(api: Arc<InProcessPrefect>) -> Fakes {
         resource,
         pool: Arc::new(RwLock::new(Arc::new(pool))),
         settings_env: Vec::new(),
+        count_final_states: false,
     });
     Fakes {
         api,

@@ -50,9 +50,12 @@ pub fn filter(pool_id: Uuid) -> serde_json::Value {
 /// Sends what it sees of the pool's runs entering Scheduled or Pending. Runs until `shutdown`.
 pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Seen>, shutdown: CancellationToken) {
     let (mut subscription, task) = subscribe(feed);
+    let metrics = cohort_metrics::metrics();
     loop {
+        metrics.event_feed("wake", *subscription.connected.borrow());
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Ok(()) = subscription.connected.changed() => continue,
             e = subscription.events.recv() => match e {
                 Some(e) => e,
                 None => break,
@@ -84,6 +87,7 @@ pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Seen>, shutdown: C
             break;
         }
     }
+    metrics.event_feed("wake", false);
     drop(subscription);
     task.abort();
 }

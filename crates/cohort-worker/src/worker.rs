@@ -52,7 +52,11 @@ pub struct WorkerOptions {
     pub drain_timeout: Duration,
     /// SIGTERM → SIGKILL grace when stopping a flow-run process.
     pub termination_grace: Duration,
-    pub healthcheck: Option<SocketAddr>,
+    /// The web server (`PREFECT_WORKER_WEBSERVER_HOST:PORT`): `/metrics` always, the
+    /// health probes with `--with-healthcheck`.
+    pub webserver: Option<Webserver>,
+    /// The event outbox, whose depth and oldest event `/metrics` reads at each scrape.
+    pub outbox: Option<cohort_events::emitter::Outbox>,
     /// `PREFECT_*` settings to pass on to flow-run processes.
     pub settings_env: Vec<(String, String)>,
     /// Wake the poller on the pool's `Scheduled` events (off: poll only, as Prefect does;
@@ -63,6 +67,14 @@ pub struct WorkerOptions {
     /// How the events websockets authenticate.
     pub events_auth: EventsAuth,
     pub authorization: Option<String>,
+}
+
+/// Where the worker's web server listens and what it serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Webserver {
+    pub addr: SocketAddr,
+    /// `GET /health`, `/livez` and `/readyz` (`--with-healthcheck`) besides `/metrics`.
+    pub health: bool,
 }
 
 /// Credentials (and the settings passed on to flows, which can hold `PREFECT_API_KEY`) are
@@ -84,7 +96,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("create_pool_if_not_found", &self.create_pool_if_not_found)
             .field("drain_timeout", &self.drain_timeout)
             .field("termination_grace", &self.termination_grace)
-            .field("healthcheck", &self.healthcheck)
+            .field("webserver", &self.webserver)
             .field("settings_env (names only)", &settings)
             .field("event_wake", &self.event_wake)
             .field("auth_token", &redacted(&self.auth_token))
@@ -335,11 +347,13 @@ impl Worker {
             resource: resource.clone(),
             pool: self.pool.clone(),
             settings_env: self.options.settings_env.clone(),
+            count_final_states: self.options.webserver.is_some(),
         });
         let cancellable = Cancellable::default();
         let last_polled = LastPolled::new();
         let loop_turned = LastPolled::new();
-        if let Some(addr) = self.options.healthcheck {
+        cohort_metrics::metrics().worker_started(&self.worker_type, env!("CARGO_PKG_VERSION"));
+        if let Some(Webserver { addr, health }) = self.options.webserver {
             // Bound now, so a taken port fails start-up; a restart binds again.
             let listener = health::bind(addr)
                 .await
@@ -351,6 +365,8 @@ impl Worker {
                 interval: self.options.query_interval,
                 journal: ctx.journal.clone(),
                 tasks: supervisor.health(),
+                outbox: self.options.outbox.clone(),
+                health,
             };
             let mut bound = Some(listener);
             let stop = background.clone();
@@ -851,6 +867,7 @@ impl<'w> Poller<'w> {
         );
         self.task_runs.insert(handle.id(), id);
         self.in_flight.insert(id);
+        cohort_metrics::metrics().in_flight(self.in_flight.len(), self.worker.options.limit);
         self.deferred.remove(&id);
     }
 
@@ -945,6 +962,7 @@ impl<'w> Poller<'w> {
             self.in_flight.remove(&run);
             self.cancellable.remove(&run);
         }
+        cohort_metrics::metrics().in_flight(self.in_flight.len(), self.worker.options.limit);
         match joined {
             Ok((_, outcome)) => tracing::debug!(flow_run = ?run, ?outcome, "flow run finished"),
             Err(e) => tracing::error!(flow_run = ?run, error = %e, "flow run supervisor failed"),
@@ -1015,7 +1033,8 @@ mod tests {
             create_pool_if_not_found: true,
             drain_timeout: Duration::from_secs(30),
             termination_grace: Duration::from_secs(30),
-            healthcheck: None,
+            webserver: None,
+            outbox: None,
             settings_env: vec![],
             event_wake: true,
             auth_token: None,

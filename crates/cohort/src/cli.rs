@@ -163,11 +163,19 @@ pub struct StartArgs {
     #[arg(long, hide = true)]
     pub no_run_once: bool,
 
-    /// Serve `GET /health` on PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT.
+    /// Serve `GET /health`, `/livez`, `/readyz` and `/metrics` on
+    /// PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT.
     #[arg(long, overrides_with = "no_with_healthcheck")]
     pub with_healthcheck: bool,
     #[arg(long, hide = true)]
     pub no_with_healthcheck: bool,
+
+    /// Serve Prometheus metrics (`GET /metrics`) on the same address, without the health
+    /// probes (also COHORT_WORKER_METRICS_ENABLED=true).
+    #[arg(long, overrides_with = "no_with_metrics")]
+    pub with_metrics: bool,
+    #[arg(long, hide = true)]
+    pub no_with_metrics: bool,
 
     /// A JSON base job template, used only when this worker creates the pool.
     #[arg(long)]

@@ -15,7 +15,7 @@ use cohort_process::infra::PROCESS;
 use cohort_process::{ProcessInfrastructure, Shims};
 use cohort_supervise::{supervise_emitter, Supervisor};
 use cohort_worker::{
-    Journal, JournalError, LegacyState, StartError, Worker, WorkerOptions, WorkerState,
+    Journal, JournalError, LegacyState, StartError, Webserver, Worker, WorkerOptions, WorkerState,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -127,6 +127,7 @@ async fn run(args: StartArgs, settings: Settings) -> Result<(), Failure> {
     // Events are journaled before anything they report happens, claims before they are
     // made: no outbox or journal, no claims.
     let outbox = open_worker_outbox(&settings, &options).await?;
+    options.outbox = Some(outbox.clone());
     let (state, shims) = open_worker_state(&settings, &options)?;
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
@@ -411,7 +412,10 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
             Some(value)
         }
     };
-    let healthcheck = if args.with_healthcheck {
+    let with_metrics = args.with_metrics
+        || std::env::var("COHORT_WORKER_METRICS_ENABLED")
+            .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    let webserver = if args.with_healthcheck || with_metrics {
         let host = settings
             .get("PREFECT_WORKER_WEBSERVER_HOST")
             .unwrap_or("0.0.0.0");
@@ -423,7 +427,10 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
             })?,
         };
         let port = u16::try_from(port).context("PREFECT_WORKER_WEBSERVER_PORT is out of range")?;
-        Some(SocketAddr::new(ip, port))
+        Some(Webserver {
+            addr: SocketAddr::new(ip, port),
+            health: args.with_healthcheck,
+        })
     } else {
         None
     };
@@ -457,7 +464,8 @@ fn options(args: &StartArgs, settings: &Settings) -> anyhow::Result<WorkerOption
         create_pool_if_not_found: !args.no_create_pool_if_not_found,
         drain_timeout: seconds(args.drain_timeout, "--drain-timeout")?,
         termination_grace: seconds(args.termination_grace, "--termination-grace")?,
-        healthcheck,
+        webserver,
+        outbox: None,
         settings_env: settings
             .explicit()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
