@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ensure the pinned Prefect 3.8.8 virtualenv exists and print its path as the last line of stdout.
+# Ensure a pinned Prefect virtualenv exists and print its path as the last line of stdout.
 #
 #   bash scripts/prefect-venv.sh           prefect==3.8.8 (constraints/prefect-3.8.8.txt)
 #   bash scripts/prefect-venv.sh docker    prefect==3.8.8 and prefect-docker==0.7.4, Prefect's
@@ -11,10 +11,14 @@
 #                                          Kubernetes goldens (rendering, slugs, pod events) are
 #                                          checked against its code, and its worker is the
 #                                          oracle on the emulator (same constraints file)
+#   bash scripts/prefect-venv.sh 3.9.1     prefect==3.9.1 (constraints/prefect-3.9.1.txt): the
+#                                          newest server, which the end-to-end worker, cancel
+#                                          and runner tests also run against
 #
 #   COHORT_PREFECT_VENV         the first venv (default: $HOME/.cache/cohort/prefect-3.8.8)
 #   COHORT_PREFECT_DOCKER_VENV  the second (default: $HOME/.cache/cohort/prefect-3.8.8-docker)
 #   COHORT_PREFECT_KUBERNETES_VENV  the third (default: $HOME/.cache/cohort/prefect-3.8.8-kubernetes)
+#   COHORT_PREFECT_3_9_VENV     the fourth (default: $HOME/.cache/cohort/prefect-3.9.1)
 #   PYTHON                      interpreter used to create it (default: python3; >= 3.10)
 #
 # Separate venvs, not one: Prefect's server and its worker CLI import every installed integration
@@ -44,8 +48,13 @@ case $flavour in
         venv="${COHORT_PREFECT_KUBERNETES_VENV:-$HOME/.cache/cohort/prefect-3.8.8-kubernetes}"
         packages=(prefect==3.8.8 prefect-kubernetes==0.8.0)
         ;;
+    3.9.1)
+        constraints="$repo_root/constraints/prefect-3.9.1.txt"
+        venv="${COHORT_PREFECT_3_9_VENV:-$HOME/.cache/cohort/prefect-3.9.1}"
+        packages=(prefect==3.9.1)
+        ;;
     *)
-        echo "prefect-venv: unknown flavour '$flavour' (expected prefect, docker or kubernetes)" >&2
+        echo "prefect-venv: unknown flavour '$flavour' (expected prefect, docker, kubernetes or 3.9.1)" >&2
         exit 2
         ;;
 esac
