@@ -37,21 +37,29 @@ case $flavour in
         constraints="$repo_root/constraints/prefect-3.8.8.txt"
         venv="${COHORT_PREFECT_VENV:-$HOME/.cache/cohort/prefect-3.8.8}"
         packages=(prefect==3.8.8)
+        version=3.8.8
+        min_python=10
         ;;
     docker)
         constraints="$repo_root/constraints/prefect-3.8.8-integrations.txt"
         venv="${COHORT_PREFECT_DOCKER_VENV:-$HOME/.cache/cohort/prefect-3.8.8-docker}"
         packages=(prefect==3.8.8 prefect-docker==0.7.4)
+        version=3.8.8
+        min_python=10
         ;;
     kubernetes)
         constraints="$repo_root/constraints/prefect-3.8.8-integrations.txt"
         venv="${COHORT_PREFECT_KUBERNETES_VENV:-$HOME/.cache/cohort/prefect-3.8.8-kubernetes}"
         packages=(prefect==3.8.8 prefect-kubernetes==0.8.0)
+        version=3.8.8
+        min_python=10
         ;;
     3.9.1)
         constraints="$repo_root/constraints/prefect-3.9.1.txt"
         venv="${COHORT_PREFECT_3_9_VENV:-$HOME/.cache/cohort/prefect-3.9.1}"
         packages=(prefect==3.9.1)
+        version=3.9.1
+        min_python=11
         ;;
     *)
         echo "prefect-venv: unknown flavour '$flavour' (expected prefect, docker, kubernetes or 3.9.1)" >&2
@@ -89,8 +97,8 @@ if is_ready; then
 fi
 
 command -v "$python" >/dev/null 2>&1 || die "$python not found; install Python >= 3.10 (e.g. apt-get install python3 python3-venv)"
-"$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' ||
-    die "$python is $("$python" -V 2>&1); Prefect 3.8.8 needs Python >= 3.10 (set PYTHON=...)"
+"$python" -c "import sys; sys.exit(0 if sys.version_info >= (3, $min_python) else 1)" ||
+    die "$python is $("$python" -V 2>&1); Prefect $version needs Python >= 3.$min_python (set PYTHON=...)"
 
 if [[ ! -x $venv/bin/python ]]; then
     log "creating $venv"
@@ -105,7 +113,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 "$venv/bin/python" -m pip install --quiet -c "$constraints" "${packages[@]}" >&2
 got="$("$venv/bin/python" -c 'import prefect; print(prefect.__version__)')" ||
     die "prefect does not import in $venv"
-[[ $got == 3.8.8 ]] || die "$venv has prefect $got, expected 3.8.8"
+[[ $got == "$version" ]] || die "$venv has prefect $got, expected $version"
 printf '%s\n' "$want" >"$marker"
 log "ready: $venv"
 printf '%s\n' "$venv"

@@ -69,6 +69,9 @@ log "Prefect 3.8.8 + prefect-kubernetes 0.8.0 venv (Kubernetes goldens)"
 COHORT_PREFECT_KUBERNETES_VENV="$("$repo_root/scripts/prefect-venv.sh" kubernetes </dev/null | tail -n1)"
 export COHORT_PREFECT_KUBERNETES_VENV
 printf '%s\n' "$COHORT_PREFECT_KUBERNETES_VENV" >&2
+log "Prefect 3.9.1 venv (the newest server)"
+prefect_3_9_venv="$("$repo_root/scripts/prefect-venv.sh" 3.9.1 </dev/null | tail -n1)"
+printf '%s\n' "$prefect_3_9_venv" >&2
 
 # --- checks --------------------------------------------------------------------------------
 log "cargo fmt --all -- --check"
@@ -96,9 +99,52 @@ containers() {
     } | LC_ALL=C sort -u
 }
 containers_before="$(containers)"
-log "cargo test --workspace"
+log "cargo test --workspace --no-run"
+cargo test --workspace --no-run </dev/null
+# The fault trials run one at a time and mostly wait (on outages, restarts, Python); they
+# run beside the other tests, then the end-to-end worker, cancel and runner tests run
+# again against a Prefect 3.9.1 server. That lane's binaries run directly (two `cargo test`
+# at once would queue on cargo's lock); its output is printed when it is done.
+test_binary() {
+    cargo test -p cohort --test "$1" --no-run --message-format=json </dev/null 2>/dev/null |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1
+}
+# Resolved before anything runs: cargo's lock is held while `cargo test` runs its tests.
+trials_bin="$(test_binary fault_trials)"
+worker_bin="$(test_binary worker)"
+cancel_bin="$(test_binary cancel_and_serve)"
+[[ -x $trials_bin && -x $worker_bin && -x $cancel_bin ]] || die "cannot find the test binaries"
+lane_log="$(mktemp)"
+trap 'rm -f "$lane_log"' EXIT
+(
+    # Where cargo runs a test binary.
+    cd crates/cohort
+    status=0
+    printf '\n==> fault trials\n'
+    "$trials_bin" </dev/null || status=1
+    for binary in "$worker_bin" "$cancel_bin"; do
+        printf '\n==> %s against Prefect 3.9.1\n' "$(basename "$binary")"
+        COHORT_PREFECT_VENV="$prefect_3_9_venv" "$binary" </dev/null || status=1
+    done
+    exit "$status"
+) >"$lane_log" 2>&1 &
+lane=$!
+log "cargo test --workspace (the fault trials beside it)"
 tests_status=0
-cargo test --workspace --no-fail-fast "$@" </dev/null || tests_status=$?
+other_tests=()
+for file in crates/cohort/tests/*.rs; do
+    name="$(basename "$file" .rs)"
+    [[ $name == fault_trials ]] || other_tests+=(--test "$name")
+done
+cargo test --workspace --exclude cohort --no-fail-fast "$@" </dev/null || tests_status=$?
+cargo test -p cohort --bins "${other_tests[@]}" --no-fail-fast "$@" </dev/null || tests_status=$?
+lane_status=0
+wait "$lane" || lane_status=$?
+cat "$lane_log"
+if [[ $lane_status -ne 0 ]]; then
+    printf 'test.sh: error: the fault trials or the Prefect 3.9.1 run failed (above)\n' >&2
+    tests_status=1
+fi
 left="$(LC_ALL=C comm -13 <(printf '%s\n' "$untracked_before") <(printf '%s\n' "$(untracked)") | sed '/^$/d')"
 if [[ -n $left ]]; then
     printf 'test.sh: error: the tests left files in the tree:\n%s\n' "$left" >&2
