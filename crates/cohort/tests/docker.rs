@@ -729,3 +729,124 @@ fn a_dropped_engine_connection_mid_run_loses_nothing() {
         worker.stderr()
     );
 }
+
+/// The container image of the repository's `Dockerfile`, built here from the local Prefect
+/// image under the upstream tag it stands for (no registry), with this build's `cohort`
+/// (stripped): its entrypoint is `cohort`, it runs as a non-root user, and a Cohort worker
+/// in it serves a process pool whose real flow runs to Completed inside the container.
+#[test]
+fn the_repositorys_image_runs_a_process_pool_flow_as_non_root() {
+    let s = server();
+    images();
+    let context = tempfile::tempdir().expect("temp dir");
+    let stripped = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(context.path().join("cohort"))
+        .arg(env!("CARGO_BIN_EXE_cohort"))
+        .status()
+        .expect("`strip` (binutils) must be installed");
+    assert!(stripped.success(), "strip failed");
+    let dockerfile = concat!(env!("CARGO_MANIFEST_DIR"), "/../../Dockerfile");
+    std::fs::copy(dockerfile, context.path().join("Dockerfile")).expect("copy the Dockerfile");
+    let tag = format!("cohort-test/cohort:{}", unique("image").to_lowercase());
+    let context_dir = context.path().to_string_lossy().into_owned();
+    let built = std::process::Command::new("docker")
+        .args([
+            "build",
+            "-q",
+            "--build-arg",
+            "COHORT_BINARY=cohort",
+            "-t",
+            &tag,
+            &context_dir,
+        ])
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .expect("docker build");
+    assert!(
+        built.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let image = RemovedImage(tag.clone());
+    let config = &serde_json::from_slice::<Value>(&docker(&["image", "inspect", &image.0]).stdout)
+        .expect("image inspect is JSON")[0]["Config"];
+    assert_eq!(config["User"], "10001:10001", "{config}");
+    assert_eq!(config["Entrypoint"], json!(["cohort"]), "{config}");
+
+    let pool = unique("dk-image");
+    s.create_work_pool(&pool, "process");
+    let name = unique("image-worker");
+    let container = unique("cohort-image-worker");
+    let started = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &container,
+        "--network",
+        "host",
+        "-e",
+        &format!("PREFECT_API_URL={}", s.api_url()),
+        "-e",
+        "PREFECT_WORKER_QUERY_SECONDS=3",
+        "-v",
+        &flow_mount(),
+        &image.0,
+        "worker",
+        "start",
+        "--pool",
+        &pool,
+        "--type",
+        "process",
+        "--name",
+        &name,
+    ]);
+    assert!(
+        started.status.success(),
+        "docker run: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let _container = RemovedContainer(container.clone());
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello"));
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({"name": "image"}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    let logs = docker(&["logs", &container]);
+    assert_eq!(
+        state["type"],
+        "COMPLETED",
+        "{state}\n{}{}",
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    // The worker runs as the image's user, not root.
+    let uid = docker(&["exec", &container, "id", "-u"]);
+    assert_eq!(String::from_utf8_lossy(&uid.stdout).trim(), "10001");
+    let submitted = s.wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+               "event": {"name": ["prefect.worker.submitted-flow-run"]}}),
+        1,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        submitted[0]["resource"]["prefect.resource.name"], name,
+        "{submitted:#?}"
+    );
+}
+
+/// A container removed when dropped.
+struct RemovedContainer(String);
+
+impl Drop for RemovedContainer {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.0]);
+    }
+}
+
+/// An image removed when dropped.
+struct RemovedImage(String);
+
+impl Drop for RemovedImage {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", "-f", &self.0]);
+    }
+}
