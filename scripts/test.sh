@@ -102,18 +102,21 @@ containers_before="$(containers)"
 log "cargo test --workspace --no-run"
 cargo test --workspace --no-run </dev/null
 # The fault trials run one at a time and mostly wait (on outages, restarts, Python); they
-# run beside the other tests, then the end-to-end worker, cancel and runner tests run
-# again against a Prefect 3.9.1 server. That lane's binaries run directly (two `cargo test`
-# at once would queue on cargo's lock); its output is printed when it is done.
+# run beside the other tests, then the wheel's test (`install`: maturin packages the binary
+# built here, and pip installs it), then the end-to-end worker, cancel and runner tests again
+# against a Prefect 3.9.1 server. That lane's binaries run directly, resolved first; its
+# output is printed when it is done.
 test_binary() {
     cargo test -p cohort --test "$1" --no-run --message-format=json </dev/null 2>/dev/null |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1
 }
 # Resolved before anything runs: cargo's lock is held while `cargo test` runs its tests.
 trials_bin="$(test_binary fault_trials)"
+install_bin="$(test_binary install)"
 worker_bin="$(test_binary worker)"
 cancel_bin="$(test_binary cancel_and_serve)"
-[[ -x $trials_bin && -x $worker_bin && -x $cancel_bin ]] || die "cannot find the test binaries"
+[[ -x $trials_bin && -x $install_bin && -x $worker_bin && -x $cancel_bin ]] ||
+    die "cannot find the test binaries"
 lane_log="$(mktemp)"
 trap 'rm -f "$lane_log"' EXIT
 (
@@ -122,6 +125,8 @@ trap 'rm -f "$lane_log"' EXIT
     status=0
     printf '\n==> fault trials\n'
     "$trials_bin" </dev/null || status=1
+    printf '\n==> install\n'
+    "$install_bin" </dev/null || status=1
     for binary in "$worker_bin" "$cancel_bin"; do
         printf '\n==> %s against Prefect 3.9.1\n' "$(basename "$binary")"
         COHORT_PREFECT_VENV="$prefect_3_9_venv" "$binary" </dev/null || status=1
@@ -134,7 +139,7 @@ tests_status=0
 other_tests=()
 for file in crates/cohort/tests/*.rs; do
     name="$(basename "$file" .rs)"
-    [[ $name == fault_trials ]] || other_tests+=(--test "$name")
+    [[ $name == fault_trials || $name == install ]] || other_tests+=(--test "$name")
 done
 cargo test --workspace --exclude cohort --no-fail-fast "$@" </dev/null || tests_status=$?
 cargo test -p cohort --bins "${other_tests[@]}" --no-fail-fast "$@" </dev/null || tests_status=$?
@@ -142,7 +147,7 @@ lane_status=0
 wait "$lane" || lane_status=$?
 cat "$lane_log"
 if [[ $lane_status -ne 0 ]]; then
-    printf 'test.sh: error: the fault trials or the Prefect 3.9.1 run failed (above)\n' >&2
+    printf 'test.sh: error: the fault trials, the wheel or the Prefect 3.9.1 run failed (above)\n' >&2
     tests_status=1
 fi
 left="$(LC_ALL=C comm -13 <(printf '%s\n' "$untracked_before") <(printf '%s\n' "$(untracked)") | sed '/^$/d')"

@@ -803,9 +803,16 @@ pub struct WorkerBuilder {
     api_url: Option<String>,
     home: Option<PathBuf>,
     venv: Option<PathBuf>,
+    program: Option<PathBuf>,
 }
 
 impl WorkerBuilder {
+    /// Run this `cohort` (an installed one) instead of this build's.
+    pub fn program(mut self, program: &Path) -> Self {
+        self.program = Some(program.to_path_buf());
+        self
+    }
+
     /// Take `prefect` (for a [`WorkerKind::Python`] worker) and the front of `PATH` from this
     /// virtualenv instead of [`venv()`]'s, e.g. one with an integration installed. The
     /// shared server always runs from [`venv()`].
@@ -854,7 +861,10 @@ impl WorkerBuilder {
         let stderr_path = out_dir.path().join("stderr.log");
 
         let program = match self.kind {
-            WorkerKind::Cohort => PathBuf::from(env!("CARGO_BIN_EXE_cohort")),
+            WorkerKind::Cohort => self
+                .program
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cohort"))),
             WorkerKind::Python => venv_bin.join("prefect"),
         };
         let mut cmd = worker_command(
@@ -913,6 +923,7 @@ impl Worker {
             api_url: None,
             home: None,
             venv: None,
+            program: None,
         }
     }
 
