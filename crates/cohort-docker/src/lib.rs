@@ -47,6 +47,10 @@ const FLOW_RUN_LABEL: &str = "io.prefect.flow-run-id";
 /// How long a lost Engine connection is waited out before the container counts as lost.
 const ENGINE_RETRY: Duration = Duration::from_secs(1);
 const ENGINE_RETRIES: u32 = 60;
+/// How often, and how far apart, a container that exited 137 without `OOMKilled` is
+/// inspected again (the Engine may record the OOM kill just after the exit).
+const OOM_RECHECKS: u32 = 4;
+const OOM_RECHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// prefect-docker's default base job template, verbatim.
 pub const BASE_JOB_TEMPLATE: &str = include_str!("base-job-template.json");
@@ -647,6 +651,17 @@ impl Watch {
     }
 
     /// The exit code, riding out a dropped Engine connection for a while.
+    /// Whether the Engine says the container was killed for its memory limit.
+    async fn oom_killed(&self) -> bool {
+        self.docker
+            .inspect_container(&self.id, None)
+            .await
+            .ok()
+            .and_then(|i| i.state)
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false)
+    }
+
     async fn wait(&self) -> Outcome {
         let mut failures = 0;
         loop {
@@ -680,14 +695,18 @@ impl Watch {
             };
             match code {
                 Some(code) => {
-                    let oom_killed = self
-                        .docker
-                        .inspect_container(&self.id, None)
-                        .await
-                        .ok()
-                        .and_then(|i| i.state)
-                        .and_then(|s| s.oom_killed)
-                        .unwrap_or(false);
+                    let mut oom_killed = self.oom_killed().await;
+                    // The Engine records an OOM kill when containerd's `oom` event arrives,
+                    // which can come after the exit (moby `daemon/monitor.go`: `EventOOM`
+                    // sets `OOMKilled` on a stopped container too): a SIGKILLed container is
+                    // looked at again before it is called anything else.
+                    for _ in 0..OOM_RECHECKS {
+                        if oom_killed || code != 137 {
+                            break;
+                        }
+                        tokio::time::sleep(OOM_RECHECK_EVERY).await;
+                        oom_killed = self.oom_killed().await;
+                    }
                     return Outcome::Exited { code, oom_killed };
                 }
                 None => {

@@ -375,11 +375,24 @@ async fn eviction_stops_the_container_and_fails_the_pod() {
     let emulator = docker_emulator();
     let mut job = sh_job(
         "evict-",
-        "trap 'exit 143' TERM; sleep 300 & wait",
+        "trap 'exit 143' TERM; echo trapped; sleep 300 & wait",
         busybox(),
     );
     job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = json!(5);
     let (_, pod) = run_job(&emulator, job, "the pod runs", phase_is("Running")).await;
+    // Running means the container started, not that the shell has set its trap yet (a
+    // SIGTERM before it would be ignored by PID 1): wait until it says so.
+    let pods: Api<Pod> = Api::namespaced(Client::new(emulator.service(), "default"), "default");
+    within("the trap to be set", async {
+        loop {
+            let logs = pods.logs(&name_of(&pod), &LogParams::default()).await;
+            if logs.is_ok_and(|l| l.contains("trapped")) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     emulator
         .pod_evict(
             "default",
