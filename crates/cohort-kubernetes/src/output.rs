@@ -11,18 +11,20 @@ use kube::api::LogParams;
 use kube::{Api, Client};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::observe::RunView;
 use crate::outcome::{self, Assessment};
 
 /// Follows the output of `job`'s pods, one after the other as each starts (a Job's retry makes
-/// a new pod), until the Job has ended and the last one's log is drained. It holds no
-/// supervision: a supervisor that lets go does not cut the output short.
+/// a new pod), until the Job has ended and the last one's log is drained. A supervisor that
+/// lets go (`released`) does not cut a log short, but no further pod is waited for.
 pub(crate) async fn follow(
     client: Client,
     namespace: String,
     job: String,
     mut view: watch::Receiver<RunView>,
+    released: CancellationToken,
 ) {
     let api: Api<Pod> = Api::namespaced(client, &namespace);
     let mut followed = HashSet::new();
@@ -44,8 +46,9 @@ pub(crate) async fn follow(
                 followed.insert(pod);
             }
             None => {
-                if view.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = view.changed() => if changed.is_err() { return },
+                    () = released.cancelled() => return,
                 }
             }
         }

@@ -96,15 +96,17 @@ impl Job for JobRun {
                 };
             crate::secrets::own(&client, &secrets, &name, &uid).await;
             tracing::info!(job = %name, %namespace, "Kubernetes job created");
+            let released = CancellationToken::new();
             if stream_output {
                 tokio::spawn(crate::output::follow(
                     client.clone(),
                     namespace.clone(),
                     name.clone(),
                     following.view.clone(),
+                    released.clone(),
                 ));
             }
-            Ok(Box::new(JobStarted::new(
+            let mut started = JobStarted::new(
                 client,
                 namespace,
                 name,
@@ -112,7 +114,9 @@ impl Job for JobRun {
                 timeouts,
                 self.events.reporter.clone(),
                 self.events.prefect_version.clone(),
-            )) as Box<dyn Started>)
+            );
+            started.output_released = Some(released.drop_guard());
+            Ok(Box::new(started) as Box<dyn Started>)
         })
     }
 }
@@ -298,6 +302,8 @@ pub(crate) struct JobStarted {
     end: Option<End>,
     /// Why the Job was given up, when it was.
     gave_up: Option<String>,
+    /// Tells the `stream_output` follower, when dropped, to wait for no further pod.
+    output_released: Option<tokio_util::sync::DropGuard>,
 }
 
 impl JobStarted {
@@ -322,6 +328,7 @@ impl JobStarted {
             blocked: None,
             end: None,
             gave_up: None,
+            output_released: None,
         }
     }
 
