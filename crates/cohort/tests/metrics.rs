@@ -142,16 +142,17 @@ impl Drop for Prometheus {
     }
 }
 
-/// Four real runs (three complete, one fails) through a worker scraped by Prometheus: the
-/// counters equal what happened, by infrastructure and final state; the pickup histogram
-/// counted each run; the connections and the journal are up; nothing is left in flight.
+/// Four real runs (three complete, one fails) through a worker (`--limit 4`) scraped by
+/// Prometheus: the counters equal what happened, by infrastructure and final state; the
+/// pickup histogram counted each run; the connections and the journal are up; nothing is
+/// left in flight, every slot is free and the outbox is empty.
 #[test]
 fn prometheus_scrapes_what_the_worker_did() {
     let s = util::server();
     let pool = unique("metrics");
     s.create_work_pool(&pool, "process");
     let port = unused_port();
-    let _worker = worker(&pool, port, &["--with-metrics"]);
+    let _worker = worker(&pool, port, &["--with-metrics", "--limit", "4"]);
     let prometheus = Prometheus::start(port);
 
     let hello = s.deploy(&DeploySpec::new(&pool, "hello"));
@@ -182,6 +183,11 @@ fn prometheus_scrapes_what_the_worker_did() {
         4.0,
     );
     prometheus.wait_for("cohort_flow_runs_in_flight", 0.0);
+    prometheus.wait_for("cohort_worker_slots{state=\"free\"}", 4.0);
+    prometheus.wait_for("cohort_worker_slots{state=\"used\"}", 0.0);
+    // Every event the worker sent was confirmed by the server.
+    prometheus.wait_for("cohort_event_outbox_depth", 0.0);
+    prometheus.wait_for("cohort_event_outbox_oldest_age_seconds", 0.0);
     prometheus.wait_for("cohort_journal_writable", 1.0);
     prometheus.wait_for("cohort_worker_channel_connected", 1.0);
     prometheus.wait_for("cohort_event_feed_connected{feed=\"wake\"}", 1.0);
