@@ -228,6 +228,7 @@ impl Infrastructure for DockerInfrastructure {
     fn kill<'a>(
         &'a self,
         identifier: &'a str,
+        _configuration: Option<&'a Map>,
         grace: Duration,
     ) -> BoxFuture<'a, Result<(), KillError>> {
         Box::pin(async move {
@@ -291,6 +292,7 @@ impl Infrastructure for DockerInfrastructure {
         &'a self,
         flow_run: Uuid,
         _legacy_status: Option<&'a Path>,
+        _configuration: Option<&'a Map>,
     ) -> BoxFuture<'a, Option<Box<dyn Started>>> {
         Box::pin(async move {
             let filters = HashMap::from([(

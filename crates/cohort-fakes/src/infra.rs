@@ -175,6 +175,7 @@ impl Infrastructure for ScriptedInfrastructure {
         &'a self,
         flow_run: Uuid,
         _legacy_status: Option<&'a Path>,
+        _configuration: Option<&'a Map>,
     ) -> BoxFuture<'a, Option<Box<dyn Started>>> {
         let script = self.adoptable.lock().unwrap().remove(&flow_run);
         Box::pin(async move {
@@ -197,6 +198,7 @@ impl Infrastructure for ScriptedInfrastructure {
     fn kill<'a>(
         &'a self,
         identifier: &'a str,
+        _configuration: Option<&'a Map>,
         grace: Duration,
     ) -> BoxFuture<'a, Result<(), KillError>> {
         self.killed

@@ -50,12 +50,22 @@ pub trait Infrastructure: Send + Sync + 'static {
 
     /// What an earlier worker of this name and `PREFECT_HOME` started for `flow_run`, found
     /// again after a restart: still running, or ended meanwhile with its status code.
-    /// `legacy_status` is where an older release recorded it, if the journal says so.
+    /// `legacy_status` is where an older release recorded it, if the journal says so;
+    /// `configuration` is the run's job configuration rendered now, for an infrastructure that
+    /// [needs it](Infrastructure::adopts_by_configuration) to know where to look.
     fn adopt<'a>(
         &'a self,
         flow_run: Uuid,
         legacy_status: Option<&'a Path>,
+        configuration: Option<&'a Map>,
     ) -> BoxFuture<'a, Option<Box<dyn Started>>>;
+
+    /// Whether [`Infrastructure::adopt`] needs the run's configuration (a Kubernetes run's
+    /// `cluster_config` and namespace): the worker then renders it first, at the cost of
+    /// reading the run and its deployment.
+    fn adopts_by_configuration(&self) -> bool {
+        false
+    }
 
     /// Runs an earlier worker of this name and pool started that are still running on the
     /// infrastructure and that it can find by itself (by label), beyond the `journaled` ones:
@@ -91,9 +101,13 @@ pub trait Infrastructure: Send + Sync + 'static {
 
     /// Stops the infrastructure an identifier names, gracefully then forcibly after `grace`
     /// (`BaseWorker.kill_infrastructure`): the server's clean-up of a run stuck in Cancelling.
+    /// `configuration` is the run's job configuration rendered now, when it could be: it says
+    /// how to reach the infrastructure (a Kubernetes run's `cluster_config`), not what was
+    /// submitted.
     fn kill<'a>(
         &'a self,
         _identifier: &'a str,
+        _configuration: Option<&'a Map>,
         _grace: Duration,
     ) -> BoxFuture<'a, Result<(), KillError>> {
         Box::pin(async { Err(KillError::Unsupported) })

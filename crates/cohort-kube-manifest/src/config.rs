@@ -124,7 +124,7 @@ fn string_map(config: &Map, field: &'static str) -> Result<Vec<(String, String)>
 }
 
 /// `Optional[KubernetesClusterConfig]`: the block's two fields, `config` and `context_name`.
-fn cluster_config(config: &Map) -> Result<Option<Value>, ManifestError> {
+pub fn cluster_config(config: &Map) -> Result<Option<Value>, ManifestError> {
     match config.get("cluster_config") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(block)) => match (block.get("config"), block.get("context_name")) {

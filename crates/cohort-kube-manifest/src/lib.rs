@@ -34,6 +34,7 @@ mod template;
 mod transliterate;
 mod validate;
 
+pub use config::cluster_config;
 pub use error::ManifestError;
 pub use name::EnvLookup;
 pub use prepare::{prepare, PreparedJob, RunInputs, DEFAULT_IMAGE};

@@ -125,13 +125,14 @@ impl KubernetesInfrastructure {
 
     async fn delete_job(
         &self,
+        cluster_config: Option<&serde_json::Value>,
         namespace: &str,
         job: &str,
         grace: Duration,
     ) -> Result<(), KillError> {
         let (_, client) = self
             .clients
-            .get(None)
+            .get(cluster_config)
             .await
             .map_err(|e| KillError::Unavailable(e.to_string()))?;
         match run::delete_job(&client, namespace, job, grace).await {
@@ -215,15 +216,36 @@ impl Infrastructure for KubernetesInfrastructure {
         }))
     }
 
+    fn adopts_by_configuration(&self) -> bool {
+        true
+    }
+
+    /// On the cluster the run's `cluster_config` names (else the worker's own), in the run's
+    /// namespace and the ones the worker searches.
     fn adopt<'a>(
         &'a self,
         flow_run: Uuid,
         _legacy_status: Option<&'a Path>,
+        configuration: Option<&'a Map>,
     ) -> BoxFuture<'a, Option<Box<dyn Started>>> {
         Box::pin(async move {
-            let (cluster, client) = self.clients.get(None).await.ok()?;
+            let cluster_config =
+                configuration.and_then(|c| cohort_kube_manifest::cluster_config(c).ok().flatten());
+            let (cluster, client) = self.clients.get(cluster_config.as_ref()).await.ok()?;
             let selector = format!("{FLOW_RUN_ID_LABEL}={flow_run}");
-            for namespace in &self.search_namespaces(&client) {
+            let mut namespaces: Vec<String> = configuration
+                .and_then(|c| c.get("namespace"))
+                .and_then(serde_json::Value::as_str)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .into_iter()
+                .collect();
+            for namespace in self.search_namespaces(&client) {
+                if !namespaces.contains(&namespace) {
+                    namespaces.push(namespace);
+                }
+            }
+            for namespace in &namespaces {
                 // One LIST per namespace; a namespace is watched only once a Job is found in
                 // it, so searching costs no long-lived watch.
                 let jobs = match list_jobs(&client, namespace, &selector).await {
@@ -304,16 +326,25 @@ impl Infrastructure for KubernetesInfrastructure {
         Box::pin(self.secrets.delete_all())
     }
 
+    /// On the cluster the run's `cluster_config` names, rendered now (as
+    /// `KubernetesWorker.kill_infrastructure` reaches it through the configuration), else the
+    /// worker's own.
     fn kill<'a>(
         &'a self,
         identifier: &'a str,
+        configuration: Option<&'a Map>,
         grace: Duration,
     ) -> BoxFuture<'a, Result<(), KillError>> {
         Box::pin(async move {
             let Some((namespace, job)) = parse_identifier(identifier) else {
                 return Err(KillError::NotFound);
             };
-            self.delete_job(namespace, job, grace).await
+            // A configuration that no longer names a cluster well is no reason not to try
+            // the worker's own.
+            let cluster_config =
+                configuration.and_then(|c| cohort_kube_manifest::cluster_config(c).ok().flatten());
+            self.delete_job(cluster_config.as_ref(), namespace, job, grace)
+                .await
         })
     }
 }

@@ -414,7 +414,7 @@ async fn kill_deletes_a_job_by_identifier_and_says_when_there_is_none() {
     let c = cluster();
     let (id, started, _) = c.launch(json!({})).await;
     c.infra
-        .kill(&started.identifier(), Duration::from_secs(0))
+        .kill(&started.identifier(), None, Duration::from_secs(0))
         .await
         .expect("deleted");
     let gone = c
@@ -423,13 +423,15 @@ async fn kill_deletes_a_job_by_identifier_and_says_when_there_is_none() {
         .await;
     assert!(gone.is_some());
     assert!(matches!(
-        c.infra.kill("prefect:no-such-job", Duration::ZERO).await,
+        c.infra
+            .kill("prefect:no-such-job", None, Duration::ZERO)
+            .await,
         Err(KillError::NotFound)
     ));
     // prefect-kubernetes before 0.6.0 wrote `<cluster uid>:<namespace>:<job>`.
     assert!(matches!(
         c.infra
-            .kill("uid:prefect:no-such-job", Duration::ZERO)
+            .kill("uid:prefect:no-such-job", None, Duration::ZERO)
             .await,
         Err(KillError::NotFound)
     ));
@@ -472,7 +474,7 @@ async fn a_restarted_worker_finds_its_running_jobs_by_label_and_follows_them() {
     assert_eq!(after.orphans("My K8s Worker", pool, &[]).await, vec![id]);
     assert!(after.orphans("My K8s Worker", pool, &[id]).await.is_empty());
     assert!(after.orphans("another worker", pool, &[]).await.is_empty());
-    let mut adopted = after.adopt(id, None).await.expect("re-adopted");
+    let mut adopted = after.adopt(id, None, None).await.expect("re-adopted");
     assert_eq!(adopted.identifier(), identifier);
     c.emulator.pod_running(NS, &pod).unwrap();
     c.emulator.pod_exit(NS, &pod, 0, "Completed").unwrap();
@@ -529,7 +531,7 @@ async fn env_secrets_are_owned_by_their_job_and_the_api_key_secret_goes_with_the
     c.infra.shutdown().await;
     assert!(c.emulator.get(Kind::Secret, NS, api_key).is_none());
     c.infra
-        .kill(&format!("{NS}:{job_name}"), Duration::ZERO)
+        .kill(&format!("{NS}:{job_name}"), None, Duration::ZERO)
         .await
         .unwrap();
     let env_name = env_secret["metadata"]["name"].as_str().unwrap().to_owned();

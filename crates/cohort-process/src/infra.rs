@@ -132,6 +132,7 @@ impl Infrastructure for ProcessInfrastructure {
         &'a self,
         flow_run: Uuid,
         legacy_status: Option<&'a Path>,
+        _configuration: Option<&'a Map>,
     ) -> BoxFuture<'a, Option<Box<dyn Started>>> {
         Box::pin(async move {
             let status = match (legacy_status, &self.shims) {

@@ -110,7 +110,8 @@ pub async fn run(
                         apply_snapshot(&pool, wp);
                     }
                     tracing::debug!(pool = %config.pool_name, "worker channel connected");
-                    let cleaner = Cleaner::new(Arc::new(client.clone()), infra.clone());
+                    let cleaner =
+                        Cleaner::new(Arc::new(client.clone()), infra.clone(), pool.clone());
                     cohort_metrics::metrics().worker_channel(true);
                     let ended = healthy(
                         socket,
@@ -536,7 +537,7 @@ mod tests {
             &consumer_id,
             Duration::from_secs(30),
             pool,
-            Cleaner::new(api, infra),
+            Cleaner::new(api, infra, pool.clone()),
             &CancellationToken::new(),
         )
         .await

@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cohort_api::models::WorkPool;
 use cohort_api::PrefectApi;
 use cohort_infra::{Infrastructure, KillError};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+
+use crate::submit::{configure, SharedPool};
 
 /// The capability a worker requests to be sent clean-ups.
 pub const CAPABILITY: &str = "cleanup_delivery.v1";
@@ -33,6 +36,8 @@ pub type Reply = (&'static str, Value);
 pub struct Cleaner {
     client: Arc<dyn PrefectApi>,
     infra: Arc<dyn Infrastructure>,
+    /// The pool, whose template renders a run's configuration.
+    pool: SharedPool,
     busy: Arc<AtomicBool>,
     replies: mpsc::UnboundedSender<Reply>,
 }
@@ -41,11 +46,13 @@ impl Cleaner {
     pub fn new(
         client: Arc<dyn PrefectApi>,
         infra: Arc<dyn Infrastructure>,
+        pool: SharedPool,
     ) -> (Self, mpsc::UnboundedReceiver<Reply>) {
         let (replies, rx) = mpsc::unbounded_channel();
         let cleaner = Self {
             client,
             infra,
+            pool,
             busy: Arc::default(),
             replies,
         };
@@ -77,10 +84,13 @@ impl Cleaner {
             self.busy.clone(),
             self.replies.clone(),
         );
+        // Frozen now, so a snapshot applied meanwhile does not change what renders the
+        // configuration (as Prefect copies its `work_pool`).
+        let pool = self.pool.read().expect("pool lock poisoned").clone();
         let target = payload["target"].clone();
         let lease_ends = lease_remaining(payload["lease_expires_at"].as_str());
         tokio::spawn(async move {
-            let work = teardown(client.as_ref(), infra.as_ref(), &target);
+            let work = teardown(client.as_ref(), infra.as_ref(), &pool, &target);
             tokio::pin!(work);
             let mut renew_at =
                 tokio::time::Instant::now() + lease_ends.saturating_sub(RENEW_BEFORE);
@@ -125,6 +135,7 @@ fn lease_remaining(expires_at: Option<&str>) -> Duration {
 async fn teardown(
     client: &dyn PrefectApi,
     infra: &dyn Infrastructure,
+    pool: &WorkPool,
     target: &Value,
 ) -> Result<(), &'static str> {
     let Some(id) = target["flow_run_id"]
@@ -150,8 +161,30 @@ async fn teardown(
             Some(_) => Err("missing_infrastructure_handle"),
         };
     };
+    // How to reach the infrastructure (a Kubernetes run's `cluster_config`): the run's job
+    // configuration rendered now, as Prefect's handler renders it. Where Prefect gives up
+    // (`configuration_context_unavailable`: its deployment is gone), or the configuration
+    // cannot be rendered, the worker's own infrastructure is tried all the same.
+    let deployment = match run.deployment_id {
+        Some(d) => match client.read_deployment(d).await {
+            Ok(found) => found,
+            Err(e) if e.is_not_found() => None,
+            Err(e) => {
+                tracing::warn!(flow_run = %id, error = %e, "cannot read the deployment of a clean-up");
+                return Err("handler_failed");
+            }
+        },
+        None => None,
+    };
+    let configuration = match configure(infra, client, pool, deployment.as_ref(), &run).await {
+        Ok(configuration) => Some(configuration),
+        Err(why) => {
+            tracing::warn!(flow_run = %id, %why, "cannot render the configuration of a clean-up; using the worker's own infrastructure");
+            None
+        }
+    };
     tracing::info!(flow_run = %id, infrastructure = identifier, "stopping the infrastructure of a run the server cancelled after its Cancelling timeout");
-    match infra.kill(identifier, GRACE).await {
+    match infra.kill(identifier, configuration.as_ref(), GRACE).await {
         Ok(()) | Err(KillError::NotFound) => Ok(()),
         Err(KillError::Unsupported) => Err("unsupported_worker_type"),
         Err(KillError::Unavailable(why)) => {
@@ -178,7 +211,13 @@ mod tests {
     fn setup() -> Setup {
         let api = InProcessPrefect::new();
         let infra = ScriptedInfrastructure::new();
-        let (cleaner, replies) = Cleaner::new(api.clone(), infra.clone());
+        let pool: WorkPool = serde_json::from_value(json!({
+            "id": Uuid::new_v4(), "name": "cleanup-pool", "type": "scripted",
+            "base_job_template": {},
+        }))
+        .expect("a work pool");
+        let pool = Arc::new(std::sync::RwLock::new(Arc::new(pool)));
+        let (cleaner, replies) = Cleaner::new(api.clone(), infra.clone(), pool);
         Setup {
             api,
             infra,

@@ -31,9 +31,17 @@ pub(crate) enum Recovery {
 
 /// Decides what to do with `claim`.
 pub(crate) async fn reconcile(ctx: &RunContext, claim: Claim) -> Recovery {
+    let configuration = match ctx.infra.adopts_by_configuration() {
+        true => configuration_now(ctx, claim.flow_run_id).await,
+        false => None,
+    };
     if let Some(started) = ctx
         .infra
-        .adopt(claim.flow_run_id, claim.status_file.as_deref())
+        .adopt(
+            claim.flow_run_id,
+            claim.status_file.as_deref(),
+            configuration.as_ref(),
+        )
         .await
     {
         return Recovery::Adopt(claim, started);
@@ -53,6 +61,28 @@ pub(crate) async fn reconcile(ctx: &RunContext, claim: Claim) -> Recovery {
         },
         Err(e) if e.is_not_found() => Recovery::Forget(claim, "it no longer exists".into()),
         Err(e) => Recovery::Keep(e.to_string()),
+    }
+}
+
+/// The run's job configuration rendered now (where its infrastructure is), or `None` when the
+/// run, its deployment or its blocks cannot be read: the infrastructure then looks where the
+/// worker's own configuration says.
+async fn configuration_now(ctx: &RunContext, id: uuid::Uuid) -> Option<cohort_infra::Map> {
+    let client = ctx.api();
+    let run = client.read_flow_run(id).await.ok()?;
+    let deployment = match run.deployment_id {
+        Some(d) => client.read_deployment(d).await.ok().flatten(),
+        None => None,
+    };
+    let pool = ctx.pool.read().expect("pool lock poisoned").clone();
+    match crate::submit::configure(ctx.infra.as_ref(), client, &pool, deployment.as_ref(), &run)
+        .await
+    {
+        Ok(configuration) => Some(configuration),
+        Err(why) => {
+            tracing::warn!(flow_run = %id, %why, "cannot render a journaled run's configuration; looking for it where the worker's own configuration says");
+            None
+        }
     }
 }
 

@@ -121,7 +121,7 @@ pub(crate) async fn take_over(ctx: &RunContext, legacy: &LegacyState) {
         }
         if !own.contains(&id) {
             let status = legacy.runs.join(format!("{id}.json"));
-            if ctx.infra.adopt(id, Some(&status)).await.is_some() {
+            if ctx.infra.adopt(id, Some(&status), None).await.is_some() {
                 claim.status_file = Some(status);
             } else {
                 // No started flow recorded there: recovery decides from the server alone.

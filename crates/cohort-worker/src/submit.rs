@@ -214,7 +214,7 @@ async fn submit_journaled(
         }
     };
     let deployment = deployment.as_deref();
-    let config = match configure(ctx, client, &pool, deployment, &run).await {
+    let config = match configure(ctx.infra.as_ref(), client, &pool, deployment, &run).await {
         Ok(config) => config,
         Err(message) => {
             let message = format!("Failed to submit flow run to infrastructure: {message}");
@@ -391,8 +391,11 @@ pub(crate) fn flow_run_objects(
 
 /// Renders the pool's base job template for this run (`BaseJobConfiguration.resolve_for_flow_run`);
 /// the infrastructure reads the result into its own job.
-async fn configure(
-    ctx: &RunContext,
+/// The run's job configuration: the pool's base job template (or the infrastructure's own,
+/// for an empty one) rendered with the deployment's and the run's job variables, its blocks
+/// and Prefect variables resolved (`BaseJobConfiguration.from_template_and_values`).
+pub(crate) async fn configure(
+    infra: &dyn Infrastructure,
     client: &dyn PrefectApi,
     pool: &WorkPool,
     deployment: Option<&Deployment>,
@@ -411,7 +414,7 @@ async fn configure(
     {
         pool.base_job_template.clone()
     } else {
-        ctx.infra.default_base_job_template()
+        infra.default_base_job_template()
     };
     let mut config = cohort_template::render(&template, &values, &|name| std::env::var(name).ok())
         .map_err(|e| format!("TemplateError: {e}"))?;

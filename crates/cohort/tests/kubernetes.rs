@@ -790,6 +790,32 @@ fn the_limit_counts_running_jobs() {
 fn a_cluster_config_block_names_the_cluster() {
     let s = server();
     let c = cluster();
+    let block = cluster_config_block();
+    let pool = unique("k8s-block");
+    s.create_work_pool(&pool, "kubernetes");
+    let (_worker, _nowhere) = worker_without_a_cluster(&pool, &unique("k8s-worker-block"));
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+            "cluster_config": {"$ref": {"block_document_id": block}}
+        }))),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}");
+    assert_eq!(c.jobs_of(&run.id).len(), 1);
+    let events = run_events(&run.id, 5);
+    assert!(
+        names(&events).contains(&"prefect.kubernetes.pod.succeeded"),
+        "{events:#?}"
+    );
+    c.clean_up(&run.id);
+}
+
+/// A `KubernetesClusterConfig` block document naming the emulated cluster (its own block
+/// type, as prefect-kubernetes registers one): its id.
+fn cluster_config_block() -> String {
+    let s = server();
+    let c = cluster();
     let block_type = s.request(
         reqwest::Method::POST,
         "/block_types/",
@@ -822,34 +848,34 @@ fn a_cluster_config_block_names_the_cluster() {
             "data": {"config": kubeconfig, "context_name": "emulated"},
         })),
     );
-    let pool = unique("k8s-block");
-    s.create_work_pool(&pool, "kubernetes");
-    let name = unique("k8s-worker-block");
+    block["id"].as_str().expect("a block id").to_owned()
+}
+
+/// A worker whose own cluster does not exist (its kubeconfig is missing): only a run's
+/// `cluster_config` block reaches a cluster. The directory goes with the worker.
+fn worker_without_a_cluster(pool: &str, name: &str) -> (Worker, tempfile::TempDir) {
+    worker_without_a_cluster_at(pool, name, None)
+}
+
+/// [`worker_without_a_cluster`] with `home` as its `PREFECT_HOME`.
+fn worker_without_a_cluster_at(
+    pool: &str,
+    name: &str,
+    home: Option<&std::path::Path>,
+) -> (Worker, tempfile::TempDir) {
     let nowhere = tempfile::tempdir().unwrap();
-    let _worker = Worker::builder(
+    let mut builder = Worker::builder(
         util::WorkerKind::Cohort,
-        &["--pool", &pool, "--type", "kubernetes", "--name", &name],
+        &["--pool", pool, "--type", "kubernetes", "--name", name],
     )
     .env(
         "KUBECONFIG",
         &nowhere.path().join("no-such-kubeconfig").to_string_lossy(),
-    )
-    .spawn();
-    let dep = s.deploy(
-        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
-            "cluster_config": {"$ref": {"block_document_id": block["id"]}}
-        }))),
     );
-    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
-    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
-    assert_eq!(state["type"], "COMPLETED", "{state}");
-    assert_eq!(c.jobs_of(&run.id).len(), 1);
-    let events = run_events(&run.id, 5);
-    assert!(
-        names(&events).contains(&"prefect.kubernetes.pod.succeeded"),
-        "{events:#?}"
-    );
-    c.clean_up(&run.id);
+    if let Some(home) = home {
+        builder = builder.home(home);
+    }
+    (builder.spawn(), nowhere)
 }
 
 /// 200 Jobs supervised at once on an emulated cluster whose kubelet the test scripts (200
@@ -1013,6 +1039,105 @@ fn the_servers_cleanup_after_a_cancelling_timeout_deletes_the_job() {
     assert!(
         second.stderr().contains("after its Cancelling timeout"),
         "the clean-up was not the second worker's ({pid}):\n{}",
+        second.stderr()
+    );
+    c.clean_up(&run.id);
+}
+
+/// A worker SIGKILLed while a run's Job runs on the cluster its `cluster_config` block names,
+/// restarted with the same name and `PREFECT_HOME`: the journaled run is found on that
+/// cluster (the workers' own kubeconfig leads nowhere), followed to its end and reported once.
+#[test]
+fn a_restarted_worker_re_adopts_a_run_on_its_cluster_config_cluster() {
+    let s = server();
+    let block = cluster_config_block();
+    let pool = unique("k8s-adopt-block");
+    s.create_work_pool(&pool, "kubernetes");
+    let name = unique("k8s-worker-adopt-block");
+    let home = tempfile::tempdir().unwrap();
+    let (mut first, _first_dir) = worker_without_a_cluster_at(&pool, &name, Some(home.path()));
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "sleepy").job_variables(variables(json!({
+            "cluster_config": {"$ref": {"block_document_id": block}}
+        }))),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({"seconds": 20}));
+    wait_for_state(&run.id, "RUNNING");
+    first.sigkill();
+    let (second, _second_dir) = worker_without_a_cluster_at(&pool, &name, Some(home.path()));
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "COMPLETED", "{state}");
+    let executed = s.wait_for_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+               "event": {"name": [EXECUTED]}}),
+        1,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        flow_run_label(&executed[0], STATUS_CODE_LABEL).as_deref(),
+        Some("0")
+    );
+    assert!(
+        second.stderr().contains("re-adopted"),
+        "the second worker did not re-adopt the run:\n{}",
+        second.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let again = s.read_events(
+        json!({"related": {"id": [format!("prefect.flow-run.{}", run.id)]},
+                                     "event": {"name": [EXECUTED]}}),
+    );
+    assert_eq!(again.len(), 1, "{again:#?}");
+    cluster().clean_up(&run.id);
+}
+
+/// The server's clean-up of a run whose deployment names its cluster with a `cluster_config`
+/// block reaches that cluster, as Prefect's handler does through the run's configuration:
+/// the workers' own kubeconfig leads nowhere.
+#[test]
+fn the_servers_cleanup_reaches_the_cluster_a_cluster_config_block_names() {
+    let (_, busybox) = util::docker::images();
+    let s = server();
+    let c = cluster();
+    let block = cluster_config_block();
+    let pool = unique("k8s-cleanup-block");
+    s.create_work_pool(&pool, "kubernetes");
+    let (mut first, _first_dir) = worker_without_a_cluster(&pool, &unique("k8s-dies"));
+    let dep = s.deploy(
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+            "image": busybox, "command": "sh -c 'trap \"exit 0\" TERM; sleep 600 & wait'",
+            "cluster_config": {"$ref": {"block_document_id": block}}
+        }))),
+    );
+    let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    util::poll(
+        "infrastructure_pid to be set",
+        FINAL_TIMEOUT,
+        Duration::from_millis(250),
+        || {
+            s.read_flow_run(&run.id)["infrastructure_pid"]
+                .as_str()
+                .map(str::to_owned)
+        },
+    );
+    first.sigkill();
+    let (second, _second_dir) = worker_without_a_cluster(&pool, &unique("k8s-cleans"));
+    let r = s.request(
+        reqwest::Method::POST,
+        &format!("/flow_runs/{}/set_state", run.id),
+        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+    );
+    assert_eq!(r["status"], "ACCEPT", "{r}");
+    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
+    assert_eq!(state["type"], "CANCELLED", "{state}");
+    c.wait_for(
+        "the Job to be deleted by the clean-up",
+        Duration::from_secs(120),
+        || c.jobs_of(&run.id).is_empty().then_some(()),
+    );
+    assert!(
+        second.stderr().contains("after its Cancelling timeout"),
+        "the clean-up was not the second worker's:\n{}",
         second.stderr()
     );
     c.clean_up(&run.id);
