@@ -36,7 +36,7 @@ use util::trials::{flow_run_label, EXECUTED, STATUS_CODE_LABEL, SUBMITTED};
 use util::{server, unique, DeploySpec, Deployment, FlowRun, PrefectServer, Worker, WorkerKind};
 
 const FINAL_TIMEOUT: Duration = Duration::from_secs(180);
-const POD_TIMEOUT: Duration = Duration::from_secs(60);
+const POD_TIMEOUT: Duration = Duration::from_secs(120);
 const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long the server lets a run stay Cancelling before it declares it Cancelled and asks the
@@ -118,10 +118,45 @@ struct Pair {
     python: Side,
     cohort: Side,
     cleanup: CleanUp,
+    /// Dropped last, once both workers have stopped.
+    _slot: Slot,
+}
+
+/// At most this many scenarios at once. Each starts Prefect's worker with its kopf observer (a
+/// Python process importing Prefect: seconds of CPU) and Cohort's against one SQLite server;
+/// eight at once on two cores, beside the rest of the test command, starved Prefect's worker
+/// past the timeouts.
+const AT_ONCE: usize = 3;
+
+/// A place among the [`AT_ONCE`] scenarios running.
+struct Slot;
+
+static RUNNING: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+impl Slot {
+    fn take() -> Slot {
+        let (count, freed) = &RUNNING;
+        let mut running = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *running >= AT_ONCE {
+            running = freed.wait(running).unwrap_or_else(|e| e.into_inner());
+        }
+        *running += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (count, freed) = &RUNNING;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        freed.notify_one();
+    }
 }
 
 impl Pair {
     fn start(what: &str, cluster: &'static Cluster) -> Pair {
+        let slot = Slot::take();
         let s = oracle_server();
         let venv = kubernetes_venv();
         let side = |kind: WorkerKind, tag: &str| {
@@ -165,6 +200,7 @@ impl Pair {
             python: side(WorkerKind::Python, "py"),
             cohort: side(WorkerKind::Cohort, "co"),
             cleanup: CleanUp::new(cluster),
+            _slot: slot,
         }
     }
 
