@@ -23,33 +23,32 @@ python_ok() {
             >/dev/null 2>&1
 }
 
-if ! python_ok; then
-    if command -v apt-get >/dev/null 2>&1; then
-        sudo=""
-        if [[ $(id -u) -ne 0 ]]; then
-            command -v sudo >/dev/null 2>&1 || die "python3 with venv is missing and apt-get needs root (no sudo)"
-            sudo="sudo -n"
-        fi
-        log "installing python3 python3-venv (apt-get)"
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            python3 python3-venv </dev/null
+# Debian packages, as root or through sudo; `what` names them in the error.
+apt_install() {
+    local what=$1
+    shift
+    command -v apt-get >/dev/null 2>&1 || return 0
+    local sudo=""
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null 2>&1 || die "$what is missing and apt-get needs root (no sudo)"
+        sudo="sudo -n"
     fi
+    log "installing $* (apt-get)"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "$@" </dev/null
+}
+
+if ! python_ok; then
+    apt_install "python3 with venv" python3 python3-venv
     python_ok || die "need Python >= 3.10 with the venv module (set PYTHON=/path/to/python3.x)"
 fi
 
 # The metrics tests scrape the worker with a real Prometheus and lint with promtool.
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
-    command -v apt-get >/dev/null 2>&1 || die "prometheus and promtool are missing (install Prometheus 2.x)"
-    sudo=""
-    if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null 2>&1 || die "prometheus is missing and apt-get needs root (no sudo)"
-        sudo="sudo -n"
-    fi
-    log "installing prometheus (apt-get)"
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        prometheus </dev/null
+prometheus_ok() { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; }
+if ! prometheus_ok; then
+    apt_install prometheus prometheus
+    prometheus_ok || die "prometheus and promtool are missing (install Prometheus 2.x)"
 fi
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs)"

@@ -490,14 +490,7 @@ fn the_servers_cleanup_after_a_cancelling_timeout_stops_the_container() {
         &["--pool", &pool, "--type", "docker", "--name", &second_name],
     )
     .spawn();
-    let r = s.request(
-        reqwest::Method::POST,
-        &format!("/flow_runs/{}/set_state", run.id),
-        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
-    );
-    assert_eq!(r["status"], "ACCEPT", "{r}");
-    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
-    assert_eq!(state["type"], "CANCELLED", "{state}");
+    s.force_cancelling_until_cancelled(&run.id, FINAL_TIMEOUT);
     util::poll(
         "the container to be stopped by the clean-up",
         Duration::from_secs(120),

@@ -1000,7 +1000,6 @@ fn two_hundred_jobs_are_supervised_at_once() {
 fn the_servers_cleanup_after_a_cancelling_timeout_deletes_the_job() {
     let (_, busybox) = util::docker::images();
     let s = server();
-    let c = cluster();
     let pool = unique("k8s-cleanup");
     s.create_work_pool(&pool, "kubernetes");
     let mut first = worker(&pool, &unique("k8s-dies"), None);
@@ -1010,38 +1009,12 @@ fn the_servers_cleanup_after_a_cancelling_timeout_deletes_the_job() {
         }))),
     );
     let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
-    let pid = util::poll(
-        "infrastructure_pid to be set",
-        FINAL_TIMEOUT,
-        Duration::from_millis(250),
-        || {
-            s.read_flow_run(&run.id)["infrastructure_pid"]
-                .as_str()
-                .map(str::to_owned)
-        },
-    );
+    let pid = infrastructure_pid(&run.id);
     // Nobody supervises it any more; a worker of another name does not take it up.
     first.sigkill();
     let second = worker(&pool, &unique("k8s-cleans"), None);
-    let r = s.request(
-        reqwest::Method::POST,
-        &format!("/flow_runs/{}/set_state", run.id),
-        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
-    );
-    assert_eq!(r["status"], "ACCEPT", "{r}");
-    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
-    assert_eq!(state["type"], "CANCELLED", "{state}");
-    c.wait_for(
-        "the Job to be deleted by the clean-up",
-        Duration::from_secs(120),
-        || c.jobs_of(&run.id).is_empty().then_some(()),
-    );
-    assert!(
-        second.stderr().contains("after its Cancelling timeout"),
-        "the clean-up was not the second worker's ({pid}):\n{}",
-        second.stderr()
-    );
-    c.clean_up(&run.id);
+    s.force_cancelling_until_cancelled(&run.id, FINAL_TIMEOUT);
+    assert_cleaned_up_by(&run.id, &second, &pid);
 }
 
 /// A worker SIGKILLed while a run's Job runs on the cluster its `cluster_config` block names,
@@ -1098,7 +1071,6 @@ fn a_restarted_worker_re_adopts_a_run_on_its_cluster_config_cluster() {
 fn the_servers_cleanup_reaches_the_cluster_a_cluster_config_block_names() {
     let (_, busybox) = util::docker::images();
     let s = server();
-    let c = cluster();
     let block = cluster_config_block();
     let pool = unique("k8s-cleanup-block");
     s.create_work_pool(&pool, "kubernetes");
@@ -1110,37 +1082,42 @@ fn the_servers_cleanup_reaches_the_cluster_a_cluster_config_block_names() {
         }))),
     );
     let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
+    let pid = infrastructure_pid(&run.id);
+    first.sigkill();
+    let (second, _second_dir) = worker_without_a_cluster(&pool, &unique("k8s-cleans"));
+    s.force_cancelling_until_cancelled(&run.id, FINAL_TIMEOUT);
+    assert_cleaned_up_by(&run.id, &second, &pid);
+}
+
+/// The run's identifier once the worker has recorded it.
+fn infrastructure_pid(run_id: &str) -> String {
+    let s = server();
     util::poll(
         "infrastructure_pid to be set",
         FINAL_TIMEOUT,
         Duration::from_millis(250),
         || {
-            s.read_flow_run(&run.id)["infrastructure_pid"]
+            s.read_flow_run(run_id)["infrastructure_pid"]
                 .as_str()
                 .map(str::to_owned)
         },
-    );
-    first.sigkill();
-    let (second, _second_dir) = worker_without_a_cluster(&pool, &unique("k8s-cleans"));
-    let r = s.request(
-        reqwest::Method::POST,
-        &format!("/flow_runs/{}/set_state", run.id),
-        Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
-    );
-    assert_eq!(r["status"], "ACCEPT", "{r}");
-    let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);
-    assert_eq!(state["type"], "CANCELLED", "{state}");
+    )
+}
+
+/// The run's Job is deleted by the server's clean-up, by `worker`; its pods are gone after.
+fn assert_cleaned_up_by(run_id: &str, worker: &Worker, identifier: &str) {
+    let c = cluster();
     c.wait_for(
         "the Job to be deleted by the clean-up",
         Duration::from_secs(120),
-        || c.jobs_of(&run.id).is_empty().then_some(()),
+        || c.jobs_of(run_id).is_empty().then_some(()),
     );
     assert!(
-        second.stderr().contains("after its Cancelling timeout"),
-        "the clean-up was not the second worker's:\n{}",
-        second.stderr()
+        worker.stderr().contains("after its Cancelling timeout"),
+        "the clean-up was not the second worker's ({identifier}):\n{}",
+        worker.stderr()
     );
-    c.clean_up(&run.id);
+    c.clean_up(run_id);
 }
 
 /// An evicted pod of a Job with `backoff_limit` 0: the engine in it takes the SIGTERM as

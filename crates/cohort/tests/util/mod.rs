@@ -573,6 +573,20 @@ impl PrefectServer {
         self.request(Method::GET, &format!("/flow_runs/{id}"), None)
     }
 
+    /// Forces `id` into Cancelling, as an operator does for a run nobody supervises, and
+    /// waits until the server's Cancelling timeout has made it Cancelled (its clean-up then
+    /// goes to a worker of the pool).
+    pub fn force_cancelling_until_cancelled(&self, id: &str, timeout: Duration) {
+        let r = self.request(
+            Method::POST,
+            &format!("/flow_runs/{id}/set_state"),
+            Some(&json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+        );
+        assert_eq!(r["status"], "ACCEPT", "{r}");
+        let state = self.wait_for_final_state(id, timeout);
+        assert_eq!(state["type"], "CANCELLED", "{state}");
+    }
+
     /// Poll the flow run until its state is final (COMPLETED, FAILED, CRASHED,
     /// CANCELLED); returns the state object. Panics after `timeout`.
     pub fn wait_for_final_state(&self, id: &str, timeout: Duration) -> Value {
