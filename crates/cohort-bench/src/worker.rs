@@ -25,6 +25,8 @@ use cohort_testkit::{slugify, worker_command};
 pub const EVENT_STARTED: &str = "prefect.worker.started";
 /// `prefect.worker.submitted-flow-run`, emitted when the worker hands a run to its process.
 pub const EVENT_SUBMITTED: &str = "prefect.worker.submitted-flow-run";
+/// `prefect.worker.executed-flow-run`, emitted when the worker is done with a run.
+pub const EVENT_EXECUTED: &str = "prefect.worker.executed-flow-run";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]

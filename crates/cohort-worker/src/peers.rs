@@ -13,6 +13,11 @@
 //!
 //! Only the cost depends on it, never correctness: two workers with different views may both
 //! claim a run (the server still accepts one), or both defer it (it is claimed [`DEFER`] later).
+//!
+//! A worker that says it stopped (`prefect.worker.stopped`) owns nothing from then on, though
+//! the server lists it online for a while yet (until its last heartbeat is three intervals old,
+//! `prefect/server/models/workers.py`): its runs would otherwise wait [`DEFER`] each. It takes
+//! part again once it says it started, or is seen submitting.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -36,6 +41,9 @@ pub struct Peers {
     me: String,
     /// Other workers, by name, with when they were last listed online or seen submitting.
     others: HashMap<String, Instant>,
+    /// Workers that said they stopped, with when: the server's list of online workers does
+    /// not bring them back until [`FORGOTTEN`] has passed.
+    stopped: HashMap<String, Instant>,
     listed: Option<Instant>,
 }
 
@@ -44,6 +52,7 @@ impl Peers {
         Self {
             me: me.into(),
             others: HashMap::new(),
+            stopped: HashMap::new(),
             listed: None,
         }
     }
@@ -52,8 +61,12 @@ impl Peers {
     /// them, or not yet).
     pub fn listed<'a>(&mut self, names: impl IntoIterator<Item = &'a str>, now: Instant) {
         self.listed = Some(now);
+        self.stopped
+            .retain(|_, at| now.saturating_duration_since(*at) < FORGOTTEN);
         for name in names {
-            self.seen(name, now);
+            if !self.stopped.contains_key(name) {
+                self.seen(name, now);
+            }
         }
     }
 
@@ -63,10 +76,19 @@ impl Peers {
             .is_none_or(|at| now.saturating_duration_since(at) >= RELIST)
     }
 
-    /// A worker was seen submitting a run of the pool.
+    /// A worker was seen submitting a run of the pool, or starting.
     pub fn seen(&mut self, name: &str, now: Instant) {
         if name != self.me {
+            self.stopped.remove(name);
             self.others.insert(name.to_owned(), now);
+        }
+    }
+
+    /// A worker said it stopped: it owns nothing until it is seen again.
+    pub fn stopped(&mut self, name: &str, now: Instant) {
+        if name != self.me {
+            self.others.remove(name);
+            self.stopped.insert(name.to_owned(), now);
         }
     }
 
@@ -172,6 +194,32 @@ mod tests {
         assert!(peers.owns(of_b, now));
         peers.seen("b", now);
         assert_eq!(peers.count(now + FORGOTTEN), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_worker_owns_nothing_until_it_starts_again() {
+        let mut peers = Peers::new("a");
+        let now = Instant::now();
+        peers.listed(["a", "b"], now);
+        let of_b = ids(100)
+            .into_iter()
+            .find(|id| peers.owner(*id, now) == "b")
+            .expect("b owns some run");
+        peers.stopped("b", now);
+        assert!(peers.owns(of_b, now));
+        // Still listed online by the server: not taken back.
+        let later = now + RELIST;
+        peers.listed(["a", "b"], later);
+        assert!(peers.owns(of_b, later));
+        assert_eq!(peers.count(later), 1);
+        // Started again under the same name.
+        peers.seen("b", later);
+        assert!(!peers.owns(of_b, later));
+        // A stop long ago no longer hides a worker the server lists.
+        peers.stopped("b", later);
+        let much_later = later + FORGOTTEN;
+        peers.listed(["a", "b"], much_later);
+        assert!(!peers.owns(of_b, much_later));
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,8 +9,8 @@
 //!
 //! The pool's `prefect.flow-run.Pending` events come too: a run claimed (by this worker or
 //! another of the pool) needs no poll any more, and claims by others tell the poller it has
-//! rivals. The pool's `prefect.worker.submitted-flow-run` events name the workers taking part
-//! (see [`crate::peers`]).
+//! rivals. The pool's `prefect.worker.submitted-flow-run`, `started` and `stopped` events name
+//! the workers taking part, and those leaving (see [`crate::peers`]).
 
 use cohort_events::subscriber::{subscribe, SubscriberConfig};
 use tokio::sync::mpsc;
@@ -27,6 +27,10 @@ pub const PENDING: &str = "prefect.flow-run.Pending";
 /// relates the run's work pool.
 pub const SUBMITTED: &str = cohort_events::names::WORKER_SUBMITTED_FLOW_RUN;
 
+/// A worker's events for starting and stopping; they relate its work pool.
+pub const STARTED: &str = cohort_events::names::WORKER_STARTED;
+pub const STOPPED: &str = cohort_events::names::WORKER_STOPPED;
+
 /// What the poller learns from the pool's events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
@@ -34,15 +38,17 @@ pub enum Seen {
     Scheduled(Uuid),
     /// A run was claimed (it entered Pending), by this worker or another.
     Claimed(Uuid),
-    /// A worker, by name, submitted a run of the pool.
+    /// A worker, by name, submitted a run of the pool, or started.
     Submitted(String),
+    /// A worker, by name, stopped.
+    Stopped(String),
 }
 
-/// The filter for a pool's runs entering Scheduled and Pending, and its workers' submissions:
-/// the server relates them to `prefect.work-pool.<id>`.
+/// The filter for a pool's runs entering Scheduled and Pending, and its workers' submissions,
+/// starts and stops: the server relates them to `prefect.work-pool.<id>`.
 pub fn filter(pool_id: Uuid) -> serde_json::Value {
     serde_json::json!({
-        "event": {"name": [SCHEDULED, PENDING, SUBMITTED]},
+        "event": {"name": [SCHEDULED, PENDING, SUBMITTED, STARTED, STOPPED]},
         "any_resource": {"id": [format!("prefect.work-pool.{pool_id}")]},
     })
 }
@@ -61,11 +67,16 @@ pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Seen>, shutdown: C
                 None => break,
             },
         };
-        if event.event == SUBMITTED {
-            if let Some(name) = event.resource.name() {
-                if wake.send(Seen::Submitted(name.to_owned())).await.is_err() {
-                    break;
-                }
+        if [SUBMITTED, STARTED, STOPPED].contains(&event.event.as_str()) {
+            let Some(name) = event.resource.name() else {
+                continue;
+            };
+            let seen = match event.event == STOPPED {
+                true => Seen::Stopped(name.to_owned()),
+                false => Seen::Submitted(name.to_owned()),
+            };
+            if wake.send(seen).await.is_err() {
+                break;
             }
             continue;
         }

@@ -680,6 +680,16 @@ impl<'w> Poller<'w> {
                 }
                 None
             }
+            wake::Seen::Stopped(name) => {
+                if let Some(peers) = &mut self.peers {
+                    peers.stopped(&name, now);
+                }
+                // Its runs found waiting are claimed now.
+                for d in self.deferred.values_mut().filter(|d| d.owner == name) {
+                    d.at = d.at.min(now);
+                }
+                None
+            }
             wake::Seen::Scheduled(id) => {
                 self.unclaimed.insert(id);
                 let quiet = self

@@ -145,6 +145,36 @@ fn print_requests(title: &str, workers: &[&Counted], runs: usize) {
     eprintln!("{table}");
 }
 
+/// Every run of `runs` was submitted exactly once, by the worker named `by` (its
+/// `submitted-flow-run` events read back from the server), and none is left Scheduled.
+fn assert_each_submitted_once_by(
+    s: &PrefectServer,
+    deployment_id: &str,
+    runs: &[FlowRun],
+    by: &str,
+) {
+    let filter = json!({
+        "event": {"name": [SUBMITTED]},
+        "related": {"id": [format!("prefect.deployment.{deployment_id}")]},
+    });
+    let events = s.wait_for_events(filter, runs.len(), FLOW_RUN_TIMEOUT);
+    let mut per_run: HashMap<String, usize> = HashMap::new();
+    for e in &events {
+        assert_eq!(e["resource"]["prefect.resource.id"], worker_resource_id(by));
+        for r in e["related"].as_array().into_iter().flatten() {
+            if let Some(id) = r["prefect.resource.id"].as_str() {
+                if let Some(run) = id.strip_prefix("prefect.flow-run.") {
+                    *per_run.entry(run.to_owned()).or_default() += 1;
+                }
+            }
+        }
+    }
+    for run in runs {
+        assert_eq!(per_run.get(&run.id).copied(), Some(1), "run {}", run.id);
+    }
+    assert!(runs_in_states(s, deployment_id, &["SCHEDULED"]).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------
@@ -371,29 +401,7 @@ fn runs_owned_by_a_worker_that_never_claims_are_claimed_all_the_same() {
     let runs: Vec<FlowRun> = (0..12)
         .map(|_| s.create_flow_run(&dep.id, &[], json!({}), json!({})))
         .collect();
-    let filter = json!({
-        "event": {"name": [SUBMITTED]},
-        "related": {"id": [format!("prefect.deployment.{}", dep.id)]},
-    });
-    let events = s.wait_for_events(filter, runs.len(), FLOW_RUN_TIMEOUT);
-    let mut per_run: HashMap<String, usize> = HashMap::new();
-    for e in &events {
-        assert_eq!(
-            e["resource"]["prefect.resource.id"],
-            worker_resource_id(&w.name)
-        );
-        for r in e["related"].as_array().into_iter().flatten() {
-            if let Some(id) = r["prefect.resource.id"].as_str() {
-                if let Some(run) = id.strip_prefix("prefect.flow-run.") {
-                    *per_run.entry(run.to_owned()).or_default() += 1;
-                }
-            }
-        }
-    }
-    for run in &runs {
-        assert_eq!(per_run.get(&run.id).copied(), Some(1), "run {}", run.id);
-    }
-    assert!(runs_in_states(s, &dep.id, &["SCHEDULED"]).is_empty());
+    assert_each_submitted_once_by(s, &dep.id, &runs, &w.name);
     stop_gracefully(&mut w.worker);
     // The ghost owned some of the 12 runs (all 12 going to one of two names has odds 2^-11):
     // the worker took them over rather than claiming everything at once.
@@ -406,4 +414,61 @@ fn runs_owned_by_a_worker_that_never_claims_are_claimed_all_the_same() {
         "runs taken over from the ghost: {taken_over}\n{output}"
     );
     print_requests("a listed worker that never claims", &[&w], runs.len());
+}
+
+/// A worker that stopped (its `prefect.worker.stopped` event sent) is still listed online by
+/// the server for up to three heartbeat intervals, but owns no run from then on: the worker
+/// left on the pool claims every run at once instead of waiting for the stopped one to let
+/// its share pass.
+#[test]
+fn runs_of_a_worker_that_stopped_are_claimed_without_waiting_for_it() {
+    let _one = one_at_a_time();
+    let s = server();
+    let pool = unique("load-stopped");
+    s.create_work_pool(&pool, "process");
+    let dep = s.deploy(&DeploySpec::new(&pool, "hello").job_variables(json!({"command": "true"})));
+    let mut gone = start_counted(s, &pool, "Gone");
+    let mut w = start_counted(s, &pool, "Survivor");
+    wait_started(s, &gone.name);
+    wait_started(s, &w.name);
+    stop_gracefully(&mut gone.worker);
+    s.wait_for_events(
+        json!({
+            "event": {"name": ["prefect.worker.stopped"]},
+            "resource": {"id": [worker_resource_id(&gone.name)]},
+        }),
+        1,
+        EVENTS_TIMEOUT,
+    );
+    let listed = s.request(
+        Method::POST,
+        &format!("/work_pools/{pool}/workers/filter"),
+        Some(&json!({"workers": {"status": {"any_": ["ONLINE"]}}})),
+    );
+    let listed: Vec<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert!(
+        listed.contains(&gone.name.as_str()),
+        "the stopped worker is still listed online: {listed:?}"
+    );
+    // The event is persisted once the server has handled it; its stream to subscribers runs
+    // beside that.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let runs: Vec<FlowRun> = (0..12)
+        .map(|_| s.create_flow_run(&dep.id, &[], json!({}), json!({})))
+        .collect();
+    assert_each_submitted_once_by(s, &dep.id, &runs, &w.name);
+    stop_gracefully(&mut w.worker);
+    // The stopped worker would have owned about half of the 12 runs (none has odds 2^-12).
+    let output = w.worker.output();
+    assert!(
+        !output.contains("claiming a run its owner has let pass"),
+        "runs were left waiting for the stopped worker:\n{output}"
+    );
+    print_requests("a worker that stopped", &[&w], runs.len());
 }

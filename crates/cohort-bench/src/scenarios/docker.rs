@@ -31,9 +31,8 @@ use crate::procfs::{self, sample_at, Sampler};
 use crate::proxy::CountingProxy;
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::stats::percentile;
-use crate::worker::{run_occurred, Worker, WorkerKind};
+use crate::worker::{run_occurred, Worker, WorkerKind, EVENT_EXECUTED};
 
-const EVENT_EXECUTED: &str = "prefect.worker.executed-flow-run";
 const EVENT_RUNNING: &str = "prefect.docker.container.running";
 
 const METRICS: [MetricDef; 12] = [

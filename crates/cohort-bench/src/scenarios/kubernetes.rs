@@ -39,9 +39,8 @@ use crate::procfs::{self, Sampler};
 use crate::proxy::CountingProxy;
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::stats::{median, percentile};
-use crate::worker::{run_occurred, Worker, WorkerKind};
+use crate::worker::{run_occurred, Worker, WorkerKind, EVENT_EXECUTED};
 
-const EVENT_EXECUTED: &str = "prefect.worker.executed-flow-run";
 /// The pod events both workers emit for the pods of this scenario.
 const POD_EVENTS: [&str; 3] = [
     "prefect.kubernetes.pod.pending",

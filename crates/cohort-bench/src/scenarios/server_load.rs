@@ -25,13 +25,13 @@ use crate::proxy::CountingProxy;
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::server::parse_time;
 use crate::stats::{median, percentile};
-use crate::worker::{Worker, WorkerKind, EVENT_SUBMITTED};
+use crate::worker::{Worker, WorkerKind, EVENT_EXECUTED, EVENT_SUBMITTED};
 
 /// Worker counts on one pool.
 const WORKERS: [usize; 2] = [1, 4];
 
-/// The burst window ends this long after the last submission: what a worker does once a
-/// run's process has exited (`true` exits at once) is part of the run's cost.
+/// The burst window ends this long after the last run's `executed-flow-run`: what a worker
+/// does once a run's process has exited (`true` exits at once) is part of the run's cost.
 const TAIL_S: i64 = 5;
 
 const METRICS: [MetricDef; 16] = [
@@ -119,7 +119,8 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
              creates {n} runs at once (by {t} client thread{ts}) while the workers run. \
              Requests and server CPU (the server's whole process tree, utime + stime from \
              `/proc`) per run: from just before the first creation to {TAIL_S} s after the \
-             last `submitted-flow-run`, over the {n} runs. Create time: how long the driver \
+             last run's `executed-flow-run` (the workers' whole sequence for every run), \
+             over the {n} runs. Create time: how long the driver \
              took to create them (another client's latency). Submitted more than once: \
              runs with more than one `submitted-flow-run` event; left Scheduled: at the \
              end of the window. Pickup = first `submitted-flow-run` − \
@@ -199,8 +200,12 @@ fn body(
 
     // -- idle ---------------------------------------------------------------------------------
     let idle0 = proxy.snapshot();
+    let idle_cpu0 = server_cpu(ctx);
     sleep(Duration::from_secs_f64(plan.server_idle_s));
     let idle = proxy.snapshot().since(&idle0);
+    if let (Some(a), Some(b)) = (idle_cpu0, server_cpu(ctx)) {
+        r.detail("idle_server_cpu_per_s", (b - a) / plan.server_idle_s);
+    }
     r.set(
         &format!("idle_per_min_{w}"),
         Some(idle.requests() as f64 * 60.0 / plan.server_idle_s),
@@ -247,13 +252,31 @@ fn body(
             )
         },
     );
-    let submissions = submissions(ctx, &resources, since)?;
+    let submissions = runs_with(ctx, &resources, EVENT_SUBMITTED, since)?;
+    // Then every run's end (a run never submitted has none: the wait above failed already).
+    let executed = waited.and_then(|()| {
+        wait_for(
+            "every burst run's executed-flow-run event",
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+            || {
+                Ok(
+                    (server.count_events_of(&resources, &[EVENT_EXECUTED], since)? >= want)
+                        .then_some(()),
+                )
+            },
+        )
+    });
+    let ended = runs_with(ctx, &resources, EVENT_EXECUTED, since)?;
     let last = ids
         .iter()
-        .filter_map(|id| submissions.get(id)?.iter().max())
+        .filter_map(|id| ended.get(id)?.iter().max())
         .max()
         .copied();
     sleep_until(last.unwrap_or_else(Utc::now) + ChronoDuration::seconds(TAIL_S));
+    if let Some(last) = last {
+        r.detail("burst_window_s", secs(created_from, last) + TAIL_S as f64);
+    }
     let burst = proxy.snapshot().since(&burst0);
     let cpu1 = server_cpu(ctx);
     let scheduled = server.count_flow_runs(&fx.deployment_id, &["SCHEDULED"])?;
@@ -321,20 +344,18 @@ fn body(
     r.detail("workers_detail", per_worker);
     drop(pool);
     drop(proxy);
-    waited.map(|_| ())
+    executed
 }
 
-/// Flow-run id → the `occurred` of each of its `submitted-flow-run` events by these workers.
-fn submissions(
+/// Flow-run id → the `occurred` of each of its `event` events by these workers.
+fn runs_with(
     ctx: &Ctx<'_>,
     resources: &[&str],
+    event: &str,
     since: DateTime<Utc>,
 ) -> Result<HashMap<String, Vec<DateTime<Utc>>>> {
     let mut out: HashMap<String, Vec<DateTime<Utc>>> = HashMap::new();
-    for ev in ctx
-        .server
-        .read_events_of(resources, &[EVENT_SUBMITTED], since)?
-    {
+    for ev in ctx.server.read_events_of(resources, &[event], since)? {
         let Some(t) = parse_time(&ev["occurred"]) else {
             continue;
         };
