@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cohort_api::models::{FlowRun, WorkPool};
+use cohort_api::models::WorkPool;
 use cohort_api::retry::jittered;
 use cohort_api::{ApiError, NotReady, PrefectClient};
 use cohort_events::related::{self, Named};
@@ -562,10 +562,9 @@ const EVENT_POLL_GAP_MAX: Duration = Duration::from_secs(4);
 
 /// A run another worker owns, found by a poll.
 struct Deferred {
+    /// When it is claimed if a poll then still finds it scheduled.
     at: tokio::time::Instant,
     owner: String,
-    run: FlowRun,
-    reads: Arc<PollReads>,
 }
 
 impl<'w> Poller<'w> {
@@ -611,11 +610,14 @@ impl<'w> Poller<'w> {
             if opts.run_once && polled && self.runs.is_empty() {
                 return;
             }
-            let wake_at = [owned_poll, fallback_poll]
+            // Deferred runs come due with a poll, not a claim each: by then their owners have
+            // mostly claimed them, and their `Pending` events may lag under load, so the poll
+            // (one read) tells which are left rather than a rejected proposal per run.
+            let deferred_at = self.deferred.values().map(|d| d.at).min();
+            let wake_at = [owned_poll, fallback_poll, deferred_at]
                 .into_iter()
                 .flatten()
                 .fold(next_poll, |a, b| a.min(b));
-            let deferred_at = self.deferred.values().map(|d| d.at).min();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -638,13 +640,13 @@ impl<'w> Poller<'w> {
                         fallback_poll = Some(at.max(last + BURST_QUIET));
                     }
                 }
-                _ = sleep_until_some(deferred_at) => self.claim_deferred(),
                 _ = tokio::time::sleep_until(wake_at), if !(opts.run_once && polled) => {
                     let now = tokio::time::Instant::now();
                     let by_event = next_poll > now;
+                    let deferred_due = self.deferred.values().any(|d| d.at <= now);
                     (owned_poll, fallback_poll) = (None, None);
                     self.burst_started = None;
-                    if by_event && self.unclaimed.is_empty() {
+                    if by_event && self.unclaimed.is_empty() && !deferred_due {
                         tracing::debug!("the runs this poll was woken for are claimed; not polling");
                         continue;
                     }
@@ -738,39 +740,6 @@ impl<'w> Poller<'w> {
         }
     }
 
-    /// Claims the deferred runs whose owners have not claimed them in time.
-    fn claim_deferred(&mut self) {
-        let now = tokio::time::Instant::now();
-        let due: Vec<Uuid> = self
-            .deferred
-            .iter()
-            .filter(|(_, d)| d.at <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            let Some(d) = self.deferred.remove(&id) else {
-                continue;
-            };
-            if self.in_flight.contains(&id) {
-                continue;
-            }
-            tracing::info!(flow_run = %id, owner = %d.owner, "claiming a run its owner has let pass");
-            if let Some(peers) = &mut self.peers {
-                peers.absent(&d.owner);
-            }
-            let Some(permit) = self.slot() else {
-                // No slot: the runs due are dropped (not kept due, which would wake this
-                // at once again); the next poll finds them if they are still unclaimed.
-                self.deferred.retain(|_, d| d.at > now);
-                return;
-            };
-            let (ctx, run, reads) = (self.ctx.clone(), d.run, d.reads);
-            self.spawn_run(id, permit, move |cancel, terminate| {
-                submit::submit(ctx, run, None, reads, cancel, terminate)
-            });
-        }
-    }
-
     /// A slot for one more run: `Some(None)` with no `--limit`, `None` with none free.
     fn slot(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
         match &self.slots {
@@ -797,10 +766,13 @@ impl<'w> Poller<'w> {
         };
         // The poll sees every run scheduled so far.
         self.unclaimed.clear();
+        let now = tokio::time::Instant::now();
         let scheduled = match result {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "failed to poll for scheduled flow runs");
+                // Deferred runs that came due wait for the next poll to find them again.
+                self.deferred.retain(|_, d| d.at > now);
                 return None;
             }
         };
@@ -811,6 +783,7 @@ impl<'w> Poller<'w> {
         let horizon = chrono::Utc::now() + prefetch;
         let reads = Arc::new(PollReads::default());
         let mut next_due: Option<tokio::time::Instant> = None;
+        let found: HashSet<Uuid> = scheduled.iter().map(|e| e.flow_run.id).collect();
         for entry in scheduled {
             let run = entry.flow_run;
             if self.in_flight.contains(&run.id) {
@@ -827,20 +800,29 @@ impl<'w> Poller<'w> {
                 continue;
             }
             // Another worker's run waits for its owner (once per run, from the poll that
-            // found it first).
-            let now = tokio::time::Instant::now();
+            // found it first); still scheduled once that time is up, it is claimed, and its
+            // owner owns nothing more until seen submitting.
             if let Some(peers) = &mut self.peers {
-                let owner = peers.owner(run.id, now);
-                if owner != self.worker.options.name {
-                    let owner = owner.to_owned();
-                    let reads = reads.clone();
-                    self.deferred.entry(run.id).or_insert_with(|| Deferred {
-                        at: now + peers::DEFER,
-                        owner,
-                        run,
-                        reads,
-                    });
-                    continue;
+                if let Some(d) = self.deferred.remove(&run.id) {
+                    if d.at > now {
+                        self.deferred.insert(run.id, d);
+                        continue;
+                    }
+                    tracing::info!(flow_run = %run.id, owner = %d.owner, "claiming a run its owner has let pass");
+                    peers.absent(&d.owner);
+                } else {
+                    let owner = peers.owner(run.id, now);
+                    if owner != self.worker.options.name {
+                        let owner = owner.to_owned();
+                        self.deferred.insert(
+                            run.id,
+                            Deferred {
+                                at: now + peers::DEFER,
+                                owner,
+                            },
+                        );
+                        continue;
+                    }
                 }
             }
             // A slot first, then the claim; with no slot free, stop claiming this round.
@@ -853,6 +835,10 @@ impl<'w> Poller<'w> {
                 submit::submit(ctx, run, None, reads, cancel, terminate)
             });
         }
+        // Deferred runs no longer scheduled were claimed (by their owners, mostly); those due
+        // but left unclaimed (no slot free) wait for a poll to find them again.
+        self.deferred
+            .retain(|id, d| found.contains(id) && d.at > now);
         next_due
     }
 
@@ -1012,13 +998,6 @@ impl<'w> Poller<'w> {
 }
 
 /// Sleeps until `at`, or forever.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1191,6 +1170,82 @@ mod tests {
         // One poll at start-up, one for the whole burst (not one per event).
         assert_eq!(f.api.polls(), 2);
         assert_eq!(poller.in_flight.len(), 10);
+        finish(&f, &mut poller).await;
+    }
+
+    /// Runs another worker (`peer`) owns, out of `runs` known to the fake.
+    fn owned_by(poller: &mut Poller<'_>, peer: &str, runs: &[Uuid]) -> Vec<Uuid> {
+        let now = tokio::time::Instant::now();
+        let peers = poller.peers.as_mut().expect("event wake-up on");
+        peers.listed([peer], now);
+        runs.iter()
+            .copied()
+            .filter(|id| peers.owner(*id, now) == peer)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_run_is_claimed_only_if_a_poll_still_finds_it_scheduled() {
+        let f = fakes(InProcessPrefect::new());
+        let runs: Vec<Uuid> = (0..12).map(|_| known_run(&f.api, None).id).collect();
+        let w = worker(&f, None);
+        let (mut poller, _wake) = poller(&w, &f);
+        let theirs = owned_by(&mut poller, "peer", &runs);
+        assert!(theirs.len() >= 2, "the peer owns a share: {theirs:?}");
+        let shutdown = CancellationToken::new();
+
+        poller.handle_poll(&shutdown).await;
+        assert_eq!(poller.in_flight.len(), runs.len() - theirs.len());
+        assert_eq!(poller.deferred.len(), theirs.len());
+        // The owner claims all of its runs but the last one in time.
+        let (left, claimed) = theirs.split_last().expect("two or more");
+        for id in claimed {
+            f.api.set(*id, StateType::Pending);
+        }
+        // Before the deadline a poll claims none of them.
+        tokio::time::advance(peers::DEFER / 2).await;
+        poller.handle_poll(&shutdown).await;
+        assert_eq!(poller.deferred.len(), 1, "the claimed ones are dropped");
+        tokio::time::advance(peers::DEFER).await;
+        poller.handle_poll(&shutdown).await;
+        assert!(poller.in_flight.contains(left));
+        assert!(poller.deferred.is_empty());
+        for id in claimed {
+            assert!(
+                f.api.proposals(*id).is_empty(),
+                "no proposal for a run its owner claimed"
+            );
+            assert!(!poller.in_flight.contains(id));
+        }
+        // The owner that let a run pass owns nothing more until seen again.
+        let now = tokio::time::Instant::now();
+        assert_eq!(poller.peers.as_mut().expect("peers").count(now), 1);
+        finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deferred_runs_come_due_with_one_poll_and_a_stopped_owners_at_once() {
+        let f = fakes(InProcessPrefect::new());
+        let runs: Vec<Uuid> = (0..12).map(|_| known_run(&f.api, None).id).collect();
+        let w = worker(&f, None);
+        let (mut poller, wake) = poller(&w, &f);
+        let theirs = owned_by(&mut poller, "peer", &runs);
+        assert!(!theirs.is_empty(), "the peer owns a share");
+        let shutdown = CancellationToken::new();
+        let client = async {
+            // The start-up poll defers the peer's runs; the peer then stops, well before
+            // the deadline: its runs are claimed by one poll, at once.
+            tokio::time::sleep(peers::DEFER / 3).await;
+            assert_eq!(f.api.polls(), 1);
+            wake.send(wake::Seen::Stopped("peer".into())).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(f.api.polls(), 2);
+            tokio::time::sleep(peers::DEFER).await;
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), client);
+        assert_eq!(f.api.polls(), 2, "nothing more to poll for");
+        assert_eq!(poller.in_flight.len(), runs.len());
         finish(&f, &mut poller).await;
     }
 
