@@ -32,7 +32,7 @@ pub const DEFER: Duration = Duration::from_secs(3);
 const FORGOTTEN: Duration = Duration::from_secs(120);
 
 /// The pool's list of online workers is read again when it is older than this, at the next
-/// run seen scheduled (never on an idle pool).
+/// poll that finds runs (never on an idle pool).
 pub const RELIST: Duration = Duration::from_secs(60);
 
 /// The workers of a pool this worker knows of, itself included.

@@ -600,6 +600,7 @@ impl<'w> Poller<'w> {
     }
 
     async fn serve(&mut self, shutdown: &CancellationToken) {
+        self.relist_peers().await;
         let opts = &self.worker.options;
         let mut next_poll = tokio::time::Instant::now();
         // Polls woken by events, skipped if by then every run they were for has been claimed.
@@ -625,9 +626,6 @@ impl<'w> Poller<'w> {
                     self.handle_run_finished(joined);
                 }
                 Some(seen) = self.wake.recv(), if !opts.run_once => {
-                    if matches!(seen, wake::Seen::Scheduled(_)) {
-                        self.relist_peers().await;
-                    }
                     match self.handle_seen(seen, owned_poll.is_some()) {
                         Some(Wake::Owned(at)) => owned_poll = Some(at),
                         Some(Wake::Fallback(at)) => {
@@ -719,8 +717,11 @@ impl<'w> Poller<'w> {
         }
     }
 
-    /// Reads the pool's online workers when the list is stale (at most once per
-    /// [`peers::RELIST`], and only when runs come): a failure keeps what is known.
+    /// Reads the pool's online workers when the list is stale: at start, then at most once per
+    /// [`peers::RELIST`] and only once a poll has found runs, never while a burst is being
+    /// created (the pool's workers would each read it then, beside the client creating the
+    /// runs). Workers starting and stopping in between are known by their events. A failure
+    /// keeps what is known.
     async fn relist_peers(&mut self) {
         let now = tokio::time::Instant::now();
         let Some(peers) = self.peers.as_mut().filter(|p| p.relist_due(now)) else {
@@ -768,6 +769,10 @@ impl<'w> Poller<'w> {
         self.unclaimed.clear();
         let now = tokio::time::Instant::now();
         let scheduled = match result {
+            Ok(s) if !s.is_empty() => {
+                self.relist_peers().await;
+                s
+            }
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "failed to poll for scheduled flow runs");
