@@ -103,7 +103,7 @@ cargo test --workspace --no-run </dev/null
 # The fault trials run one at a time and mostly wait (on outages, restarts, Python); they
 # run beside the other tests, then the wheel's test (`install`: maturin packages the binary
 # built here, and pip installs it), then the end-to-end worker, cancel and runner tests again
-# against a Prefect 3.9.1 server. That lane's binaries run directly, resolved first; its
+# against a Prefect 3.9.1 server, then the server-load tests (one at a time too). That lane's binaries run directly, resolved first; its
 # output is printed when it is done.
 test_binary() {
     cargo test -p cohort --test "$1" --no-run --message-format=json </dev/null 2>/dev/null |
@@ -114,7 +114,8 @@ trials_bin="$(test_binary fault_trials)"
 install_bin="$(test_binary install)"
 worker_bin="$(test_binary worker)"
 cancel_bin="$(test_binary cancel_and_serve)"
-[[ -x $trials_bin && -x $install_bin && -x $worker_bin && -x $cancel_bin ]] ||
+load_bin="$(test_binary server_load)"
+[[ -x $trials_bin && -x $install_bin && -x $worker_bin && -x $cancel_bin && -x $load_bin ]] ||
     die "cannot find the test binaries"
 lane_log="$(mktemp)"
 trap 'rm -f "$lane_log"' EXIT
@@ -130,6 +131,8 @@ trap 'rm -f "$lane_log"' EXIT
         printf '\n==> %s against Prefect 3.9.1\n' "$(basename "$binary")"
         COHORT_PREFECT_VENV="$prefect_3_9_venv" "$binary" </dev/null || status=1
     done
+    printf '\n==> server load\n'
+    "$load_bin" </dev/null || status=1
     exit "$status"
 ) >"$lane_log" 2>&1 &
 lane=$!
@@ -138,7 +141,8 @@ tests_status=0
 other_tests=()
 for file in crates/cohort/tests/*.rs; do
     name="$(basename "$file" .rs)"
-    [[ $name == fault_trials || $name == install ]] || other_tests+=(--test "$name")
+    [[ $name == fault_trials || $name == install || $name == server_load ]] ||
+        other_tests+=(--test "$name")
 done
 cargo test --workspace --exclude cohort --no-fail-fast "$@" </dev/null || tests_status=$?
 cargo test -p cohort --bins "${other_tests[@]}" --no-fail-fast "$@" </dev/null || tests_status=$?
@@ -146,7 +150,7 @@ lane_status=0
 wait "$lane" || lane_status=$?
 cat "$lane_log"
 if [[ $lane_status -ne 0 ]]; then
-    printf 'test.sh: error: the fault trials, the wheel or the Prefect 3.9.1 run failed (above)\n' >&2
+    printf 'test.sh: error: the fault trials, the wheel, the Prefect 3.9.1 run or the server-load tests failed (above)\n' >&2
     tests_status=1
 fi
 left="$(LC_ALL=C comm -13 <(printf '%s\n' "$untracked_before") <(printf '%s\n' "$(untracked)") | sed '/^$/d')"
