@@ -70,6 +70,13 @@ impl Peers {
         }
     }
 
+    /// The list read as this worker starts: workers starting beside it may not be on it yet,
+    /// so it is read again at the first poll that finds runs, whatever its age.
+    pub fn listed_at_start<'a>(&mut self, names: impl IntoIterator<Item = &'a str>, now: Instant) {
+        self.listed(names, now);
+        self.listed = None;
+    }
+
     /// Whether the list of online workers should be read again.
     pub fn relist_due(&self, now: Instant) -> bool {
         self.listed
@@ -227,6 +234,9 @@ mod tests {
         let mut peers = Peers::new("a");
         let now = Instant::now();
         assert!(peers.relist_due(now));
+        peers.listed_at_start(["a", "b"], now);
+        assert_eq!(peers.count(now), 2);
+        assert!(peers.relist_due(now), "the start's list is read again");
         peers.listed(["a", "b"], now);
         assert!(!peers.relist_due(now + RELIST / 2));
         assert!(peers.relist_due(now + RELIST));

@@ -600,7 +600,7 @@ impl<'w> Poller<'w> {
     }
 
     async fn serve(&mut self, shutdown: &CancellationToken) {
-        self.relist_peers().await;
+        self.relist_peers(true).await;
         let opts = &self.worker.options;
         let mut next_poll = tokio::time::Instant::now();
         // Polls woken by events, skipped if by then every run they were for has been claimed.
@@ -717,12 +717,13 @@ impl<'w> Poller<'w> {
         }
     }
 
-    /// Reads the pool's online workers when the list is stale: at start, then at most once per
-    /// [`peers::RELIST`] and only once a poll has found runs, never while a burst is being
-    /// created (the pool's workers would each read it then, beside the client creating the
-    /// runs). Workers starting and stopping in between are known by their events. A failure
-    /// keeps what is known.
-    async fn relist_peers(&mut self) {
+    /// Reads the pool's online workers when the list is stale: at start (`at_start`), again at
+    /// the first poll that finds runs (workers starting beside this one may have missed the
+    /// first list), then at most once per [`peers::RELIST`] and only once a poll has found
+    /// runs, never while a burst is being created (the pool's workers would each read it then,
+    /// beside the client creating the runs). Workers starting and stopping in between are known
+    /// by their events. A failure keeps what is known.
+    async fn relist_peers(&mut self, at_start: bool) {
         let now = tokio::time::Instant::now();
         let Some(peers) = self.peers.as_mut().filter(|p| p.relist_due(now)) else {
             return;
@@ -733,10 +734,15 @@ impl<'w> Poller<'w> {
             .read_online_workers(&self.worker.options.pool)
             .await
         {
+            Ok(workers) if at_start => {
+                peers.listed_at_start(workers.iter().map(|w| w.name.as_str()), now);
+            }
             Ok(workers) => peers.listed(workers.iter().map(|w| w.name.as_str()), now),
             Err(e) => {
                 tracing::debug!(error = %e, "could not list the pool's workers");
-                peers.listed([], now);
+                if !at_start {
+                    peers.listed([], now);
+                }
             }
         }
     }
@@ -770,7 +776,7 @@ impl<'w> Poller<'w> {
         let now = tokio::time::Instant::now();
         let scheduled = match result {
             Ok(s) if !s.is_empty() => {
-                self.relist_peers().await;
+                self.relist_peers(false).await;
                 s
             }
             Ok(s) => s,
