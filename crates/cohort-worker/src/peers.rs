@@ -28,6 +28,11 @@ use uuid::Uuid;
 /// How long a worker that does not own a run waits for its owner to claim it.
 pub const DEFER: Duration = Duration::from_secs(3);
 
+/// The same on an idle pool (a run scheduled with no other for a while): there its owner
+/// claims at once (pickup takes about 100 ms), so a run still scheduled after this is one its
+/// owner will not claim.
+pub const DEFER_IDLE: Duration = Duration::from_secs(1);
+
 /// A peer not heard of (listed online, or seen submitting) for this long is forgotten.
 const FORGOTTEN: Duration = Duration::from_secs(120);
 
@@ -125,6 +130,7 @@ impl Peers {
         best.1
     }
 
+    #[cfg(test)]
     pub fn owns(&mut self, run: Uuid, now: Instant) -> bool {
         let me = self.me.clone();
         self.owner(run, now) == me

@@ -614,7 +614,11 @@ impl<'w> Poller<'w> {
             // Deferred runs come due with a poll, not a claim each: by then their owners have
             // mostly claimed them, and their `Pending` events may lag under load, so the poll
             // (one read) tells which are left rather than a rejected proposal per run.
-            let deferred_at = self.deferred.values().map(|d| d.at).min();
+            // Nor in the middle of a burst.
+            let deferred_at = self.deferred.values().map(|d| d.at).min().map(|at| {
+                self.last_scheduled
+                    .map_or(at, |last| at.max(last + BURST_QUIET))
+            });
             let wake_at = [owned_poll, fallback_poll, deferred_at]
                 .into_iter()
                 .flatten()
@@ -696,12 +700,29 @@ impl<'w> Poller<'w> {
                     .last_scheduled
                     .is_none_or(|t| now.saturating_duration_since(t) >= BURST_QUIET);
                 self.last_scheduled = Some(now);
-                let (workers, owned) = match &mut self.peers {
-                    None => (1, true),
-                    Some(peers) => (peers.count(now), peers.owns(id, now)),
+                let (workers, owner) = match &mut self.peers {
+                    None => (1, None),
+                    Some(peers) => (
+                        peers.count(now),
+                        Some(peers.owner(id, now).to_owned())
+                            .filter(|o| *o != self.worker.options.name),
+                    ),
                 };
-                if !owned && !owned_pending {
-                    return Some(Wake::Fallback(now + peers::DEFER));
+                match owner {
+                    // On an idle pool the owner claims a run at once, or is gone (stopped
+                    // before this worker started, say, so that it never heard): the run is
+                    // claimed if a poll still finds it scheduled after a short wait.
+                    Some(owner) if quiet && !owned_pending => {
+                        self.deferred.entry(id).or_insert(Deferred {
+                            at: now + peers::DEFER_IDLE,
+                            owner,
+                        });
+                        return None;
+                    }
+                    Some(_) if !owned_pending => {
+                        return Some(Wake::Fallback(now + peers::DEFER));
+                    }
+                    _ => {}
                 }
                 let first = *self.burst_started.get_or_insert(now);
                 let at = if quiet && !owned_pending {
@@ -1258,6 +1279,67 @@ mod tests {
         assert_eq!(f.api.polls(), 2, "nothing more to poll for");
         assert_eq!(poller.in_flight.len(), runs.len());
         finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_an_idle_pool_a_run_its_owner_leaves_is_claimed_after_a_second() {
+        let f = fakes(InProcessPrefect::new());
+        let w = worker(&f, None);
+        let (mut poller, wake) = poller(&w, &f);
+        poller
+            .peers
+            .as_mut()
+            .expect("peers")
+            .listed(["peer"], tokio::time::Instant::now());
+        let shutdown = CancellationToken::new();
+        let api = f.api.clone();
+        let mut theirs = Vec::new();
+        let client = async {
+            // The start-up poll finds nothing. Then two runs the peer owns, each on an idle
+            // pool: it claims the first (its Pending event comes), and never the second.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let peer_run = |api: &InProcessPrefect| loop {
+                let run = known_run(api, None);
+                let now = tokio::time::Instant::now();
+                let peers = poller_peers_owner(&w, run.id, now);
+                if peers {
+                    return run.id;
+                }
+                api.delete(run.id);
+            };
+            let claimed = peer_run(&api);
+            wake.send(wake::Seen::Scheduled(claimed)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            api.set(claimed, StateType::Pending);
+            wake.send(wake::Seen::Claimed(claimed)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(api.polls(), 1, "no poll for a run its owner claimed");
+
+            let left = peer_run(&api);
+            wake.send(wake::Seen::Scheduled(left)).await.unwrap();
+            tokio::time::sleep(peers::DEFER_IDLE / 2).await;
+            assert_eq!(api.polls(), 1, "its owner has a second to claim it");
+            tokio::time::sleep(peers::DEFER_IDLE).await;
+            assert_eq!(api.polls(), 2);
+            theirs = vec![claimed, left];
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), client);
+        assert_eq!(
+            poller.in_flight.iter().copied().collect::<Vec<_>>(),
+            [theirs[1]],
+            "the run left is claimed by the one poll, the claimed one never"
+        );
+        assert!(f.api.proposals(theirs[0]).is_empty());
+        finish(&f, &mut poller).await;
+    }
+
+    /// Whether `peer` owns `run` in a view of this worker and `peer` (the same hashing as the
+    /// poller's [`Peers`]).
+    fn poller_peers_owner(w: &Worker, run: Uuid, now: tokio::time::Instant) -> bool {
+        let mut peers = Peers::new(w.options.name.clone());
+        peers.listed(["peer"], now);
+        peers.owner(run, now) == "peer"
     }
 
     #[test]

@@ -138,7 +138,8 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
              end of the window. Pickup = first `submitted-flow-run` − \
              `expected_start_time`. Less the driver's creating it: before the workers \
              start, the driver creates a burst of the same size on the same deployment \
-             alone, and the server CPU that took (the same for both workers) is measured, then those \
+             alone, and the server CPU that took is measured (the same work whichever worker \
+             follows), then those \
              runs are deleted; it is subtracted from the same repetition's burst, leaving \
              what the server spent on the workers (and on the events and state changes \
              they caused).",
