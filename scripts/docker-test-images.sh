@@ -28,6 +28,13 @@ mkdir -p "$cache"
 die() { echo "docker-test-images: $*" >&2; exit 1; }
 log() { echo "docker-test-images: $*" >&2; }
 
+# One build at a time: test binaries running side by side each ask for the images on a fresh
+# engine, and two debootstraps into one root file system fail. The others wait, then find
+# the images built.
+command -v flock >/dev/null || die "flock (util-linux) is not installed"
+exec 9>"$cache/.lock"
+flock 9
+
 command -v docker >/dev/null || die "docker is not installed"
 docker info >/dev/null 2>&1 || die "the Docker engine is not reachable (is the daemon running, and may this user use its socket?)"
 
