@@ -315,6 +315,31 @@ impl Infrastructure for DockerInfrastructure {
                 }
             };
             let inspect = self.docker.inspect_container(&container, None).await.ok()?;
+            let never_started = inspect
+                .state
+                .as_ref()
+                .and_then(|s| s.status)
+                .is_some_and(|s| s == bollard::models::ContainerStateStatusEnum::CREATED);
+            if never_started {
+                // The earlier worker stopped between creating the container and starting it:
+                // nothing will ever start it, and the networks it was to join are unknown
+                // here. It goes, and the claim is resumed from the start (a new container).
+                tracing::info!(%flow_run, %container, "removing a container an earlier worker created and never started");
+                let removed = self
+                    .docker
+                    .remove_container(
+                        &container,
+                        Some(RemoveContainerOptions {
+                            force: true,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                if let Err(e) = removed {
+                    tracing::warn!(error = %e, %flow_run, %container, "cannot remove a container never started");
+                }
+                return None;
+            }
             let name = inspect
                 .name
                 .as_deref()
