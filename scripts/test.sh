@@ -106,7 +106,10 @@ cargo test --workspace --no-run </dev/null
 # against a Prefect 3.9.1 server, then the server-load tests (one at a time too). That lane's binaries run directly, resolved first; its
 # output is printed when it is done.
 test_binary() {
+    # The test target's own artifact: the `cohort` binary the tests run is reported too, in
+    # no fixed order.
     cargo test -p cohort --test "$1" --no-run --message-format=json </dev/null 2>/dev/null |
+        grep -F "\"kind\":[\"test\"]" | grep -F "\"name\":\"$1\"" |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1
 }
 # Resolved before anything runs: cargo's lock is held while `cargo test` runs its tests.
