@@ -38,8 +38,8 @@ pub enum Seen {
     Scheduled(Uuid),
     /// A run was claimed (it entered Pending), by this worker or another.
     Claimed(Uuid),
-    /// A worker, by name, submitted a run of the pool, or started.
-    Submitted(String),
+    /// A worker, by name, is active on the pool: it started, or submitted a run of it.
+    Active(String),
     /// A worker, by name, stopped.
     Stopped(String),
 }
@@ -73,7 +73,7 @@ pub async fn watch(feed: SubscriberConfig, wake: mpsc::Sender<Seen>, shutdown: C
             };
             let seen = match event.event == STOPPED {
                 true => Seen::Stopped(name.to_owned()),
-                false => Seen::Submitted(name.to_owned()),
+                false => Seen::Active(name.to_owned()),
             };
             if wake.send(seen).await.is_err() {
                 break;

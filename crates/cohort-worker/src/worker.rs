@@ -678,7 +678,7 @@ impl<'w> Poller<'w> {
                 self.deferred.remove(&id);
                 None
             }
-            wake::Seen::Submitted(name) => {
+            wake::Seen::Active(name) => {
                 if let Some(peers) = &mut self.peers {
                     peers.seen(&name, now);
                 }
@@ -835,25 +835,26 @@ impl<'w> Poller<'w> {
             // found it first); still scheduled once that time is up, it is claimed, and its
             // owner owns nothing more until seen submitting.
             if let Some(peers) = &mut self.peers {
-                if let Some(d) = self.deferred.remove(&run.id) {
-                    if d.at > now {
-                        self.deferred.insert(run.id, d);
-                        continue;
+                match self.deferred.get(&run.id) {
+                    Some(d) if d.at > now => continue,
+                    Some(d) => {
+                        tracing::info!(flow_run = %run.id, owner = %d.owner, "claiming a run its owner has let pass");
+                        peers.absent(&d.owner);
+                        self.deferred.remove(&run.id);
                     }
-                    tracing::info!(flow_run = %run.id, owner = %d.owner, "claiming a run its owner has let pass");
-                    peers.absent(&d.owner);
-                } else {
-                    let owner = peers.owner(run.id, now);
-                    if owner != self.worker.options.name {
-                        let owner = owner.to_owned();
-                        self.deferred.insert(
-                            run.id,
-                            Deferred {
-                                at: now + peers::DEFER,
-                                owner,
-                            },
-                        );
-                        continue;
+                    None => {
+                        let owner = peers.owner(run.id, now);
+                        if owner != self.worker.options.name {
+                            let owner = owner.to_owned();
+                            self.deferred.insert(
+                                run.id,
+                                Deferred {
+                                    at: now + peers::DEFER,
+                                    owner,
+                                },
+                            );
+                            continue;
+                        }
                     }
                 }
             }
@@ -1210,10 +1211,19 @@ mod tests {
         let now = tokio::time::Instant::now();
         let peers = poller.peers.as_mut().expect("event wake-up on");
         peers.listed([peer], now);
+        let me = poller.worker.options.name.clone();
         runs.iter()
             .copied()
-            .filter(|id| peers.owner(*id, now) == peer)
+            .filter(|id| peer_owns(&me, peer, *id))
             .collect()
+    }
+
+    /// Whether `peer` owns `run` in a view of `me` and `peer` (the poller's [`Peers`]).
+    fn peer_owns(me: &str, peer: &str, run: Uuid) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut peers = Peers::new(me);
+        peers.listed([peer], now);
+        peers.owner(run, now) == peer
     }
 
     #[tokio::test(start_paused = true)]
@@ -1300,9 +1310,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let peer_run = |api: &InProcessPrefect| loop {
                 let run = known_run(api, None);
-                let now = tokio::time::Instant::now();
-                let peers = poller_peers_owner(&w, run.id, now);
-                if peers {
+                if peer_owns(&w.options.name, "peer", run.id) {
                     return run.id;
                 }
                 api.delete(run.id);
@@ -1332,14 +1340,6 @@ mod tests {
         );
         assert!(f.api.proposals(theirs[0]).is_empty());
         finish(&f, &mut poller).await;
-    }
-
-    /// Whether `peer` owns `run` in a view of this worker and `peer` (the same hashing as the
-    /// poller's [`Peers`]).
-    fn poller_peers_owner(w: &Worker, run: Uuid, now: tokio::time::Instant) -> bool {
-        let mut peers = Peers::new(w.options.name.clone());
-        peers.listed(["peer"], now);
-        peers.owner(run, now) == "peer"
     }
 
     #[test]

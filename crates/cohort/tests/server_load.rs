@@ -175,6 +175,21 @@ fn assert_each_submitted_once_by(
     assert!(runs_in_states(s, deployment_id, &["SCHEDULED"]).is_empty());
 }
 
+/// Twelve runs of `deployment_id` created at once; each submitted exactly once by `w` (see
+/// [`assert_each_submitted_once_by`]), which is then stopped. Returns them and its output.
+fn twelve_runs_submitted_once_by(
+    s: &PrefectServer,
+    deployment_id: &str,
+    w: &mut Counted,
+) -> (Vec<FlowRun>, String) {
+    let runs: Vec<FlowRun> = (0..12)
+        .map(|_| s.create_flow_run(deployment_id, &[], json!({}), json!({})))
+        .collect();
+    assert_each_submitted_once_by(s, deployment_id, &runs, &w.name);
+    stop_gracefully(&mut w.worker);
+    (runs, w.worker.output())
+}
+
 // ---------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------
@@ -398,14 +413,9 @@ fn runs_owned_by_a_worker_that_never_claims_are_claimed_all_the_same() {
     let mut w = start_counted(s, &pool, "Survivor");
     wait_started(s, &w.name);
 
-    let runs: Vec<FlowRun> = (0..12)
-        .map(|_| s.create_flow_run(&dep.id, &[], json!({}), json!({})))
-        .collect();
-    assert_each_submitted_once_by(s, &dep.id, &runs, &w.name);
-    stop_gracefully(&mut w.worker);
+    let (runs, output) = twelve_runs_submitted_once_by(s, &dep.id, &mut w);
     // The ghost owned some of the 12 runs (all 12 going to one of two names has odds 2^-11):
     // the worker took them over rather than claiming everything at once.
-    let output = w.worker.output();
     let taken_over = output
         .matches("claiming a run its owner has let pass")
         .count();
@@ -459,13 +469,8 @@ fn runs_of_a_worker_that_stopped_are_claimed_without_waiting_for_it() {
     // beside that.
     std::thread::sleep(Duration::from_secs(1));
 
-    let runs: Vec<FlowRun> = (0..12)
-        .map(|_| s.create_flow_run(&dep.id, &[], json!({}), json!({})))
-        .collect();
-    assert_each_submitted_once_by(s, &dep.id, &runs, &w.name);
-    stop_gracefully(&mut w.worker);
+    let (runs, output) = twelve_runs_submitted_once_by(s, &dep.id, &mut w);
     // The stopped worker would have owned about half of the 12 runs (none has odds 2^-12).
-    let output = w.worker.output();
     assert!(
         !output.contains("claiming a run its owner has let pass"),
         "runs were left waiting for the stopped worker:\n{output}"
