@@ -16,7 +16,7 @@ pub mod settings;
 pub use api::{ApiFuture, PrefectApi};
 pub use client::{authorization, python_datetime, user_agent, ClientConfig, PrefectClient};
 pub use error::ApiError;
-pub use ready::{wait_for_server, NotReady};
+pub use ready::{wait_for_server, while_starting, NotReady};
 pub use settings::{Settings, SettingsError};
 
 /// The REST API version Cohort speaks; sent as `X-PREFECT-API-VERSION`

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cohort_api::models::{Deployment, FlowRun};
 use cohort_api::retry::jittered;
-use cohort_api::{ApiError, NotReady, PrefectClient};
+use cohort_api::{while_starting, ApiError, NotReady, PrefectClient};
 use cohort_events::related;
 use cohort_events::subscriber::SubscriberConfig;
 use cohort_events::{EventSink, EventsAuth};
@@ -129,10 +129,12 @@ impl Runner {
                 name: spec.name.clone(),
                 source,
             };
-            let flow_id = client
-                .create_flow(&info.flow_name)
-                .await
-                .map_err(register)?;
+            // Both are upserts by name, sent again while the server is busy.
+            let flow_id = while_starting(&client, "registering the flow", || {
+                client.create_flow(&info.flow_name)
+            })
+            .await
+            .map_err(register)?;
             // The shape `RunnerDeployment.aapply` sends (`prefect/deployments/runner.py`):
             // no work pool (the runner itself executes), the entrypoint relative to `path`.
             let body = json!({
@@ -155,7 +157,11 @@ impl Runner {
                 "enforce_parameter_schema": true,
                 "job_variables": {},
             });
-            let id = client.create_deployment(&body).await.map_err(register)?;
+            let id = while_starting(&client, "registering the deployment", || {
+                client.create_deployment(&body)
+            })
+            .await
+            .map_err(register)?;
             tracing::info!(
                 "Your flow '{}' is being served and polling for scheduled runs! To trigger a run: prefect deployment run '{}/{}'",
                 info.flow_name, info.flow_name, spec.name

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cohort_api::models::WorkPool;
 use cohort_api::retry::jittered;
-use cohort_api::{ApiError, NotReady, PrefectClient};
+use cohort_api::{while_starting, ApiError, NotReady, PrefectClient};
 use cohort_events::related::{self, Named};
 use cohort_events::subscriber::SubscriberConfig;
 use cohort_events::{names, Event, EventSink, EventsAuth};
@@ -109,7 +109,7 @@ impl std::fmt::Debug for WorkerOptions {
 /// Why the worker could not start. Each is final: retrying with the same input will not help.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A wrong URL or credentials (a server that is down is waited for).
+    /// A wrong URL or credentials (a server that is down or busy is waited for).
     #[error(transparent)]
     Server(#[from] NotReady),
     #[error("work pool {pool:?} has type {pool_type:?}, but this worker was started with --type {worker_type:?}")]
@@ -188,10 +188,11 @@ impl Worker {
             });
         }
         let prefect_version = cohort_api::wait_for_server(&client).await?;
-        let pool = match client
-            .read_work_pool(&options.pool)
-            .await
-            .map_err(|e| StartError::from_api(&client, e))?
+        let pool = match while_starting(&client, "reading the work pool", || {
+            client.read_work_pool(&options.pool)
+        })
+        .await
+        .map_err(|e| StartError::from_api(&client, e))?
         {
             Some(pool) => pool,
             None if !options.create_pool_if_not_found => {
@@ -203,10 +204,15 @@ impl Worker {
                     .as_deref()
                     .or(supported.first().copied())
                     .unwrap_or_default();
-                let pool = client
-                    .create_work_pool(&options.pool, pool_type, options.base_job_template.as_ref())
-                    .await
-                    .map_err(|e| StartError::from_api(&client, e))?;
+                let pool = while_starting(&client, "creating the work pool", || {
+                    client.create_work_pool(
+                        &options.pool,
+                        pool_type,
+                        options.base_job_template.as_ref(),
+                    )
+                })
+                .await
+                .map_err(|e| StartError::from_api(&client, e))?;
                 tracing::info!("Work pool '{}' created.", pool.name);
                 pool
             }
@@ -280,10 +286,11 @@ impl Worker {
             pool.name.clone()
         };
         let template = infra.default_base_job_template();
-        self.client
-            .update_work_pool_template(&name, &template)
-            .await
-            .map_err(|e| StartError::from_api(&self.client, e))?;
+        while_starting(&self.client, "filling the pool's base job template", || {
+            self.client.update_work_pool_template(&name, &template)
+        })
+        .await
+        .map_err(|e| StartError::from_api(&self.client, e))?;
         let mut pool = self.pool.write().expect("pool lock poisoned");
         let mut updated = WorkPool::clone(&pool);
         updated.base_job_template = template;

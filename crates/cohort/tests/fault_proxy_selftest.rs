@@ -242,9 +242,21 @@ fn fail_next_counts_matches_paths_and_sets_retry_after() {
     );
     assert_eq!(get_status(&client, &format!("{api}/hello")), 200);
 
+    proxy.fail_next(1, 503, Some("POST /api/echo"));
+    assert_ne!(
+        get_status(&client, &format!("{api}/echo")),
+        503,
+        "another method is forwarded"
+    );
+    assert_eq!(
+        client.post(format!("{api}/echo")).send().unwrap().status(),
+        503,
+        "the rule names the method and the path"
+    );
+
     let stats = proxy.stats();
-    assert_eq!(stats.failed, 3);
-    assert_eq!(stats.forwarded, 3);
+    assert_eq!(stats.failed, 4);
+    assert_eq!(stats.forwarded, 4);
     assert_eq!(
         stats.connections, 1,
         "injected failures keep the connection"

@@ -742,6 +742,56 @@ fn server_down_at_startup_is_waited_for() {
     stop_gracefully(&mut worker);
 }
 
+/// A server too busy to answer at start-up (503, which a SQLite server answers under load) is
+/// waited for past the client's own retries: the pool read and the PATCH that fills the
+/// pool's empty base job template are sent again until they are answered, and the worker
+/// starts. A worker that gave up at that PATCH after its retries, with "cannot reach the
+/// Prefect API", was seen beside a loaded server. `PREFECT_CLIENT_MAX_RETRIES=1` spends the
+/// client's retries on the first two 503s of each.
+#[test]
+fn a_busy_server_at_startup_is_waited_for() {
+    let s = server();
+    let upstream = s.api_url().trim_end_matches("/api").to_owned();
+    let proxy = util::fault_proxy::FaultProxy::start(&upstream);
+    let pool = unique("e2e-busy-at-start");
+    s.create_work_pool_with_template(&pool, "process", json!({}));
+    proxy.fail_next(4, 503, Some(&format!("GET /api/work_pools/{pool}")));
+    proxy.fail_next(4, 503, Some(&format!("PATCH /api/work_pools/{pool}")));
+    let name = worker_name("Busy At Start");
+    let mut worker = Worker::builder(WorkerKind::Cohort, &worker_args(&pool, &name))
+        .api_url(&format!("{}/api", proxy.url()))
+        .env("PREFECT_CLIENT_MAX_RETRIES", "1")
+        .spawn();
+    let started = s.wait_for_events(
+        json!({
+            "event": {"name": ["prefect.worker.started"]},
+            "resource": {"id": [worker_resource_id(&name)]},
+        }),
+        1,
+        Duration::from_secs(90),
+    );
+    assert_eq!(started.len(), 1, "{}", worker.output());
+    assert_eq!(proxy.stats().failed, 8, "{}", worker.output());
+    for what in [
+        "reading the work pool",
+        "filling the pool's base job template",
+    ] {
+        assert!(
+            worker
+                .stderr()
+                .contains(&format!("while starting up ({what}); retrying")),
+            "no retry of {what} logged:\n{}",
+            worker.output()
+        );
+    }
+    let template = &s.read_work_pool(&pool).expect("the pool")["base_job_template"];
+    assert!(
+        template["job_configuration"]["command"].is_string(),
+        "the empty template was not filled: {template}"
+    );
+    stop_gracefully(&mut worker);
+}
+
 /// Cohort-specific: a wrong URL fails fast, naming it: a host that does not resolve, or a
 /// server that is not a Prefect API (404). (Prefect's worker keeps retrying those too.)
 #[test]

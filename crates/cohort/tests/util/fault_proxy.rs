@@ -152,8 +152,9 @@ impl FaultProxy {
         format!("http://{}", self.addr)
     }
 
-    /// Answer the next `n` HTTP requests whose path (with query) contains `path_contains` (any
-    /// request if `None`) with `status` instead of forwarding them. The body is Prefect's error
+    /// Answer the next `n` HTTP requests whose method and path (with query), e.g.
+    /// `"PATCH /api/work_pools/x"`, contain `path_contains` (any request if `None`) with
+    /// `status` instead of forwarding them. The body is Prefect's error
     /// shape, e.g. `{"exception_message":"Service Unavailable"}` for 503; a 429 also carries
     /// `Retry-After: 1`. Calls add up: each rule is used in the order given. Websocket handshakes
     /// are never failed, so a reconnecting websocket can't eat a failure meant for a REST call.
@@ -338,13 +339,14 @@ struct Faults {
 }
 
 impl Faults {
-    /// The failure to inject for this request, if any.
-    fn decide(&mut self, path_and_query: &str) -> Option<Injected> {
+    /// The failure to inject for this request (`"PATCH /api/work_pools/x"`: the method, a
+    /// space, then the path and query), if any.
+    fn decide(&mut self, request_line: &str) -> Option<Injected> {
         if let Some(rule) = self.next.iter_mut().find(|r| {
             r.remaining > 0
                 && r.path_contains
                     .as_deref()
-                    .is_none_or(|p| path_and_query.contains(p))
+                    .is_none_or(|p| request_line.contains(p))
         }) {
             rule.remaining -= 1;
             let injected = Injected {
@@ -721,7 +723,7 @@ async fn handle(
         let _ = released.wait_for(|go| *go).await;
     }
 
-    let injected = lock(&shared.faults).decide(&path_and_query);
+    let injected = lock(&shared.faults).decide(&format!("{} {path_and_query}", parts.method));
     if let Some(Injected {
         status,
         after_forwarding: false,
