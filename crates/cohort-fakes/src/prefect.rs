@@ -28,6 +28,8 @@ pub struct InProcessPrefect {
     runs: Mutex<HashMap<Uuid, (FlowRun, StateType, String)>>,
     /// `get_scheduled_flow_runs` calls.
     polls: AtomicUsize,
+    /// Reads of the pool's online workers.
+    worker_lists: AtomicUsize,
     deployments: Mutex<HashMap<Uuid, Deployment>>,
     flows: Mutex<HashMap<Uuid, Flow>>,
     /// Every proposal: (run, state, forced, accepted).
@@ -87,6 +89,11 @@ impl InProcessPrefect {
     /// How many times the pool was polled (`get_scheduled_flow_runs`).
     pub fn polls(&self) -> usize {
         self.polls.load(Ordering::SeqCst)
+    }
+
+    /// How many times the pool's online workers were read (`workers/filter`).
+    pub fn worker_lists(&self) -> usize {
+        self.worker_lists.load(Ordering::SeqCst)
     }
 
     /// Forgets a run, as `DELETE /flow_runs/{id}`.
@@ -248,6 +255,7 @@ impl PrefectApi for InProcessPrefect {
 
     /// No other worker is online: the worker under test owns every run.
     fn read_online_workers<'a>(&'a self, pool: &'a str) -> ApiFuture<'a, Vec<PoolWorker>> {
+        self.worker_lists.fetch_add(1, Ordering::SeqCst);
         let found = self
             .check("POST", format!("work_pools/{pool}/workers/filter"))
             .map(|()| Vec::new());

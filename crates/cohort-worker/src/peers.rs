@@ -40,6 +40,11 @@ const FORGOTTEN: Duration = Duration::from_secs(120);
 /// poll that finds runs (never on an idle pool).
 pub const RELIST: Duration = Duration::from_secs(60);
 
+/// The list read at start is read again this long after, whether or not runs came: workers
+/// starting beside this one have heartbeated by then, and runs created later (a burst) do
+/// not find the read in their midst.
+pub const START_RELIST: Duration = Duration::from_secs(2);
+
 /// The workers of a pool this worker knows of, itself included.
 #[derive(Debug)]
 pub struct Peers {
@@ -76,7 +81,8 @@ impl Peers {
     }
 
     /// The list read as this worker starts: workers starting beside it may not be on it yet,
-    /// so it is read again at the first poll that finds runs, whatever its age.
+    /// so it is read again [`START_RELIST`] later, or at the first poll that finds runs if
+    /// that comes first, whatever its age.
     pub fn listed_at_start<'a>(&mut self, names: impl IntoIterator<Item = &'a str>, now: Instant) {
         self.listed(names, now);
         self.listed = None;

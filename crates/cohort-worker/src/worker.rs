@@ -608,6 +608,11 @@ impl<'w> Poller<'w> {
 
     async fn serve(&mut self, shutdown: &CancellationToken) {
         self.relist_peers(true).await;
+        // The start's list, provisional, is read again shortly, out of any burst to come.
+        let mut start_relist = self
+            .peers
+            .is_some()
+            .then(|| tokio::time::Instant::now() + peers::START_RELIST);
         let opts = &self.worker.options;
         let mut next_poll = tokio::time::Instant::now();
         // Polls woken by events, skipped if by then every run they were for has been claimed.
@@ -648,6 +653,10 @@ impl<'w> Poller<'w> {
                     if let (Some(at), Some(last)) = (fallback_poll, self.last_scheduled) {
                         fallback_poll = Some(at.max(last + BURST_QUIET));
                     }
+                }
+                _ = tokio::time::sleep_until(start_relist.unwrap_or(wake_at)), if start_relist.is_some() => {
+                    start_relist = None;
+                    self.relist_peers(false).await;
                 }
                 _ = tokio::time::sleep_until(wake_at), if !(opts.run_once && polled) => {
                     let now = tokio::time::Instant::now();
@@ -745,10 +754,11 @@ impl<'w> Poller<'w> {
         }
     }
 
-    /// Reads the pool's online workers when the list is stale: at start (`at_start`), again at
-    /// the first poll that finds runs (workers starting beside this one may have missed the
-    /// first list), then at most once per [`peers::RELIST`] and only once a poll has found
-    /// runs, never while a burst is being created (the pool's workers would each read it then,
+    /// Reads the pool's online workers when the list is stale: at start (`at_start`), again
+    /// [`peers::START_RELIST`] later or at the first poll that finds runs, whichever comes
+    /// first (workers starting beside this one may have missed the first list), then at most
+    /// once per [`peers::RELIST`] and only once a poll has found runs, never while a burst is
+    /// being created (the pool's workers would each read it then,
     /// beside the client creating the runs). Workers starting and stopping in between are known
     /// by their events. A failure keeps what is known.
     async fn relist_peers(&mut self, at_start: bool) {
@@ -1346,6 +1356,38 @@ mod tests {
             "the run left is claimed by the one poll, the claimed one never"
         );
         assert!(f.api.proposals(theirs[0]).is_empty());
+        finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_start_list_of_workers_is_read_again_before_a_burst_not_in_it() {
+        let f = fakes(InProcessPrefect::new());
+        let w = worker(&f, None);
+        let (mut poller, wake) = poller(&w, &f);
+        let shutdown = CancellationToken::new();
+        let api = f.api.clone();
+        let client = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(api.worker_lists(), 1, "read at start");
+            tokio::time::sleep(peers::START_RELIST).await;
+            assert_eq!(api.worker_lists(), 2, "read again shortly, no run in sight");
+            // A burst: its polls find runs, and the list, fresh, is not read in its midst.
+            for _ in 0..5 {
+                let run = known_run(&api, None);
+                wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(
+                api.polls() >= 3,
+                "the burst was polled for: {}",
+                api.polls()
+            );
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), client);
+        assert_eq!(f.api.worker_lists(), 2);
+        assert_eq!(poller.in_flight.len(), 5);
         finish(&f, &mut poller).await;
     }
 
