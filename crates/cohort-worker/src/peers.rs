@@ -9,7 +9,8 @@
 //! this worker knows (the server's list of online workers, and the workers seen submitting runs
 //! of the pool). The owner claims the run as soon as it sees it; the others defer theirs by
 //! [`DEFER`], and claim it then only if nobody has (the owner may be gone, busy at its
-//! `--limit`, or a worker that does not take part, such as Prefect's own).
+//! `--limit`, or a worker that does not take part, such as Prefect's own). An owner seen
+//! submitting in that time is at work on its share, and gets it once more.
 //!
 //! Only the cost depends on it, never correctness: two workers with different views may both
 //! claim a run (the server still accepts one), or both defer it (it is claimed [`DEFER`] later).
@@ -54,6 +55,8 @@ pub struct Peers {
     /// Workers that said they stopped, with when: the server's list of online workers does
     /// not bring them back until [`FORGOTTEN`] has passed.
     stopped: HashMap<String, Instant>,
+    /// Other workers, by name, with when they were last seen starting or submitting a run.
+    active: HashMap<String, Instant>,
     listed: Option<Instant>,
 }
 
@@ -63,6 +66,7 @@ impl Peers {
             me: me.into(),
             others: HashMap::new(),
             stopped: HashMap::new(),
+            active: HashMap::new(),
             listed: None,
         }
     }
@@ -74,8 +78,8 @@ impl Peers {
         self.stopped
             .retain(|_, at| now.saturating_duration_since(*at) < FORGOTTEN);
         for name in names {
-            if !self.stopped.contains_key(name) {
-                self.seen(name, now);
+            if !self.stopped.contains_key(name) && name != self.me {
+                self.others.insert(name.to_owned(), now);
             }
         }
     }
@@ -99,13 +103,23 @@ impl Peers {
         if name != self.me {
             self.stopped.remove(name);
             self.others.insert(name.to_owned(), now);
+            self.active.insert(name.to_owned(), now);
         }
+    }
+
+    /// Whether `name` was seen starting or submitting a run within `window` before `now`: a
+    /// worker at work on a burst's runs, which may not have come to all of its share yet.
+    pub fn active_within(&self, name: &str, window: Duration, now: Instant) -> bool {
+        self.active
+            .get(name)
+            .is_some_and(|at| now.saturating_duration_since(*at) <= window)
     }
 
     /// A worker said it stopped: it owns nothing until it is seen again.
     pub fn stopped(&mut self, name: &str, now: Instant) {
         if name != self.me {
             self.others.remove(name);
+            self.active.remove(name);
             self.stopped.insert(name.to_owned(), now);
         }
     }
@@ -119,6 +133,8 @@ impl Peers {
     /// How many workers share the pool's runs, this one included.
     pub fn count(&mut self, now: Instant) -> usize {
         self.others
+            .retain(|_, at| now.saturating_duration_since(*at) < FORGOTTEN);
+        self.active
             .retain(|_, at| now.saturating_duration_since(*at) < FORGOTTEN);
         1 + self.others.len()
     }

@@ -572,6 +572,18 @@ struct Deferred {
     /// When it is claimed if a poll then still finds it scheduled.
     at: tokio::time::Instant,
     owner: String,
+    /// Whether its wait was extended once already, its owner being at work on other runs.
+    extended: bool,
+}
+
+impl Deferred {
+    fn new(at: tokio::time::Instant, owner: String) -> Self {
+        Deferred {
+            at,
+            owner,
+            extended: false,
+        }
+    }
 }
 
 impl<'w> Poller<'w> {
@@ -729,10 +741,9 @@ impl<'w> Poller<'w> {
                     // before this worker started, say, so that it never heard): the run is
                     // claimed if a poll still finds it scheduled after a short wait.
                     Some(owner) if quiet && !owned_pending => {
-                        self.deferred.entry(id).or_insert(Deferred {
-                            at: now + peers::DEFER_IDLE,
-                            owner,
-                        });
+                        self.deferred
+                            .entry(id)
+                            .or_insert(Deferred::new(now + peers::DEFER_IDLE, owner));
                         return None;
                     }
                     Some(_) if !owned_pending => {
@@ -850,10 +861,19 @@ impl<'w> Poller<'w> {
             }
             // Another worker's run waits for its owner (once per run, from the poll that
             // found it first); still scheduled once that time is up, it is claimed, and its
-            // owner owns nothing more until seen submitting.
+            // owner owns nothing more until seen submitting. An owner seen submitting within
+            // that time is working through its share of a burst (one write at a time, and on
+            // SQLite some answered 503 and sent again): it gets the time once more, rather
+            // than a rejected proposal from this worker for each run it has not reached yet.
             if let Some(peers) = &mut self.peers {
-                match self.deferred.get(&run.id) {
+                match self.deferred.get_mut(&run.id) {
                     Some(d) if d.at > now => continue,
+                    Some(d) if !d.extended && peers.active_within(&d.owner, peers::DEFER, now) => {
+                        tracing::debug!(flow_run = %run.id, owner = %d.owner, "its owner is at work; waiting once more");
+                        d.at = now + peers::DEFER;
+                        d.extended = true;
+                        continue;
+                    }
                     Some(d) => {
                         tracing::info!(flow_run = %run.id, owner = %d.owner, "claiming a run its owner has let pass");
                         peers.absent(&d.owner);
@@ -863,13 +883,8 @@ impl<'w> Poller<'w> {
                         let owner = peers.owner(run.id, now);
                         if owner != self.worker.options.name {
                             let owner = owner.to_owned();
-                            self.deferred.insert(
-                                run.id,
-                                Deferred {
-                                    at: now + peers::DEFER,
-                                    owner,
-                                },
-                            );
+                            self.deferred
+                                .insert(run.id, Deferred::new(now + peers::DEFER, owner));
                             continue;
                         }
                     }
@@ -1279,6 +1294,46 @@ mod tests {
         // The owner that let a run pass owns nothing more until seen again.
         let now = tokio::time::Instant::now();
         assert_eq!(poller.peers.as_mut().expect("peers").count(now), 1);
+        finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_at_work_on_its_share_gets_the_time_once_more() {
+        let f = fakes(InProcessPrefect::new());
+        let runs: Vec<Uuid> = (0..12).map(|_| known_run(&f.api, None).id).collect();
+        let w = worker(&f, None);
+        let (mut poller, _wake) = poller(&w, &f);
+        let theirs = owned_by(&mut poller, "peer", &runs);
+        assert!(theirs.len() >= 3, "the peer owns a share: {theirs:?}");
+        let shutdown = CancellationToken::new();
+        poller.handle_poll(&shutdown).await;
+        assert_eq!(poller.deferred.len(), theirs.len());
+
+        // The owner submits its first run as the deadline nears; the others are still
+        // scheduled at it.
+        let (first, rest) = theirs.split_first().expect("three or more");
+        tokio::time::advance(peers::DEFER / 2).await;
+        f.api.set(*first, StateType::Pending);
+        poller.handle_seen(wake::Seen::Active("peer".into()), false);
+        tokio::time::advance(peers::DEFER / 2).await;
+        poller.handle_poll(&shutdown).await;
+        assert_eq!(poller.deferred.len(), rest.len(), "waiting once more");
+        // It claims all but the last in that time: the last is claimed, once.
+        let (left, claimed) = rest.split_last().expect("two or more");
+        for id in claimed {
+            f.api.set(*id, StateType::Pending);
+        }
+        poller.handle_seen(wake::Seen::Active("peer".into()), false);
+        tokio::time::advance(peers::DEFER).await;
+        poller.handle_poll(&shutdown).await;
+        assert!(poller.deferred.is_empty(), "no third wait");
+        assert!(poller.in_flight.contains(left));
+        for id in std::iter::once(first).chain(claimed) {
+            assert!(
+                f.api.proposals(*id).is_empty(),
+                "no proposal for a claimed run"
+            );
+        }
         finish(&f, &mut poller).await;
     }
 
