@@ -769,9 +769,9 @@ impl<'w> Poller<'w> {
     /// [`peers::START_RELIST`] later or at the first poll that finds runs, whichever comes
     /// first (workers starting beside this one may have missed the first list), then at most
     /// once per [`peers::RELIST`] and only once a poll has found runs, never while a burst is
-    /// being created (the pool's workers would each read it then,
-    /// beside the client creating the runs). Workers starting and stopping in between are known
-    /// by their events. A failure keeps what is known.
+    /// being created (the pool's workers would each read it then, beside the client creating
+    /// the runs). Workers starting and stopping in between are known by their events. A
+    /// failure keeps what is known.
     async fn relist_peers(&mut self, at_start: bool) {
         let now = tokio::time::Instant::now();
         let Some(peers) = self.peers.as_mut().filter(|p| p.relist_due(now)) else {
