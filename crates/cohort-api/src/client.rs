@@ -84,6 +84,13 @@ pub struct PrefectClient {
 /// retry; on PostgreSQL, one writer at a time costs nothing the server would not serialize.
 const MAX_WRITES_IN_FLIGHT: usize = 1;
 
+/// After a write answered 503 this client sends no other write for about this long (the retry
+/// itself waits longer). A 503 on a write means another client's write held the database
+/// (SQLite); this worker's next write, sent at once, mostly met the same writer. With 4
+/// workers on one pool the labels endpoint's 503s went from 0.7–1.3 to 0.4–0.5 per run
+/// (BENCHMARKS.md §6), with no later pickup.
+const CONTENTION_PAUSE: Duration = Duration::from_millis(250);
+
 /// How long one write holds the others back: a server that hangs one request must not stall
 /// every run's writes until the request times out.
 const WRITE_HOLD_MAX: Duration = Duration::from_secs(2);
@@ -274,6 +281,9 @@ impl PrefectClient {
                         url: url.to_string(),
                         source,
                     })?;
+                    if write && status == StatusCode::SERVICE_UNAVAILABLE {
+                        tokio::time::sleep(jittered(CONTENTION_PAUSE, 0.5)).await;
+                    }
                     drop(permit);
                     if status.is_success() {
                         return Ok(Response { status, body });
@@ -871,7 +881,8 @@ mod tests {
     }
 
     /// A fake server (a hang the real one cannot be made to produce on demand): it never
-    /// answers a request for `/hang`, and answers any other with 204.
+    /// answers a request for `/hang`, answers one for `/locked` with 503 (as a SQLite server
+    /// whose database another write holds), and any other with 204.
     async fn fake_server_hanging_one_path() -> std::net::SocketAddr {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -890,6 +901,14 @@ mod tests {
                     }
                     if String::from_utf8_lossy(&head).contains("/hang ") {
                         std::future::pending::<()>().await;
+                    }
+                    if String::from_utf8_lossy(&head).contains("/locked ") {
+                        let _ = socket
+                            .write_all(
+                                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                            )
+                            .await;
+                        return;
                     }
                     let _ = socket
                         .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
@@ -935,6 +954,44 @@ mod tests {
         );
         assert!(!hung.is_finished(), "the hung write was answered");
         hung.abort();
+    }
+
+    #[tokio::test]
+    async fn after_a_write_answered_503_the_next_write_waits_a_moment() {
+        let addr = fake_server_hanging_one_path().await;
+        let client = PrefectClient::new(ClientConfig {
+            api_url: format!("http://{addr}/api").parse().unwrap(),
+            api_key: None,
+            auth_string: None,
+            max_retries: 0,
+            request_timeout: Duration::from_secs(30),
+            retry_base_delay: Duration::from_millis(1),
+        })
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        let locked = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .send(Method::PATCH, &["locked"], None, Retry::Idempotent)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let other = client
+            .send(Method::PATCH, &["other"], None, Retry::Idempotent)
+            .await
+            .expect("the other write is answered");
+        assert_eq!(other.status, StatusCode::NO_CONTENT);
+        let waited = started.elapsed();
+        assert!(
+            waited >= CONTENTION_PAUSE / 2 && waited < Duration::from_secs(5),
+            "the other write was answered after {waited:?}"
+        );
+        let Err(locked) = locked.await.unwrap() else {
+            panic!("the locked write was answered");
+        };
+        assert_eq!(locked.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
     }
 
     #[test]
