@@ -919,10 +919,9 @@ mod tests {
         addr
     }
 
-    #[tokio::test]
-    async fn a_hung_write_holds_the_other_writes_back_only_briefly() {
-        let addr = fake_server_hanging_one_path().await;
-        let client = PrefectClient::new(ClientConfig {
+    /// A client of the fake server at `addr` that does not retry.
+    fn client_of(addr: std::net::SocketAddr) -> PrefectClient {
+        PrefectClient::new(ClientConfig {
             api_url: format!("http://{addr}/api").parse().unwrap(),
             api_key: None,
             auth_string: None,
@@ -930,7 +929,13 @@ mod tests {
             request_timeout: Duration::from_secs(30),
             retry_base_delay: Duration::from_millis(1),
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_hung_write_holds_the_other_writes_back_only_briefly() {
+        let addr = fake_server_hanging_one_path().await;
+        let client = client_of(addr);
         let hung = {
             let client = client.clone();
             tokio::spawn(async move {
@@ -959,15 +964,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_write_answered_503_the_next_write_waits_a_moment() {
         let addr = fake_server_hanging_one_path().await;
-        let client = PrefectClient::new(ClientConfig {
-            api_url: format!("http://{addr}/api").parse().unwrap(),
-            api_key: None,
-            auth_string: None,
-            max_retries: 0,
-            request_timeout: Duration::from_secs(30),
-            retry_base_delay: Duration::from_millis(1),
-        })
-        .unwrap();
+        let client = client_of(addr);
         let started = tokio::time::Instant::now();
         let locked = {
             let client = client.clone();

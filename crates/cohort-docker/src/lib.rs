@@ -325,17 +325,7 @@ impl Infrastructure for DockerInfrastructure {
                 // nothing will ever start it, and the networks it was to join are unknown
                 // here. It goes, and the claim is resumed from the start (a new container).
                 tracing::info!(%flow_run, %container, "removing a container an earlier worker created and never started");
-                let removed = self
-                    .docker
-                    .remove_container(
-                        &container,
-                        Some(RemoveContainerOptions {
-                            force: true,
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
-                if let Err(e) = removed {
+                if let Err(e) = force_remove(&self.docker, &container).await {
                     tracing::warn!(error = %e, %flow_run, %container, "cannot remove a container never started");
                 }
                 return None;
@@ -572,16 +562,7 @@ impl Job for ContainerRun {
             .await;
             if let Err(e) = started {
                 // prefect-docker leaves it in `created`; nothing will ever start it.
-                let _ = self
-                    .docker
-                    .remove_container(
-                        &id,
-                        Some(RemoveContainerOptions {
-                            force: true,
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
+                let _ = force_remove(&self.docker, &id).await;
                 return Err(format!(
                     "could not start the container: {}",
                     engine_message(&e)
@@ -607,6 +588,19 @@ impl Job for ContainerRun {
 }
 
 /// The Engine's own words for a failed call.
+/// Removes a container whatever its state (`docker rm -f`).
+async fn force_remove(docker: &Docker, id: &str) -> Result<(), bollard::errors::Error> {
+    docker
+        .remove_container(
+            id,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await
+}
+
 fn engine_message(e: &bollard::errors::Error) -> String {
     match e {
         bollard::errors::Error::DockerResponseServerError {
@@ -655,16 +649,7 @@ impl Watch {
                 events.sink.emit(exited).await;
             }
             if !self.keep {
-                let _ = self
-                    .docker
-                    .remove_container(
-                        &self.id,
-                        Some(RemoveContainerOptions {
-                            force: true,
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
+                let _ = force_remove(&self.docker, &self.id).await;
             }
             let _ = tx.send(Some(outcome));
         });

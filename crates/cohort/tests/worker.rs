@@ -174,6 +174,19 @@ fn pool_id(s: &PrefectServer, pool: &str) -> String {
 }
 
 /// Wait for the flow run's final state, failing early if the worker exits first.
+/// The worker's `prefect.worker.started`, read back from the server, once.
+fn assert_started(s: &PrefectServer, name: &str, worker: &Worker) {
+    let started = s.wait_for_events(
+        json!({
+            "event": {"name": ["prefect.worker.started"]},
+            "resource": {"id": [worker_resource_id(name)]},
+        }),
+        1,
+        Duration::from_secs(90),
+    );
+    assert_eq!(started.len(), 1, "{}", worker.output());
+}
+
 fn wait_final(s: &PrefectServer, worker: &mut Worker, run: &FlowRun) -> Value {
     let deadline = Instant::now() + FLOW_RUN_TIMEOUT;
     loop {
@@ -730,15 +743,7 @@ fn server_down_at_startup_is_waited_for() {
         worker.output()
     );
     proxy.set_down(false);
-    let started = s.wait_for_events(
-        json!({
-            "event": {"name": ["prefect.worker.started"]},
-            "resource": {"id": [worker_resource_id(&name)]},
-        }),
-        1,
-        Duration::from_secs(90),
-    );
-    assert_eq!(started.len(), 1, "{}", worker.output());
+    assert_started(s, &name, &worker);
     stop_gracefully(&mut worker);
 }
 
@@ -762,15 +767,7 @@ fn a_busy_server_at_startup_is_waited_for() {
         .api_url(&format!("{}/api", proxy.url()))
         .env("PREFECT_CLIENT_MAX_RETRIES", "1")
         .spawn();
-    let started = s.wait_for_events(
-        json!({
-            "event": {"name": ["prefect.worker.started"]},
-            "resource": {"id": [worker_resource_id(&name)]},
-        }),
-        1,
-        Duration::from_secs(90),
-    );
-    assert_eq!(started.len(), 1, "{}", worker.output());
+    assert_started(s, &name, &worker);
     assert_eq!(proxy.stats().failed, 8, "{}", worker.output());
     for what in [
         "reading the work pool",
