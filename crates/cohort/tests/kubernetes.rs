@@ -317,12 +317,19 @@ fn a_failed_flow_keeps_its_failed_state() {
 
 /// A container killed for its memory limit: Crashed, the message names the OOM kill, the pod
 /// event carries the reason, as Prefect's observer labels it.
+///
+/// The container takes far more than its limit at once. A limit just below what importing
+/// Prefect needs is no sure kill: the interpreter's pages are evicted and read again, and it
+/// crawls for minutes (a clean-clone CI left such a run Pending for 4 minutes).
 #[test]
 fn a_flow_killed_for_its_memory_limit_is_crashed_as_oomkilled() {
     let s = server();
     let (pool, _, _worker) = pool_and_worker("oom");
     let dep = s.deploy(
-        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({"memory_limit": "24Mi"}))),
+        &DeploySpec::new(&pool, "hello").job_variables(variables(json!({
+            "memory_limit": "64Mi",
+            "command": "python -c \"x = b'a' * (512 * 1024 * 1024)\""
+        }))),
     );
     let run = s.create_flow_run(&dep.id, &[], json!({}), json!({}));
     let state = s.wait_for_final_state(&run.id, FINAL_TIMEOUT);

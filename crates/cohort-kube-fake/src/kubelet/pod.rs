@@ -28,6 +28,11 @@ use crate::meta;
 use crate::quantity;
 use crate::shared::Shared;
 
+/// How often, and how far apart, a container that exited 137 without `OOMKilled` is
+/// inspected again.
+const OOM_RECHECKS: u32 = 4;
+const OOM_RECHECK_EVERY: Duration = Duration::from_millis(500);
+
 /// What the kubelet loop tells a pod's worker.
 #[derive(Debug)]
 pub(crate) enum PodCommand {
@@ -350,11 +355,26 @@ impl PodWorker {
 
     /// Reads a container's end from the Engine and reports it.
     async fn record_exit(&self, docker: &Docker, cname: &str, id: &str) {
-        let state = docker
-            .inspect_container(id, None)
-            .await
-            .ok()
-            .and_then(|i| i.state);
+        let inspect = || async {
+            docker
+                .inspect_container(id, None)
+                .await
+                .ok()
+                .and_then(|i| i.state)
+        };
+        let mut state = inspect().await;
+        // The Engine records an OOM kill from containerd's OOM event, which can come after
+        // the exit (moby `daemon/monitor.go`): a SIGKILLed container is looked at again
+        // before it is called anything else, as the kubelet's cgroup OOM check would.
+        for _ in 0..OOM_RECHECKS {
+            match &state {
+                Some(s) if s.exit_code == Some(137) && s.oom_killed != Some(true) => {
+                    tokio::time::sleep(OOM_RECHECK_EVERY).await;
+                    state = inspect().await;
+                }
+                _ => break,
+            }
+        }
         let terminated = match state {
             Some(s) => {
                 let exit_code = s.exit_code.unwrap_or(-1);

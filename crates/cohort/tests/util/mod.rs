@@ -274,12 +274,13 @@ impl PrefectServer {
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
-        // About 90 s of 503s: a SQLite server under a burst of real flows answers writes
-        // "database is locked" for a minute at times.
+        // About 4 min of 503s: a SQLite server under a burst of real flows answers writes
+        // "database is locked" for a minute at times, and for over 90 s while 200 Kubernetes
+        // jobs of another test report their states to it.
         let policy = RetryPolicy {
             first: Duration::from_millis(200),
             cap: Duration::from_secs(4),
-            budget: Duration::from_secs(90),
+            budget: Duration::from_secs(240),
         };
         let rest = Rest::new(process.api_url(), headers, Duration::from_secs(60), policy);
         let mut server = PrefectServer {
