@@ -601,6 +601,7 @@ async fn force_remove(docker: &Docker, id: &str) -> Result<(), bollard::errors::
         .await
 }
 
+/// The Engine's own words for a failed call.
 fn engine_message(e: &bollard::errors::Error) -> String {
     match e {
         bollard::errors::Error::DockerResponseServerError {

@@ -173,7 +173,6 @@ fn pool_id(s: &PrefectServer, pool: &str) -> String {
     p["id"].as_str().expect("pool id").to_owned()
 }
 
-/// Wait for the flow run's final state, failing early if the worker exits first.
 /// The worker's `prefect.worker.started`, read back from the server, once.
 fn assert_started(s: &PrefectServer, name: &str, worker: &Worker) {
     let started = s.wait_for_events(
@@ -187,6 +186,7 @@ fn assert_started(s: &PrefectServer, name: &str, worker: &Worker) {
     assert_eq!(started.len(), 1, "{}", worker.output());
 }
 
+/// Wait for the flow run's final state, failing early if the worker exits first.
 fn wait_final(s: &PrefectServer, worker: &mut Worker, run: &FlowRun) -> Value {
     let deadline = Instant::now() + FLOW_RUN_TIMEOUT;
     loop {
