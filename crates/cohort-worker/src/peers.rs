@@ -18,7 +18,10 @@
 //! A worker that says it stopped (`prefect.worker.stopped`) owns nothing from then on, though
 //! the server lists it online for a while yet (until its last heartbeat is three intervals old,
 //! `prefect/server/models/workers.py`): its runs would otherwise wait [`DEFER`] each. It takes
-//! part again once it says it started, or is seen submitting.
+//! part again once it says it started, or is seen submitting. So does an owner that let a run
+//! pass: it does not take part (Prefect's own worker on the pool), or no longer runs without
+//! having said so, and the server's list of online workers, read again, does not bring it back
+//! until [`FORGOTTEN`] has passed.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -52,9 +55,9 @@ pub struct Peers {
     me: String,
     /// Other workers, by name, with when they were last listed online or seen submitting.
     others: HashMap<String, Instant>,
-    /// Workers that said they stopped, with when: the server's list of online workers does
-    /// not bring them back until [`FORGOTTEN`] has passed.
-    stopped: HashMap<String, Instant>,
+    /// Workers that said they stopped or let a run of theirs pass, with when: the server's
+    /// list of online workers does not bring them back until [`FORGOTTEN`] has passed.
+    left_out: HashMap<String, Instant>,
     /// Other workers, by name, with when they were last seen starting or submitting a run.
     active: HashMap<String, Instant>,
     listed: Option<Instant>,
@@ -65,7 +68,7 @@ impl Peers {
         Self {
             me: me.into(),
             others: HashMap::new(),
-            stopped: HashMap::new(),
+            left_out: HashMap::new(),
             active: HashMap::new(),
             listed: None,
         }
@@ -75,10 +78,10 @@ impl Peers {
     /// them, or not yet).
     pub fn listed<'a>(&mut self, names: impl IntoIterator<Item = &'a str>, now: Instant) {
         self.listed = Some(now);
-        self.stopped
+        self.left_out
             .retain(|_, at| now.saturating_duration_since(*at) < FORGOTTEN);
         for name in names {
-            if !self.stopped.contains_key(name) && name != self.me {
+            if !self.left_out.contains_key(name) && name != self.me {
                 self.others.insert(name.to_owned(), now);
             }
         }
@@ -101,7 +104,7 @@ impl Peers {
     /// A worker was seen submitting a run of the pool, or starting.
     pub fn seen(&mut self, name: &str, now: Instant) {
         if name != self.me {
-            self.stopped.remove(name);
+            self.left_out.remove(name);
             self.others.insert(name.to_owned(), now);
             self.active.insert(name.to_owned(), now);
         }
@@ -117,17 +120,18 @@ impl Peers {
 
     /// A worker said it stopped: it owns nothing until it is seen again.
     pub fn stopped(&mut self, name: &str, now: Instant) {
-        if name != self.me {
-            self.others.remove(name);
-            self.active.remove(name);
-            self.stopped.insert(name.to_owned(), now);
-        }
+        self.absent(name, now);
+        self.active.remove(name);
     }
 
-    /// The owner of `run` did not claim it within [`DEFER`]: it does not take part (or no
-    /// longer runs), so it owns nothing until it is seen submitting again.
-    pub fn absent(&mut self, name: &str) {
-        self.others.remove(name);
+    /// The owner of a run did not claim it within [`DEFER`]: it does not take part (or no
+    /// longer runs), so it owns nothing until it is seen submitting again, whatever the
+    /// server's list says.
+    pub fn absent(&mut self, name: &str, now: Instant) {
+        if name != self.me {
+            self.others.remove(name);
+            self.left_out.insert(name.to_owned(), now);
+        }
     }
 
     /// How many workers share the pool's runs, this one included.
@@ -225,10 +229,20 @@ mod tests {
             .into_iter()
             .find(|id| peers.owner(*id, now) == "b")
             .expect("b owns some run");
-        peers.absent("b");
+        peers.absent("b", now);
         assert!(peers.owns(of_b, now));
-        peers.seen("b", now);
-        assert_eq!(peers.count(now + FORGOTTEN), 1);
+        // Still listed online by the server (Prefect's own worker, or one killed): not taken
+        // back, until forgotten.
+        peers.listed(["a", "b"], now + RELIST);
+        assert!(peers.owns(of_b, now + RELIST));
+        let later = now + FORGOTTEN;
+        peers.listed(["a", "b"], later);
+        assert!(!peers.owns(of_b, later));
+        // Seen submitting: taken back at once.
+        peers.absent("b", later);
+        peers.seen("b", later);
+        assert!(!peers.owns(of_b, later));
+        assert_eq!(peers.count(later + FORGOTTEN), 1);
     }
 
     #[tokio::test(start_paused = true)]

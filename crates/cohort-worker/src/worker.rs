@@ -876,7 +876,7 @@ impl<'w> Poller<'w> {
                     }
                     Some(d) => {
                         tracing::info!(flow_run = %run.id, owner = %d.owner, "claiming a run its owner has let pass");
-                        peers.absent(&d.owner);
+                        peers.absent(&d.owner, now);
                         self.deferred.remove(&run.id);
                     }
                     None => {
