@@ -18,7 +18,10 @@ use anyhow::Result;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::{json, Value};
 
-use super::{expected_starts, one_rep, secs, server_exceptions, sleep_until, wait_for, Ctx};
+use super::{
+    expected_starts, one_rep, secs, server_exceptions, sleep_until, wait_for, Ctx, Fixture,
+    PoolKind,
+};
 use crate::procfs::{self, sample_at, Sampler};
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::stats::percentile;
@@ -113,7 +116,7 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
 }
 
 /// Creates the single runs a few seconds apart and returns their pickup latencies.
-fn idle_pickups(ctx: &Ctx<'_>, fx: &super::Fixture, worker: &mut Worker<'_>) -> Result<Vec<f64>> {
+fn idle_pickups(ctx: &Ctx<'_>, fx: &Fixture, worker: &mut Worker<'_>) -> Result<Vec<f64>> {
     let server = ctx.server;
     let mut idle_ids = Vec::new();
     for i in 0..ctx.plan.idle_pickups {
@@ -144,25 +147,44 @@ fn with_server_cpu(mut r: RepResult) -> RepResult {
     r
 }
 
-fn body(ctx: &Ctx<'_>, fx: &super::Fixture, kind: WorkerKind, r: &mut RepResult) -> Result<()> {
+fn body(ctx: &Ctx<'_>, fx: &Fixture, kind: WorkerKind, r: &mut RepResult) -> Result<()> {
     let plan = &ctx.plan;
     let server = ctx.server;
     let log_offset = server.log_len();
 
     // -- before event wake-up: Cohort polling alone, as Prefect's worker does ----------------
+    // On a pool of its own: a worker that stopped on the measured pool would be listed
+    // online there for a while yet, and own a share of its runs.
     if kind == WorkerKind::Cohort {
-        let name = format!("{} polling", fx.worker_name);
-        let mut polling = Worker::spawn_with_env(
+        let process = PoolKind {
+            worker_type: "process",
+            template: &ctx.template,
+        };
+        let own = Fixture::create(
+            ctx,
+            "burst-polling",
+            kind,
+            r.rep,
+            process,
+            json!({"command": "true"}),
+        )?;
+        let name = format!("{} polling", own.worker_name);
+        let measured = Worker::spawn_with_env(
             server,
             &ctx.programs,
             kind,
-            &fx.pool,
+            &own.pool,
             &name,
             &[("COHORT_EVENT_WAKE", "0")],
-        )?;
-        polling.wait_started(Duration::from_secs(120))?;
-        let lat = idle_pickups(ctx, fx, &mut polling)?;
-        polling.stop(Duration::from_secs(20));
+        )
+        .and_then(|mut polling| {
+            polling.wait_started(Duration::from_secs(120))?;
+            let lat = idle_pickups(ctx, &own, &mut polling);
+            polling.stop(Duration::from_secs(20));
+            lat
+        });
+        own.remove(ctx);
+        let lat = measured?;
         r.set("idle_pickup_polling_p50_s", percentile(&lat, 50.0));
         r.detail("idle_pickup_polling_latencies_s", &lat);
     }

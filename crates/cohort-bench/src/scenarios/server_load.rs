@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::thread::sleep;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
@@ -202,12 +202,16 @@ fn body(
     // What creating the burst costs the server with no worker about: subtracted from the
     // burst below. The runs are deleted before any worker starts.
     let cpu0 = server_cpu(ctx);
+    let alone_from = Instant::now();
     let alone = server.create_flow_runs(
         &fx.deployment_id,
         plan.server_runs,
         plan.client_threads,
         Duration::from_secs(300),
     )?;
+    // The driver's creation time with no worker about: how noisy the machine is this
+    // repetition, beside the create time measured with the workers.
+    r.detail("create_alone_s", alone_from.elapsed().as_secs_f64());
     sleep(Duration::from_secs(TAIL_S as u64));
     let creation_cpu = match (cpu0, server_cpu(ctx)) {
         (Some(a), Some(b)) => Some((b - a) / alone.len() as f64),
