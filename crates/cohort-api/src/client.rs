@@ -932,25 +932,38 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test]
-    async fn a_hung_write_holds_the_other_writes_back_only_briefly() {
-        let addr = fake_server_hanging_one_path().await;
-        let client = client_of(addr);
-        let hung = {
-            let client = client.clone();
-            tokio::spawn(async move {
-                client
-                    .send(Method::PATCH, &["hang"], None, Retry::Idempotent)
-                    .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let started = tokio::time::Instant::now();
+    /// A PATCH of `path` sent in the background, given `lead` to reach the server first.
+    async fn write_first(
+        client: &PrefectClient,
+        path: &'static str,
+        lead: Duration,
+    ) -> tokio::task::JoinHandle<Result<Response, ApiError>> {
+        let client = client.clone();
+        let write = tokio::spawn(async move {
+            client
+                .send(Method::PATCH, &[path], None, Retry::Idempotent)
+                .await
+        });
+        tokio::time::sleep(lead).await;
+        write
+    }
+
+    /// Another PATCH, which the fake server answers 204.
+    async fn write_other(client: &PrefectClient) {
         let other = client
             .send(Method::PATCH, &["other"], None, Retry::Idempotent)
             .await
             .expect("the other write is answered");
         assert_eq!(other.status, StatusCode::NO_CONTENT);
+    }
+
+    #[tokio::test]
+    async fn a_hung_write_holds_the_other_writes_back_only_briefly() {
+        let addr = fake_server_hanging_one_path().await;
+        let client = client_of(addr);
+        let hung = write_first(&client, "hang", Duration::from_millis(100)).await;
+        let started = tokio::time::Instant::now();
+        write_other(&client).await;
         let waited = started.elapsed();
         assert!(
             waited >= WRITE_HOLD_MAX - Duration::from_millis(300)
@@ -966,20 +979,8 @@ mod tests {
         let addr = fake_server_hanging_one_path().await;
         let client = client_of(addr);
         let started = tokio::time::Instant::now();
-        let locked = {
-            let client = client.clone();
-            tokio::spawn(async move {
-                client
-                    .send(Method::PATCH, &["locked"], None, Retry::Idempotent)
-                    .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let other = client
-            .send(Method::PATCH, &["other"], None, Retry::Idempotent)
-            .await
-            .expect("the other write is answered");
-        assert_eq!(other.status, StatusCode::NO_CONTENT);
+        let locked = write_first(&client, "locked", Duration::from_millis(20)).await;
+        write_other(&client).await;
         let waited = started.elapsed();
         assert!(
             waited >= CONTENTION_PAUSE / 2 && waited < Duration::from_secs(5),
