@@ -30,6 +30,8 @@ pub struct InProcessPrefect {
     polls: AtomicUsize,
     /// Reads of the pool's online workers.
     worker_lists: AtomicUsize,
+    /// The other workers listed online, by name.
+    online: Mutex<Vec<String>>,
     deployments: Mutex<HashMap<Uuid, Deployment>>,
     flows: Mutex<HashMap<Uuid, Flow>>,
     /// Every proposal: (run, state, forced, accepted).
@@ -94,6 +96,11 @@ impl InProcessPrefect {
     /// How many times the pool's online workers were read (`workers/filter`).
     pub fn worker_lists(&self) -> usize {
         self.worker_lists.load(Ordering::SeqCst)
+    }
+
+    /// Lists these other workers online from now on.
+    pub fn set_online_workers(&self, names: &[&str]) {
+        *self.online.lock().unwrap() = names.iter().map(|n| (*n).to_owned()).collect();
     }
 
     /// Forgets a run, as `DELETE /flow_runs/{id}`.
@@ -253,12 +260,23 @@ impl PrefectApi for InProcessPrefect {
         Box::pin(async move { found })
     }
 
-    /// No other worker is online: the worker under test owns every run.
+    /// The workers set online; none unless set, and the worker under test owns every run.
     fn read_online_workers<'a>(&'a self, pool: &'a str) -> ApiFuture<'a, Vec<PoolWorker>> {
         self.worker_lists.fetch_add(1, Ordering::SeqCst);
+        let online = self.online.lock().unwrap().clone();
         let found = self
             .check("POST", format!("work_pools/{pool}/workers/filter"))
-            .map(|()| Vec::new());
+            .map(|()| {
+                online
+                    .into_iter()
+                    .map(|name| PoolWorker {
+                        name,
+                        last_heartbeat_time: None,
+                        heartbeat_interval_seconds: None,
+                        status: Some("ONLINE".into()),
+                    })
+                    .collect()
+            });
         Box::pin(async move { found })
     }
 

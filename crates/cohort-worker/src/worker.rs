@@ -567,6 +567,15 @@ const EVENT_POLL_GAP: Duration = Duration::from_secs(1);
 /// up to this.
 const EVENT_POLL_GAP_MAX: Duration = Duration::from_secs(4);
 
+/// The longest a worker's regular poll is spread to with other workers on the pool (see
+/// [`Poller::poll_interval`]): with its jitter, under the minute after which the server marks
+/// a work queue not ready (`prefect/server/models/work_queues.py:
+/// WORK_QUEUE_LAST_POLLED_TIMEOUT`), should this worker's queues be polled by it alone.
+const SPREAD_POLL_MAX: Duration = Duration::from_secs(40);
+
+/// The jitter of the regular poll, either way.
+const POLL_JITTER: f64 = 0.3;
+
 /// A run another worker owns, found by a poll.
 struct Deferred {
     /// When it is claimed if a poll then still finds it scheduled.
@@ -682,7 +691,8 @@ impl<'w> Poller<'w> {
                     }
                     let due = self.handle_poll(shutdown).await;
                     polled = true;
-                    next_poll = tokio::time::Instant::now() + jittered(opts.query_interval, 0.3);
+                    next_poll =
+                        tokio::time::Instant::now() + jittered(self.poll_interval(), POLL_JITTER);
                     if let Some(due) = due {
                         next_poll = next_poll.min(due);
                     }
@@ -768,9 +778,9 @@ impl<'w> Poller<'w> {
     /// Reads the pool's online workers when the list is stale: at start (`at_start`), again
     /// [`peers::START_RELIST`] later or at the first poll that finds runs, whichever comes
     /// first (workers starting beside this one may have missed the first list), then at most
-    /// once per [`peers::RELIST`] and only once a poll has found runs, never while a burst is
-    /// being created (the pool's workers would each read it then, beside the client creating
-    /// the runs). Workers starting and stopping in between are known by their events. A
+    /// once per [`peers::RELIST`] and only at a poll that found runs, or an idle one with other
+    /// workers known, never while a burst is being created (the pool's workers would each
+    /// read it then, beside the client creating the runs). Workers starting and stopping in between are known by their events. A
     /// failure keeps what is known.
     async fn relist_peers(&mut self, at_start: bool) {
         let now = tokio::time::Instant::now();
@@ -796,6 +806,25 @@ impl<'w> Poller<'w> {
         }
     }
 
+    /// The time between regular polls. Prefect's workers each poll every query interval, so
+    /// a pool's idle polls grow with its workers. With the pool's events, a poll is only the
+    /// safety net (a new run wakes its owner at once, a run due later sets a timer, other
+    /// workers claim what an owner lets pass), so the workers of a pool spread it: each polls
+    /// once per interval per worker it knows, and the pool is still polled about once per
+    /// interval, however many they are; up to [`SPREAD_POLL_MAX`]. Without event wake-up, or
+    /// restricted to some of the pool's queues (which its peers may not poll), a worker
+    /// polls every interval, as Prefect's does.
+    fn poll_interval(&mut self) -> Duration {
+        let base = self.worker.options.query_interval;
+        match &mut self.peers {
+            Some(peers) if self.worker.options.work_queues.is_empty() => {
+                let workers = u32::try_from(peers.count(tokio::time::Instant::now())).unwrap_or(1);
+                (base * workers).min(SPREAD_POLL_MAX.max(base))
+            }
+            _ => base,
+        }
+    }
+
     /// A slot for one more run: `Some(None)` with no `--limit`, `None` with none free.
     fn slot(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
         match &self.slots {
@@ -814,7 +843,9 @@ impl<'w> Poller<'w> {
         self.last_poll = Some(tokio::time::Instant::now());
         // Prefect truncates the prefetch window to whole seconds.
         let prefetch = chrono::Duration::seconds(opts.prefetch.as_secs() as i64);
-        let lookahead = chrono::Duration::from_std(opts.query_interval).unwrap_or_default();
+        // As far as the next regular poll may be: a run due before it sets the time to poll.
+        let lookahead = chrono::Duration::from_std(self.poll_interval().mul_f64(1.0 + POLL_JITTER))
+            .unwrap_or_default();
         let before = chrono::Utc::now() + prefetch + lookahead;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return None,
@@ -828,7 +859,16 @@ impl<'w> Poller<'w> {
                 self.relist_peers(false).await;
                 s
             }
-            Ok(s) => s,
+            // On an idle pool, the list is read again (when due) only with other workers
+            // known: they would be forgotten otherwise, and the polls no longer spread. A
+            // worker alone hears of newcomers by their `started` events.
+            Ok(s) => {
+                let now = tokio::time::Instant::now();
+                if self.peers.as_mut().is_some_and(|p| p.count(now) > 1) {
+                    self.relist_peers(false).await;
+                }
+                s
+            }
             Err(e) => {
                 tracing::error!(error = %e, "failed to poll for scheduled flow runs");
                 // Deferred runs that came due wait for the next poll to find them again.
@@ -1444,6 +1484,39 @@ mod tests {
         assert_eq!(f.api.worker_lists(), 2);
         assert_eq!(poller.in_flight.len(), 5);
         finish(&f, &mut poller).await;
+    }
+
+    /// Counts the polls of an idle pool over ten minutes with these other workers online.
+    async fn idle_polls_in_ten_minutes(others: &[&str], work_queues: &[&str]) -> usize {
+        let f = fakes(InProcessPrefect::new());
+        f.api.set_online_workers(others);
+        let mut w = worker(&f, None);
+        w.options.work_queues = work_queues.iter().map(|q| (*q).to_owned()).collect();
+        let (mut poller, _wake) = poller(&w, &f);
+        let shutdown = CancellationToken::new();
+        let stop = async {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), stop);
+        f.api.polls()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_workers_of_a_pool_spread_its_idle_polls() {
+        // Alone: every 10 s (±30 %), as Prefect's worker.
+        let alone = idle_polls_in_ten_minutes(&[], &[]).await;
+        assert!((50..=75).contains(&alone), "{alone} polls alone");
+        // With three others: about every 40 s each, so the pool is still polled about
+        // every 10 s; and the others are not forgotten on an idle pool.
+        let four = idle_polls_in_ten_minutes(&["b", "c", "d"], &[]).await;
+        assert!((12..=20).contains(&four), "{four} polls with three others");
+        // Restricted to a queue the others may not poll: every 10 s.
+        let queue = idle_polls_in_ten_minutes(&["b", "c", "d"], &["default"]).await;
+        assert!(
+            (50..=75).contains(&queue),
+            "{queue} polls with a queue of its own"
+        );
     }
 
     #[test]
