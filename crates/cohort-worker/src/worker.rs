@@ -780,8 +780,8 @@ impl<'w> Poller<'w> {
     /// first (workers starting beside this one may have missed the first list), then at most
     /// once per [`peers::RELIST`] and only at a poll that found runs, or an idle one with other
     /// workers known, never while a burst is being created (the pool's workers would each
-    /// read it then, beside the client creating the runs). Workers starting and stopping in between are known by their events. A
-    /// failure keeps what is known.
+    /// read it then, beside the client creating the runs). Workers starting and stopping in
+    /// between are known by their events. A failure keeps what is known.
     async fn relist_peers(&mut self, at_start: bool) {
         let now = tokio::time::Instant::now();
         let Some(peers) = self.peers.as_mut().filter(|p| p.relist_due(now)) else {
@@ -855,16 +855,12 @@ impl<'w> Poller<'w> {
         self.unclaimed.clear();
         let now = tokio::time::Instant::now();
         let scheduled = match result {
-            Ok(s) if !s.is_empty() => {
-                self.relist_peers(false).await;
-                s
-            }
-            // On an idle pool, the list is read again (when due) only with other workers
+            // On an idle pool the list is read again (when due) only with other workers
             // known: they would be forgotten otherwise, and the polls no longer spread. A
             // worker alone hears of newcomers by their `started` events.
             Ok(s) => {
                 let now = tokio::time::Instant::now();
-                if self.peers.as_mut().is_some_and(|p| p.count(now) > 1) {
+                if !s.is_empty() || self.peers.as_mut().is_some_and(|p| p.count(now) > 1) {
                     self.relist_peers(false).await;
                 }
                 s
