@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod burst;
 mod channel;
 mod cleanup;
 pub mod health;

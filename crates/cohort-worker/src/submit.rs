@@ -16,6 +16,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::burst::Burst;
 use crate::journal::{Claim, Journal};
 use cohort_execution::execution::{
     claim, propose_crashed, Executed, Executor, Gate, NotExecuted, RunLog,
@@ -41,6 +42,8 @@ pub(crate) struct RunContext {
     /// `/metrics` is served: each run's state is read once when its supervision ends, for
     /// `cohort_flow_runs_finished_total` (one request per run, only then).
     pub count_final_states: bool,
+    /// The runs being scheduled on the pool, as its events tell.
+    pub burst: Burst,
 }
 
 impl RunContext {
@@ -277,7 +280,13 @@ async fn submit_journaled(
         .and_then(|expected| (chrono::Utc::now() - expected).to_std().ok());
     cohort_metrics::metrics().run_submitted(&ctx.worker_type, pickup);
 
-    // 5. Labels (a failure does not stop the run; Prefect ignores it too), then Submitting.
+    // 5. A run claimed as a burst of runs begins (at once, the pool being idle) waits for the
+    // client to be done creating them: its writes and its flow's would slow the creation (on
+    // SQLite every write waits for the one before), and the burst's other runs wait for its
+    // end anyway. Bounded by `burst::MAX_WAIT`.
+    ctx.burst.over().await;
+
+    // 6. Labels (a failure does not stop the run; Prefect ignores it too), then Submitting.
     let labels = json!({
         "prefect.worker.name": ctx.worker_name,
         "prefect.worker.type": ctx.worker_type,
@@ -294,7 +303,7 @@ async fn submit_journaled(
         return Outcome::Skipped("cancelled before execution started".into());
     }
 
-    // 6. Launch and supervise.
+    // 7. Launch and supervise.
     // What only the launch needed goes before the long wait: a task per running flow.
     drop(pool);
     let executed = ctx
@@ -318,7 +327,7 @@ async fn submit_journaled(
         }
     };
 
-    // 7. executed-flow-run, linked to submitted.
+    // 8. executed-flow-run, linked to submitted.
     emit_executed(ctx, submitted.related.clone(), Some(&submitted), &executed).await;
     count_finished(ctx, run.id).await;
     Outcome::Exited(executed.status_code)

@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::burst::Burst;
 use crate::journal::{Claim, Journal};
 use crate::recover::{reconcile, Recovery};
 use crate::submit::{submit, Outcome, PollReads, RunContext};
@@ -69,6 +70,7 @@ pub(crate) fn fakes(api: Arc<InProcessPrefect>) -> Fakes {
         pool: Arc::new(RwLock::new(Arc::new(pool))),
         settings_env: Vec::new(),
         count_final_states: false,
+        burst: Burst::default(),
     });
     Fakes {
         api,
@@ -181,6 +183,27 @@ async fn a_claimed_run_is_launched_and_told_once_with_executed_following_submitt
     // Told: out of the journal, and the infrastructure forgets it.
     assert!(h.journaled().is_empty());
     assert_eq!(h.infra.forgotten(), [id]);
+}
+
+/// A run claimed as a burst begins is told submitted at once, but labelled and launched only
+/// once the burst's runs are all created.
+#[tokio::test(start_paused = true)]
+async fn a_run_claimed_as_a_burst_begins_waits_for_its_end_to_launch() {
+    let h = Harness::new(StateType::Scheduled);
+    let start = tokio::time::Instant::now();
+    h.ctx.burst.scheduled(start);
+    h.ctx.burst.scheduled(start + Duration::from_millis(100));
+    let submission = h.submit(None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let id = h.run.id;
+    assert_eq!(h.events(names::WORKER_SUBMITTED_FLOW_RUN).len(), 1);
+    assert!(h.api.labels(id).is_empty());
+    assert!(h.infra.launches().is_empty());
+    tokio::time::sleep_until(start + Duration::from_millis(100) + crate::burst::QUIET).await;
+    h.infra.script(id).await.exit(0);
+    assert_eq!(submission.await.unwrap(), Outcome::Exited(0));
+    assert_eq!(h.api.labels(id).len(), 1);
+    assert_eq!(h.infra.launches(), [id]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::burst::{self, Burst};
 use crate::channel::{self, ChannelConfig};
 use crate::health::{self, LastPolled};
 use crate::journal::Journal;
@@ -355,6 +356,7 @@ impl Worker {
             pool: self.pool.clone(),
             settings_env: self.options.settings_env.clone(),
             count_final_states: self.options.webserver.is_some(),
+            burst: Burst::default(),
         });
         let cancellable = Cancellable::default();
         let last_polled = LastPolled::new();
@@ -534,8 +536,8 @@ struct Poller<'w> {
     loop_turned: LastPolled,
     /// When the last poll started.
     last_poll: Option<tokio::time::Instant>,
-    /// The pool's latest `Scheduled` event, and the first since the last poll.
-    last_scheduled: Option<tokio::time::Instant>,
+    /// The pool's first `Scheduled` event since the last poll (the latest is in
+    /// `ctx.burst`).
     burst_started: Option<tokio::time::Instant>,
 }
 
@@ -547,15 +549,6 @@ enum Wake {
     /// For runs other workers own, if they have not claimed them by then.
     Fallback(tokio::time::Instant),
 }
-
-/// A burst of runs is over when no run has been scheduled on the pool for this long: its
-/// poll waits for that, so that the worker's claims do not compete with the client still
-/// creating the runs (on SQLite every write waits for the one before). The server delivers
-/// events in clumps under load, hence not much less than a second.
-const BURST_QUIET: Duration = Duration::from_secs(1);
-
-/// The longest a poll waits for a burst to end (a client that keeps creating runs).
-const BURST_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// The least time between the start of a poll and a poll woken by a `Scheduled` event: a burst
 /// of runs created one after another costs a poll per this period, not one per run (a poll
@@ -618,7 +611,6 @@ impl<'w> Poller<'w> {
             last_polled,
             loop_turned,
             last_poll: None,
-            last_scheduled: None,
             burst_started: None,
             unclaimed: HashSet::new(),
             peers: (options.event_wake && !options.run_once)
@@ -649,8 +641,10 @@ impl<'w> Poller<'w> {
             // (one read) tells which are left rather than a rejected proposal per run.
             // Nor in the middle of a burst.
             let deferred_at = self.deferred.values().map(|d| d.at).min().map(|at| {
-                self.last_scheduled
-                    .map_or(at, |last| at.max(last + BURST_QUIET))
+                self.ctx
+                    .burst
+                    .last()
+                    .map_or(at, |last| at.max(last + burst::QUIET))
             });
             let wake_at = [owned_poll, fallback_poll, deferred_at]
                 .into_iter()
@@ -671,8 +665,8 @@ impl<'w> Poller<'w> {
                         None => {}
                     }
                     // Nor does a poll for other workers' runs go in the middle of a burst.
-                    if let (Some(at), Some(last)) = (fallback_poll, self.last_scheduled) {
-                        fallback_poll = Some(at.max(last + BURST_QUIET));
+                    if let (Some(at), Some(last)) = (fallback_poll, self.ctx.burst.last()) {
+                        fallback_poll = Some(at.max(last + burst::QUIET));
                     }
                 }
                 _ = tokio::time::sleep_until(start_relist.unwrap_or(wake_at)), if start_relist.is_some() => {
@@ -702,10 +696,11 @@ impl<'w> Poller<'w> {
     }
 
     /// Books what the pool's events say; returns when to poll for a newly scheduled run. For
-    /// a run this worker owns, on an idle pool: at once; in a burst (runs scheduled less than
-    /// [`BURST_QUIET`] apart), when the burst is over, at most [`BURST_MAX_WAIT`] after its
-    /// first run; and never sooner than a gap after the last poll started (at most one poll in
-    /// flight, since polls run on this task, and one pending). Any run scheduled postpones a
+    /// a run this worker owns, on an idle pool: after [`burst::SETTLE`] (a run scheduled within
+    /// it makes a burst); in a burst (runs scheduled less than [`burst::QUIET`] apart), when
+    /// the burst is over, at most [`burst::MAX_WAIT`] after its first run; and never sooner
+    /// than a gap after the last poll started (at most one poll in flight, since polls run on
+    /// this task, and one pending). Any run scheduled postpones a
     /// pending poll (`owned_pending`) the same way. For a run another worker owns: when its
     /// owner should have claimed it, a poll skipped if it has.
     fn handle_seen(&mut self, seen: wake::Seen, owned_pending: bool) -> Option<Wake> {
@@ -734,10 +729,7 @@ impl<'w> Poller<'w> {
             }
             wake::Seen::Scheduled(id) => {
                 self.unclaimed.insert(id);
-                let quiet = self
-                    .last_scheduled
-                    .is_none_or(|t| now.saturating_duration_since(t) >= BURST_QUIET);
-                self.last_scheduled = Some(now);
+                let quiet = self.ctx.burst.scheduled(now);
                 let (workers, owner) = match &mut self.peers {
                     None => (1, None),
                     Some(peers) => (
@@ -763,9 +755,9 @@ impl<'w> Poller<'w> {
                 }
                 let first = *self.burst_started.get_or_insert(now);
                 let at = if quiet && !owned_pending {
-                    now
+                    now + burst::SETTLE
                 } else {
-                    (now + BURST_QUIET).min(first + BURST_MAX_WAIT)
+                    (now + burst::QUIET).min(first + burst::MAX_WAIT)
                 };
                 let gap = (EVENT_POLL_GAP * workers as u32).min(EVENT_POLL_GAP_MAX);
                 Some(Wake::Owned(
@@ -1271,6 +1263,41 @@ mod tests {
         // One poll at start-up, one for the whole burst (not one per event).
         assert_eq!(f.api.polls(), 2);
         assert_eq!(poller.in_flight.len(), 10);
+        finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_pools_run_is_polled_for_after_the_settle_and_a_fast_burst_at_its_end() {
+        let f = fakes(InProcessPrefect::new());
+        let w = worker(&f, None);
+        let (mut poller, wake) = poller(&w, &f);
+        let shutdown = CancellationToken::new();
+        let api = f.api.clone();
+        let client = async {
+            // Past the start-up poll's gap: a lone run waits only for the settle.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let run = known_run(&api, None);
+            wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+            tokio::time::sleep(burst::SETTLE / 2).await;
+            assert_eq!(api.polls(), 1, "polled for a lone run before the settle");
+            tokio::time::sleep(burst::SETTLE).await;
+            assert_eq!(api.polls(), 2, "a lone run is polled for after the settle");
+            // Later, runs created 30 ms apart: the second comes within the settle, so the
+            // first is not polled for while the client is still creating them.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            for _ in 0..10 {
+                let run = known_run(&api, None);
+                wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            tokio::time::sleep(burst::QUIET - Duration::from_millis(100)).await;
+            assert_eq!(api.polls(), 2, "polled in the middle of a burst");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(api.polls(), 3, "one poll at the burst's end");
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), client);
+        assert_eq!(poller.in_flight.len(), 11);
         finish(&f, &mut poller).await;
     }
 
