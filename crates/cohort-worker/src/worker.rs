@@ -700,9 +700,9 @@ impl<'w> Poller<'w> {
     /// it makes a burst); in a burst (runs scheduled less than [`burst::QUIET`] apart), when
     /// the burst is over, at most [`burst::MAX_WAIT`] after its first run; and never sooner
     /// than a gap after the last poll started (at most one poll in flight, since polls run on
-    /// this task, and one pending). Any run scheduled postpones a
-    /// pending poll (`owned_pending`) the same way. For a run another worker owns: when its
-    /// owner should have claimed it, a poll skipped if it has.
+    /// this task, and one pending). Any run scheduled postpones a pending poll
+    /// (`owned_pending`) the same way. For a run another worker owns: when its owner should
+    /// have claimed it, a poll skipped if it has.
     fn handle_seen(&mut self, seen: wake::Seen, owned_pending: bool) -> Option<Wake> {
         let now = tokio::time::Instant::now();
         match seen {
