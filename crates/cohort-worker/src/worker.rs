@@ -1240,6 +1240,20 @@ mod tests {
         assert_eq!(f.infra.launches().len(), 2);
     }
 
+    /// A client creating `n` runs `gap` apart, each told to the poller by its `Scheduled` event.
+    async fn schedule_runs(
+        api: &InProcessPrefect,
+        wake: &tokio::sync::mpsc::Sender<wake::Seen>,
+        n: usize,
+        gap: Duration,
+    ) {
+        for _ in 0..n {
+            let run = known_run(api, None);
+            wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+            tokio::time::sleep(gap).await;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_scheduled_events_costs_one_poll_at_its_end() {
         let f = fakes(InProcessPrefect::new());
@@ -1250,11 +1264,7 @@ mod tests {
         let client = async {
             // The start-up poll finds nothing; then a client creates ten runs 100 ms apart.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            for _ in 0..10 {
-                let run = known_run(&api, None);
-                wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            schedule_runs(&api, &wake, 10, Duration::from_millis(100)).await;
             // Long enough for the burst's poll, short of the next interval's.
             tokio::time::sleep(Duration::from_secs(3)).await;
             shutdown.cancel();
@@ -1285,11 +1295,7 @@ mod tests {
             // Later, runs created 30 ms apart: the second comes within the settle, so the
             // first is not polled for while the client is still creating them.
             tokio::time::sleep(Duration::from_secs(3)).await;
-            for _ in 0..10 {
-                let run = known_run(&api, None);
-                wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
+            schedule_runs(&api, &wake, 10, Duration::from_millis(30)).await;
             tokio::time::sleep(burst::QUIET - Duration::from_millis(100)).await;
             assert_eq!(api.polls(), 2, "polled in the middle of a burst");
             tokio::time::sleep(Duration::from_millis(200)).await;
