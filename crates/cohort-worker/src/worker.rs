@@ -698,7 +698,7 @@ impl<'w> Poller<'w> {
     /// Books what the pool's events say; returns when to poll for a newly scheduled run. For
     /// a run this worker owns, on an idle pool: after [`burst::SETTLE`] (a run scheduled within
     /// it makes a burst); in a burst (runs scheduled less than [`burst::QUIET`] apart), when
-    /// the burst is over, at most [`burst::MAX_WAIT`] after its first run; and never sooner
+    /// the burst is over, at most [`burst::MAX_WAIT`] after its first run, and never sooner
     /// than a gap after the last poll started (at most one poll in flight, since polls run on
     /// this task, and one pending). Any run scheduled postpones a pending poll
     /// (`owned_pending`) the same way. For a run another worker owns: when its owner should
@@ -754,11 +754,14 @@ impl<'w> Poller<'w> {
                     _ => {}
                 }
                 let first = *self.burst_started.get_or_insert(now);
-                let at = if quiet && !owned_pending {
-                    now + burst::SETTLE
-                } else {
-                    (now + burst::QUIET).min(first + burst::MAX_WAIT)
-                };
+                // A lone run is polled for after the settle only, however recent the last
+                // poll: the gap spaces a burst's polls, and runs scheduled at least a quiet
+                // second apart cost a poll each anyway. Kept to a regular poll's, it delayed a
+                // lone run by up to a second, one time in ten with 10 s polls.
+                if quiet && !owned_pending {
+                    return Some(Wake::Owned(now + burst::SETTLE));
+                }
+                let at = (now + burst::QUIET).min(first + burst::MAX_WAIT);
                 let gap = (EVENT_POLL_GAP * workers as u32).min(EVENT_POLL_GAP_MAX);
                 Some(Wake::Owned(
                     self.last_poll.map_or(at, |t| (t + gap).max(at)),
@@ -1262,9 +1265,9 @@ mod tests {
         let shutdown = CancellationToken::new();
         let api = f.api.clone();
         let client = async {
-            // The start-up poll finds nothing; then a client creates ten runs 100 ms apart.
+            // The start-up poll finds nothing; then a client creates ten runs 30 ms apart.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            schedule_runs(&api, &wake, 10, Duration::from_millis(100)).await;
+            schedule_runs(&api, &wake, 10, Duration::from_millis(30)).await;
             // Long enough for the burst's poll, short of the next interval's.
             tokio::time::sleep(Duration::from_secs(3)).await;
             shutdown.cancel();
@@ -1284,8 +1287,8 @@ mod tests {
         let shutdown = CancellationToken::new();
         let api = f.api.clone();
         let client = async {
-            // Past the start-up poll's gap: a lone run waits only for the settle.
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            // A lone run waits only for the settle, though the start-up poll was just before.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             let run = known_run(&api, None);
             wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
             tokio::time::sleep(burst::SETTLE / 2).await;
