@@ -76,6 +76,15 @@ impl Burst {
         (seen.runs > 1 && at > now).then_some(at)
     }
 
+    /// Whether a burst (more than one run) was scheduled, its last run less than [`QUIET`] and
+    /// `window` before `now`: one in progress, or just over.
+    pub(crate) fn within(&self, now: Instant, window: Duration) -> bool {
+        self.seen
+            .lock()
+            .expect("burst lock poisoned")
+            .is_some_and(|s| s.runs > 1 && now.saturating_duration_since(s.last) < QUIET + window)
+    }
+
     /// Waits until no burst is being scheduled.
     pub(crate) async fn over(&self) {
         while let Some(at) = self.over_at(Instant::now()) {

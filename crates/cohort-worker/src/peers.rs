@@ -134,6 +134,11 @@ impl Peers {
         }
     }
 
+    /// Whether `name` is one of the workers sharing the pool's runs (not left out).
+    pub fn takes_part(&self, name: &str) -> bool {
+        self.others.contains_key(name)
+    }
+
     /// How many workers share the pool's runs, this one included.
     pub fn count(&mut self, now: Instant) -> usize {
         self.others

@@ -576,6 +576,8 @@ struct Deferred {
     owner: String,
     /// Whether its wait was extended once already, its owner being at work on other runs.
     extended: bool,
+    /// Whether its wait was extended once already for a burst that was being scheduled.
+    burst_extended: bool,
 }
 
 impl Deferred {
@@ -584,6 +586,7 @@ impl Deferred {
             at,
             owner,
             extended: false,
+            burst_extended: false,
         }
     }
 }
@@ -899,6 +902,20 @@ impl<'w> Poller<'w> {
             if let Some(peers) = &mut self.peers {
                 match self.deferred.get_mut(&run.id) {
                     Some(d) if d.at > now => continue,
+                    // Its owner, like every worker of the pool, held its poll until the burst
+                    // was over, and polls about now: claimed now, the run is mostly a rejected
+                    // proposal, and its owner, left out as absent, costs a rejected proposal
+                    // for each run of its share that this worker then claims as its own.
+                    Some(d)
+                        if !d.burst_extended
+                            && peers.takes_part(&d.owner)
+                            && self.ctx.burst.within(now, peers::DEFER) =>
+                    {
+                        tracing::debug!(flow_run = %run.id, owner = %d.owner, "a burst was being scheduled; waiting once more");
+                        d.at = now + peers::DEFER;
+                        d.burst_extended = true;
+                        continue;
+                    }
                     Some(d) if !d.extended && peers.active_within(&d.owner, peers::DEFER, now) => {
                         tracing::debug!(flow_run = %run.id, owner = %d.owner, "its owner is at work; waiting once more");
                         d.at = now + peers::DEFER;
@@ -1401,6 +1418,46 @@ mod tests {
         assert!(poller.deferred.is_empty(), "no third wait");
         assert!(poller.in_flight.contains(left));
         for id in std::iter::once(first).chain(claimed) {
+            assert!(
+                f.api.proposals(*id).is_empty(),
+                "no proposal for a claimed run"
+            );
+        }
+        finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_holding_its_poll_for_a_burst_gets_the_time_once_more() {
+        let f = fakes(InProcessPrefect::new());
+        let runs: Vec<Uuid> = (0..12).map(|_| known_run(&f.api, None).id).collect();
+        let w = worker(&f, None);
+        let (mut poller, _wake) = poller(&w, &f);
+        let theirs = owned_by(&mut poller, "peer", &runs);
+        assert!(theirs.len() >= 2, "the peer owns a share: {theirs:?}");
+        let shutdown = CancellationToken::new();
+        poller.handle_poll(&shutdown).await;
+        assert_eq!(poller.deferred.len(), theirs.len());
+
+        // A burst is scheduled until just before the deadline: the owner, holding its poll
+        // until the burst is over, has claimed none of its runs yet.
+        tokio::time::advance(peers::DEFER / 2).await;
+        for _ in 0..2 {
+            poller.ctx.burst.scheduled(tokio::time::Instant::now());
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        tokio::time::advance(peers::DEFER / 2).await;
+        poller.handle_poll(&shutdown).await;
+        assert_eq!(poller.deferred.len(), theirs.len(), "waiting once more");
+        // It claims all but the last in that time: the last is claimed, once.
+        let (left, claimed) = theirs.split_last().expect("two or more");
+        for id in claimed {
+            f.api.set(*id, StateType::Pending);
+        }
+        tokio::time::advance(peers::DEFER).await;
+        poller.handle_poll(&shutdown).await;
+        assert!(poller.deferred.is_empty(), "no third wait");
+        assert!(poller.in_flight.contains(left));
+        for id in claimed {
             assert!(
                 f.api.proposals(*id).is_empty(),
                 "no proposal for a claimed run"
