@@ -10,7 +10,9 @@
 //! of the pool). The owner claims the run as soon as it sees it; the others defer theirs by
 //! [`DEFER`], and claim it then only if nobody has (the owner may be gone, busy at its
 //! `--limit`, or a worker that does not take part, such as Prefect's own). An owner seen
-//! submitting in that time is at work on its share, and gets it once more.
+//! submitting in that time is at work on its share, and gets it once more; so does, once, an
+//! owner whose run came due while a burst was being scheduled (it held its poll until the
+//! burst was over, `crate::burst`).
 //!
 //! Only the cost depends on it, never correctness: two workers with different views may both
 //! claim a run (the server still accepts one), or both defer it (it is claimed [`DEFER`] later).
