@@ -266,13 +266,34 @@ async fn a_memory_limit_is_enforced_and_reported_as_oom_killed() {
     );
     job["spec"]["template"]["spec"]["containers"][0]["resources"] =
         json!({"limits": {"memory": "8Mi"}});
-    let (_, pod) = run_job(&emulator, job, "the pod is OOM-killed", phase_is("Failed")).await;
-    let t = terminated(&pod);
-    assert_eq!(
-        (t["exitCode"].as_i64(), t["reason"].as_str()),
-        (Some(137), Some("OOMKilled")),
-        "{pod:#}"
-    );
+    // The Engine sets `OOMKilled` from containerd's OOM event, and once in a while (2 CI runs
+    // in several hundred kills, never reproduced at will) that event is lost: the container
+    // exits 137 with `OOMKilled` false, and the emulator, reporting what the Engine says,
+    // gives `Error`. A second job then is a fresh kill; two lost events in a row, or an
+    // emulator that never says `OOMKilled`, still fail.
+    let mut reported = None;
+    for attempt in 1..=2 {
+        let (_, pod) = run_job(
+            &emulator,
+            job.clone(),
+            "the pod is OOM-killed",
+            phase_is("Failed"),
+        )
+        .await;
+        let t = terminated(&pod);
+        let got = (
+            t["exitCode"].as_i64(),
+            t["reason"].as_str().map(str::to_owned),
+        );
+        if got == (Some(137), Some("Error".to_owned())) && attempt == 1 {
+            eprintln!("the Engine did not report the OOM kill (exit 137, Error); once more");
+            continue;
+        }
+        reported = Some((got, pod));
+        break;
+    }
+    let (got, pod) = reported.expect("a job was run");
+    assert_eq!(got, (Some(137), Some("OOMKilled".to_owned())), "{pod:#}");
     emulator.shutdown().await;
 }
 
