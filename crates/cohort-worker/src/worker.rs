@@ -1413,17 +1413,29 @@ mod tests {
             f.api.set(*id, StateType::Pending);
         }
         poller.handle_seen(wake::Seen::Active("peer".into()), false);
+        the_last_is_claimed_once(&f, &mut poller, left, std::iter::once(first).chain(claimed))
+            .await;
+    }
+
+    /// [`peers::DEFER`] later, a poll claims `left`, the one run its owner did not: no third
+    /// wait, and no proposal for the runs its owner claimed (`claimed`).
+    async fn the_last_is_claimed_once<'a>(
+        f: &Fakes,
+        poller: &mut Poller<'_>,
+        left: &Uuid,
+        claimed: impl Iterator<Item = &'a Uuid>,
+    ) {
         tokio::time::advance(peers::DEFER).await;
-        poller.handle_poll(&shutdown).await;
+        poller.handle_poll(&CancellationToken::new()).await;
         assert!(poller.deferred.is_empty(), "no third wait");
         assert!(poller.in_flight.contains(left));
-        for id in std::iter::once(first).chain(claimed) {
+        for id in claimed {
             assert!(
                 f.api.proposals(*id).is_empty(),
                 "no proposal for a claimed run"
             );
         }
-        finish(&f, &mut poller).await;
+        finish(f, poller).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -1453,17 +1465,7 @@ mod tests {
         for id in claimed {
             f.api.set(*id, StateType::Pending);
         }
-        tokio::time::advance(peers::DEFER).await;
-        poller.handle_poll(&shutdown).await;
-        assert!(poller.deferred.is_empty(), "no third wait");
-        assert!(poller.in_flight.contains(left));
-        for id in claimed {
-            assert!(
-                f.api.proposals(*id).is_empty(),
-                "no proposal for a claimed run"
-            );
-        }
-        finish(&f, &mut poller).await;
+        the_last_is_claimed_once(&f, &mut poller, left, claimed.iter()).await;
     }
 
     #[tokio::test(start_paused = true)]
