@@ -25,6 +25,12 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_secs(5);
 /// under 200 ms with it.
 pub(crate) const SETTLE: Duration = Duration::from_millis(60);
 
+/// A run scheduled this long after a lone run (already polled for after [`SETTLE`]) is
+/// lone too, not the second of a burst: a client creating runs one after another creates
+/// the second well within it. Held as a burst's, it waited a quiet second for a poll and its
+/// launch. At most one more poll per burst, for a client slower than this at its second run.
+pub(crate) const APART: Duration = Duration::from_millis(300);
+
 /// The pool's runs scheduled lately; shared by the poller, which books them, and the runs'
 /// tasks, which wait for a burst to be over.
 #[derive(Debug, Default)]
@@ -41,10 +47,13 @@ struct Seen {
 
 impl Burst {
     /// Books a run scheduled at `now`; returns whether the pool was quiet before it (no run
-    /// scheduled for [`QUIET`]).
+    /// scheduled for [`QUIET`], or a lone one more than [`APART`] before).
     pub(crate) fn scheduled(&self, now: Instant) -> bool {
         let mut seen = self.seen.lock().expect("burst lock poisoned");
-        let quiet = seen.is_none_or(|s| now.saturating_duration_since(s.last) >= QUIET);
+        let quiet = seen.is_none_or(|s| {
+            let since = now.saturating_duration_since(s.last);
+            since >= QUIET || (s.runs == 1 && since >= APART)
+        });
         *seen = Some(match *seen {
             Some(s) if !quiet => Seen {
                 last: now,
@@ -106,6 +115,21 @@ mod tests {
         // A run after a quiet spell starts afresh.
         assert!(burst.scheduled(Instant::now()));
         assert_eq!(burst.over_at(Instant::now()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_well_after_a_lone_run_is_lone_too() {
+        let burst = Burst::default();
+        assert!(burst.scheduled(Instant::now()));
+        tokio::time::sleep(APART).await;
+        assert!(burst.scheduled(Instant::now()), "a second lone run");
+        assert_eq!(burst.over_at(Instant::now()), None);
+        // Within it of a lone run: a burst, which a third run as late does not end.
+        tokio::time::sleep(APART - Duration::from_millis(1)).await;
+        assert!(!burst.scheduled(Instant::now()));
+        assert!(burst.over_at(Instant::now()).is_some());
+        tokio::time::sleep(APART).await;
+        assert!(!burst.scheduled(Instant::now()), "a burst's third run");
     }
 
     #[tokio::test(start_paused = true)]

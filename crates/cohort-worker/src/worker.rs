@@ -1327,6 +1327,38 @@ mod tests {
         finish(&f, &mut poller).await;
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_run_well_after_a_lone_run_is_polled_for_after_the_settle_too() {
+        let f = fakes(InProcessPrefect::new());
+        let w = worker(&f, None);
+        let (mut poller, wake) = poller(&w, &f);
+        let shutdown = CancellationToken::new();
+        let api = f.api.clone();
+        let ctx = poller.ctx.clone();
+        let client = async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            for polls in [2, 3] {
+                let run = known_run(&api, None);
+                wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+                tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
+                assert_eq!(
+                    api.polls(),
+                    polls,
+                    "a lone run is polled for after the settle"
+                );
+                // Nor is its launch held for a burst.
+                let now = tokio::time::Instant::now();
+                assert_eq!(ctx.burst.over_at(now), None);
+                // The next run 0.7 s after this one, as scenario 3 of the bench has it.
+                tokio::time::sleep(Duration::from_millis(630)).await;
+            }
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), client);
+        assert_eq!(poller.in_flight.len(), 2);
+        finish(&f, &mut poller).await;
+    }
+
     /// Runs another worker (`peer`) owns, out of `runs` known to the fake.
     fn owned_by(poller: &mut Poller<'_>, peer: &str, runs: &[Uuid]) -> Vec<Uuid> {
         let now = tokio::time::Instant::now();
