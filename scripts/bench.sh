@@ -10,7 +10,8 @@
 #                port, installed from Debian packages if missing) instead of SQLite, so
 #                the worker rather than the server is the bottleneck
 #   other flags go to the driver (crates/cohort-bench), e.g. `--reps 5`,
-#   `--scenarios idle,burst`, `--scale-reps 0`, `--docker-runs 20`, `--kubernetes-runs 100`
+#   `--scenarios idle,burst`, `--scale-reps 0`, `--docker-runs 20`, `--kubernetes-runs 100`,
+#   `--keep-logs DIR` (each worker's stdout and stderr, kept when it stops)
 #
 # Installs what it needs: the pinned Prefect venvs (scripts/prefect-venv.sh; the second,
 # with prefect-docker, for the Docker scenario; the third, with prefect-kubernetes, for the
@@ -37,7 +38,7 @@ for arg in "$@"; do
     case $arg in
         --quick) quick=1 ;;
         --postgres) postgres=1 ;;
-        -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) driver_args+=("$arg") ;;
     esac
 done

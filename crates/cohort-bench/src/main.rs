@@ -89,6 +89,11 @@ struct Args {
     /// worker (scenario 8).
     #[arg(long, env = "COHORT_PREFECT_KUBERNETES_VENV")]
     kubernetes_venv: Option<PathBuf>,
+    /// Copy each worker's stdout and stderr into this directory when it is stopped (its home,
+    /// where they are written, is removed): `<start time>-<worker name>.{stdout,stderr}.log`.
+    /// Run Cohort with `RUST_LOG=cohort=debug` in the environment to see its decisions.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
     /// The `cohort` binary (a release build).
     #[arg(long)]
     cohort: PathBuf,
@@ -184,6 +189,7 @@ fn run(args: Args) -> Result<()> {
             cohort: args.cohort.clone(),
             docker_venv: args.docker_venv.clone(),
             kubernetes_venv: args.kubernetes_venv.clone(),
+            keep_logs: args.keep_logs.clone(),
         },
         repo: repo.clone(),
         flows_dir,

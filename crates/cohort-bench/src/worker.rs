@@ -65,6 +65,8 @@ pub struct Programs {
     /// A Prefect 3.8.8 venv with prefect-kubernetes 0.8.0 (`scripts/prefect-venv.sh
     /// kubernetes`), for Prefect's Kubernetes worker.
     pub kubernetes_venv: Option<PathBuf>,
+    /// Where a stopped worker's stdout and stderr are copied (`--keep-logs`).
+    pub keep_logs: Option<PathBuf>,
 }
 
 /// A running worker. Dropping it stops it (and everything in its tree).
@@ -80,6 +82,7 @@ pub struct Worker<'s> {
     status: Option<ExitStatus>,
     stderr_path: PathBuf,
     stdout_path: PathBuf,
+    keep_logs: Option<PathBuf>,
     _home: tempfile::TempDir,
 }
 
@@ -165,6 +168,7 @@ impl<'s> Worker<'s> {
             status: None,
             stderr_path,
             stdout_path,
+            keep_logs: programs.keep_logs.clone(),
             _home: home,
         })
     }
@@ -334,6 +338,20 @@ impl Drop for Worker<'_> {
         if self.exited().is_none() {
             self.kill_descendants();
             self.stop(Duration::from_secs(5));
+        }
+        if let Some(dir) = &self.keep_logs {
+            let stem = format!(
+                "{}-{}",
+                self.spawned_at.format("%Y%m%dT%H%M%S%.3f"),
+                self.name
+            );
+            for (from, stream) in [(&self.stdout_path, "stdout"), (&self.stderr_path, "stderr")] {
+                let to = dir.join(format!("{stem}.{stream}.log"));
+                if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::copy(from, &to))
+                {
+                    eprintln!("cohort-bench: cannot keep {}: {e}", to.display());
+                }
+            }
         }
     }
 }
