@@ -28,7 +28,8 @@ pub(crate) const SETTLE: Duration = Duration::from_millis(60);
 /// A run scheduled this long after a lone run (already polled for after [`SETTLE`]) is
 /// lone too, not the second of a burst: a client creating runs one after another creates
 /// the second well within it. Held as a burst's, it waited a quiet second for a poll and its
-/// launch. At most one more poll per burst, for a client slower than this at its second run.
+/// launch. A client slower than this between its first runs costs a poll per run, as lone
+/// runs do, until two come within it; from then on it is a burst, whatever its pace.
 pub(crate) const APART: Duration = Duration::from_millis(300);
 
 /// The pool's runs scheduled lately; shared by the poller, which books them, and the runs'
