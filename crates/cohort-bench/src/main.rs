@@ -91,7 +91,8 @@ struct Args {
     kubernetes_venv: Option<PathBuf>,
     /// Copy each worker's stdout and stderr into this directory when it is stopped (its home,
     /// where they are written, is removed): `<start time>-<worker name>.{stdout,stderr}.log`.
-    /// Run Cohort with `RUST_LOG=cohort=debug` in the environment to see its decisions.
+    /// Run with `COHORT_LOG=info,cohort_worker=debug` in the environment to see Cohort's
+    /// decisions.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
     /// The `cohort` binary (a release build).
