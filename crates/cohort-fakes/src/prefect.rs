@@ -43,6 +43,8 @@ pub struct InProcessPrefect {
     unavailable: AtomicBool,
     /// Once a proposal of this name is accepted, another client moves the run to this state.
     after: Mutex<Option<(String, StateType)>>,
+    /// Runs the next poll skips, as locked by another client's poll at that moment.
+    locked: Mutex<Vec<Uuid>>,
 }
 
 impl InProcessPrefect {
@@ -123,6 +125,13 @@ impl InProcessPrefect {
     /// client right after (a user cancelling a run just claimed, say).
     pub fn after_accepting(&self, name: &str, then: StateType) {
         *self.after.lock().unwrap() = Some((name.to_owned(), then));
+    }
+
+    /// The next poll skips these runs, as PostgreSQL's server does the rows another worker's
+    /// poll holds at that moment (`FOR UPDATE SKIP LOCKED`,
+    /// `prefect/server/database/sql/postgres/get-runs-from-worker-queues.sql.jinja`).
+    pub fn lock_for_next_poll(&self, ids: &[Uuid]) {
+        *self.locked.lock().unwrap() = ids.to_vec();
     }
 
     /// Makes every call answer 503 (`true`) or work again.
@@ -231,6 +240,7 @@ impl PrefectApi for InProcessPrefect {
         let found = self
             .check("POST", format!("work_pools/{pool}/get_scheduled_flow_runs"))
             .map(|()| {
+                let locked = std::mem::take(&mut *self.locked.lock().unwrap());
                 let mut due: Vec<FlowRun> = self
                     .runs
                     .lock()
@@ -238,6 +248,7 @@ impl PrefectApi for InProcessPrefect {
                     .values()
                     .filter(|(run, state_type, _)| {
                         *state_type == StateType::Scheduled
+                            && !locked.contains(&run.id)
                             && run
                                 .expected_start_time
                                 .is_none_or(|t| t <= scheduled_before)

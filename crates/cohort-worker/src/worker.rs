@@ -555,6 +555,10 @@ enum Wake {
 /// finds every run scheduled so far).
 const EVENT_POLL_GAP: Duration = Duration::from_secs(1);
 
+/// How soon a run this worker owns, heard scheduled, is polled for again when a poll did not
+/// find it (another worker's poll held it; see `Poller::handle_poll`).
+const SKIPPED_REPOLL: Duration = Duration::from_millis(200);
+
 /// With other workers on the pool the gap grows with their number, so that the pool's
 /// workers together poll about once per [`EVENT_POLL_GAP`] in a burst, however many they are;
 /// up to this.
@@ -850,7 +854,7 @@ impl<'w> Poller<'w> {
             r = self.ctx.api().get_scheduled_flow_runs(&opts.pool, &opts.work_queues, before) => r,
         };
         // The poll sees every run scheduled so far.
-        self.unclaimed.clear();
+        let heard = std::mem::take(&mut self.unclaimed);
         let now = tokio::time::Instant::now();
         let scheduled = match result {
             // On an idle pool the list is read again (when due) only with other workers
@@ -876,8 +880,21 @@ impl<'w> Poller<'w> {
         }
         let horizon = chrono::Utc::now() + prefetch;
         let reads = Arc::new(PollReads::default());
-        let mut next_due: Option<tokio::time::Instant> = None;
         let found: HashSet<Uuid> = scheduled.iter().map(|e| e.flow_run.id).collect();
+        // On PostgreSQL the server's poll skips the runs another poll holds at that moment
+        // (`FOR UPDATE SKIP LOCKED`,
+        // `prefect/server/database/sql/postgres/get-runs-from-worker-queues.sql.jinja`): the
+        // pool's workers, polling together at a burst's end, each found part of it or none,
+        // and the owners' runs were left to the others' deferral. A run this worker owns,
+        // heard scheduled and not claimed since, that the poll did not find is polled for
+        // again shortly, once (the next poll's runs heard are only those scheduled since).
+        let me = &self.worker.options.name;
+        let missed = heard.iter().any(|id| {
+            !found.contains(id)
+                && !self.in_flight.contains(id)
+                && self.peers.as_mut().is_none_or(|p| p.owner(*id, now) == me)
+        });
+        let mut next_due = missed.then(|| now + SKIPPED_REPOLL);
         for entry in scheduled {
             let run = entry.flow_run;
             if self.in_flight.contains(&run.id) {
@@ -1356,6 +1373,38 @@ mod tests {
         };
         tokio::join!(poller.serve(&shutdown), client);
         assert_eq!(poller.in_flight.len(), 2);
+        finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_another_poll_held_is_polled_for_again_once() {
+        let f = fakes(InProcessPrefect::new());
+        let w = worker(&f, None);
+        let (mut poller, wake) = poller(&w, &f);
+        let shutdown = CancellationToken::new();
+        let api = f.api.clone();
+        let client = async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let held = known_run(&api, None);
+            api.lock_for_next_poll(&[held.id]);
+            wake.send(wake::Seen::Scheduled(held.id)).await.unwrap();
+            tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
+            assert_eq!(api.polls(), 2, "polled for after the settle");
+            tokio::time::sleep(SKIPPED_REPOLL).await;
+            assert_eq!(api.polls(), 3, "polled for again");
+            // A run heard of that no poll finds (deleted since) costs one poll more, no more.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let gone = known_run(&api, None);
+            api.delete(gone.id);
+            wake.send(wake::Seen::Scheduled(gone.id)).await.unwrap();
+            tokio::time::sleep(burst::SETTLE + SKIPPED_REPOLL + Duration::from_millis(10)).await;
+            assert_eq!(api.polls(), 5);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(api.polls(), 5, "polled for again more than once");
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), client);
+        assert_eq!(poller.in_flight.len(), 1, "the held run was claimed");
         finish(&f, &mut poller).await;
     }
 
