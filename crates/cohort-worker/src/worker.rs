@@ -1283,12 +1283,15 @@ mod tests {
         wake: &tokio::sync::mpsc::Sender<wake::Seen>,
         n: usize,
         gap: Duration,
-    ) {
+    ) -> Vec<Uuid> {
+        let mut ids = Vec::with_capacity(n);
         for _ in 0..n {
             let run = known_run(api, None);
             wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+            ids.push(run.id);
             tokio::time::sleep(gap).await;
         }
+        ids
     }
 
     #[tokio::test(start_paused = true)]
@@ -1323,8 +1326,7 @@ mod tests {
         let client = async {
             // A lone run waits only for the settle, though the start-up poll was just before.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let run = known_run(&api, None);
-            wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+            schedule_runs(&api, &wake, 1, Duration::ZERO).await;
             tokio::time::sleep(burst::SETTLE / 2).await;
             assert_eq!(api.polls(), 1, "polled for a lone run before the settle");
             tokio::time::sleep(burst::SETTLE).await;
@@ -1355,8 +1357,7 @@ mod tests {
         let client = async {
             tokio::time::sleep(Duration::from_secs(2)).await;
             for polls in [2, 3] {
-                let run = known_run(&api, None);
-                wake.send(wake::Seen::Scheduled(run.id)).await.unwrap();
+                schedule_runs(&api, &wake, 1, Duration::ZERO).await;
                 tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
                 assert_eq!(
                     api.polls(),
@@ -1385,18 +1386,16 @@ mod tests {
         let api = f.api.clone();
         let client = async {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let held = known_run(&api, None);
-            api.lock_for_next_poll(&[held.id]);
-            wake.send(wake::Seen::Scheduled(held.id)).await.unwrap();
+            let held = schedule_runs(&api, &wake, 1, Duration::ZERO).await;
+            api.lock_for_next_poll(&held);
             tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
             assert_eq!(api.polls(), 2, "polled for after the settle");
             tokio::time::sleep(SKIPPED_REPOLL).await;
             assert_eq!(api.polls(), 3, "polled for again");
             // A run heard of that no poll finds (deleted since) costs one poll more, no more.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let gone = known_run(&api, None);
-            api.delete(gone.id);
-            wake.send(wake::Seen::Scheduled(gone.id)).await.unwrap();
+            let gone = schedule_runs(&api, &wake, 1, Duration::ZERO).await;
+            api.delete(gone[0]);
             tokio::time::sleep(burst::SETTLE + SKIPPED_REPOLL + Duration::from_millis(10)).await;
             assert_eq!(api.polls(), 5);
             tokio::time::sleep(Duration::from_secs(3)).await;
