@@ -539,6 +539,10 @@ struct Poller<'w> {
     /// The pool's first `Scheduled` event since the last poll (the latest is in
     /// `ctx.burst`).
     burst_started: Option<tokio::time::Instant>,
+    /// When to poll again for runs this worker owns that the last poll did not find (see
+    /// [`Poller::handle_poll`]), and how many polls in a row have missed some.
+    repoll: Option<tokio::time::Instant>,
+    missed_polls: u32,
 }
 
 /// When to poll, as the pool's events ask.
@@ -556,8 +560,15 @@ enum Wake {
 const EVENT_POLL_GAP: Duration = Duration::from_secs(1);
 
 /// How soon a run this worker owns, heard scheduled, is polled for again when a poll did not
-/// find it (another worker's poll held it; see `Poller::handle_poll`).
+/// find it (another worker's poll held it; see `Poller::handle_poll`): doubled at each poll
+/// that misses it again, jittered by [`SKIPPED_REPOLL_JITTER`] either way, up to
+/// [`SKIPPED_REPOLLS`] times. At most 2.1 s in all, within the time the pool's other workers
+/// leave it to its owner ([`peers::DEFER`]).
 const SKIPPED_REPOLL: Duration = Duration::from_millis(200);
+const SKIPPED_REPOLLS: u32 = 3;
+/// The owners of a burst's runs poll together at its end, and poll again together if their
+/// polls met: spread, their second polls mostly do not.
+const SKIPPED_REPOLL_JITTER: f64 = 0.5;
 
 /// With other workers on the pool the gap grows with their number, so that the pool's
 /// workers together poll about once per [`EVENT_POLL_GAP`] in a burst, however many they are;
@@ -619,6 +630,8 @@ impl<'w> Poller<'w> {
             loop_turned,
             last_poll: None,
             burst_started: None,
+            repoll: None,
+            missed_polls: 0,
             unclaimed: HashSet::new(),
             peers: (options.event_wake && !options.run_once)
                 .then(|| Peers::new(options.name.clone())),
@@ -691,6 +704,8 @@ impl<'w> Poller<'w> {
                         continue;
                     }
                     let due = self.handle_poll(shutdown).await;
+                    // Skipped, as a poll woken by events, if their Pending events come first.
+                    owned_poll = self.repoll.take();
                     polled = true;
                     next_poll =
                         tokio::time::Instant::now() + jittered(self.poll_interval(), POLL_JITTER);
@@ -885,16 +900,34 @@ impl<'w> Poller<'w> {
         // (`FOR UPDATE SKIP LOCKED`,
         // `prefect/server/database/sql/postgres/get-runs-from-worker-queues.sql.jinja`): the
         // pool's workers, polling together at a burst's end, each found part of it or none,
-        // and the owners' runs were left to the others' deferral. A run this worker owns,
-        // heard scheduled and not claimed since, that the poll did not find is polled for
-        // again shortly, once (the next poll's runs heard are only those scheduled since).
+        // and the owners' runs were left to the others' deferral; with a 100-run burst their
+        // second polls, 200 ms later, met as often. Runs this worker owns, heard scheduled and
+        // not claimed since, that the poll did not find stay heard and are polled for again
+        // shortly, a few times at most, the wait doubled and spread each time (a run heard of
+        // and deleted since costs those polls and no more).
         let me = &self.worker.options.name;
-        let missed = heard.iter().any(|id| {
-            !found.contains(id)
-                && !self.in_flight.contains(id)
-                && self.peers.as_mut().is_none_or(|p| p.owner(*id, now) == me)
-        });
-        let mut next_due = missed.then(|| now + SKIPPED_REPOLL);
+        let missed: Vec<Uuid> = heard
+            .into_iter()
+            .filter(|id| {
+                !found.contains(id)
+                    && !self.in_flight.contains(id)
+                    && self.peers.as_mut().is_none_or(|p| p.owner(*id, now) == me)
+            })
+            .collect();
+        self.repoll = None;
+        if missed.is_empty() || self.missed_polls >= SKIPPED_REPOLLS {
+            self.missed_polls = 0;
+        } else {
+            tracing::debug!(
+                count = missed.len(),
+                "the poll missed runs heard scheduled; polling again"
+            );
+            let wait = SKIPPED_REPOLL * 2u32.pow(self.missed_polls);
+            self.repoll = Some(now + jittered(wait, SKIPPED_REPOLL_JITTER));
+            self.missed_polls += 1;
+            self.unclaimed.extend(missed);
+        }
+        let mut next_due: Option<tokio::time::Instant> = None;
         for entry in scheduled {
             let run = entry.flow_run;
             if self.in_flight.contains(&run.id) {
@@ -1378,7 +1411,57 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_run_another_poll_held_is_polled_for_again_once() {
+    async fn a_run_another_poll_held_is_polled_for_again_until_found_a_few_times_at_most() {
+        let f = fakes(InProcessPrefect::new());
+        let w = worker(&f, None);
+        let (mut poller, wake) = poller(&w, &f);
+        let shutdown = CancellationToken::new();
+        let api = f.api.clone();
+        // The longest the n-th poll again (from 0) waits after the one before.
+        let longest = |n: u32| {
+            (SKIPPED_REPOLL * 2u32.pow(n)).mul_f64(1.0 + SKIPPED_REPOLL_JITTER)
+                + Duration::from_millis(10)
+        };
+        let client = async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let held = schedule_runs(&api, &wake, 1, Duration::ZERO).await;
+            api.lock_for_next_poll(&held);
+            tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
+            assert_eq!(api.polls(), 2, "polled for after the settle");
+            // Held by another poll again.
+            api.lock_for_next_poll(&held);
+            tokio::time::sleep(longest(0)).await;
+            assert_eq!(api.polls(), 3, "polled for again");
+            assert!(api.proposals(held[0]).is_empty(), "claimed, not found");
+            tokio::time::sleep(longest(1)).await;
+            assert_eq!(api.polls(), 4, "polled for again once more");
+            assert!(!api.proposals(held[0]).is_empty(), "found and claimed");
+            // A run heard of that no poll finds (deleted since) costs a few polls more, no
+            // more.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let gone = schedule_runs(&api, &wake, 1, Duration::ZERO).await;
+            api.delete(gone[0]);
+            tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
+            assert_eq!(api.polls(), 5);
+            for n in 0..SKIPPED_REPOLLS {
+                tokio::time::sleep(longest(n)).await;
+                assert_eq!(api.polls(), 6 + n as usize, "polled for again, {n}");
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(
+                api.polls(),
+                5 + SKIPPED_REPOLLS as usize,
+                "polled for again more than {SKIPPED_REPOLLS} times"
+            );
+            shutdown.cancel();
+        };
+        tokio::join!(poller.serve(&shutdown), client);
+        assert_eq!(poller.in_flight.len(), 1, "the held run was claimed");
+        finish(&f, &mut poller).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_a_poll_missed_is_not_polled_for_again_once_seen_claimed() {
         let f = fakes(InProcessPrefect::new());
         let w = worker(&f, None);
         let (mut poller, wake) = poller(&w, &f);
@@ -1390,20 +1473,14 @@ mod tests {
             api.lock_for_next_poll(&held);
             tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
             assert_eq!(api.polls(), 2, "polled for after the settle");
-            tokio::time::sleep(SKIPPED_REPOLL).await;
-            assert_eq!(api.polls(), 3, "polled for again");
-            // A run heard of that no poll finds (deleted since) costs one poll more, no more.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let gone = schedule_runs(&api, &wake, 1, Duration::ZERO).await;
-            api.delete(gone[0]);
-            tokio::time::sleep(burst::SETTLE + SKIPPED_REPOLL + Duration::from_millis(10)).await;
-            assert_eq!(api.polls(), 5);
+            // The poll holding it claimed it.
+            wake.send(wake::Seen::Claimed(held[0])).await.unwrap();
             tokio::time::sleep(Duration::from_secs(3)).await;
-            assert_eq!(api.polls(), 5, "polled for again more than once");
+            assert_eq!(api.polls(), 2, "polled for again, though claimed");
             shutdown.cancel();
         };
         tokio::join!(poller.serve(&shutdown), client);
-        assert_eq!(poller.in_flight.len(), 1, "the held run was claimed");
+        assert!(poller.in_flight.is_empty());
         finish(&f, &mut poller).await;
     }
 
