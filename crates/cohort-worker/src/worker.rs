@@ -1410,6 +1410,36 @@ mod tests {
         finish(&f, &mut poller).await;
     }
 
+    /// Waits for the fake's `polls`-th poll, within `limit`; returns how long that took.
+    async fn poll_number(api: &InProcessPrefect, polls: usize, limit: Duration) -> Duration {
+        let from = tokio::time::Instant::now();
+        while api.polls() < polls {
+            assert!(
+                from.elapsed() <= limit,
+                "no poll {polls} within {limit:?} (polls: {})",
+                api.polls()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(api.polls(), polls, "more than one poll at once");
+        from.elapsed()
+    }
+
+    /// Asserts that the `n`-th poll again (from 0) came as long after the poll before as
+    /// [`SKIPPED_REPOLL`] doubled `n` times and spread allows (to the 1 ms steps of
+    /// [`poll_number`]).
+    fn assert_repoll_wait(n: u32, waited: Duration) {
+        let wait = SKIPPED_REPOLL * 2u32.pow(n);
+        let (least, most) = (
+            wait.mul_f64(1.0 - SKIPPED_REPOLL_JITTER),
+            wait.mul_f64(1.0 + SKIPPED_REPOLL_JITTER) + Duration::from_millis(1),
+        );
+        assert!(
+            (least..=most).contains(&waited),
+            "poll again {n} after {waited:?}, not within {least:?}..={most:?}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_run_another_poll_held_is_polled_for_again_until_found_a_few_times_at_most() {
         let f = fakes(InProcessPrefect::new());
@@ -1417,35 +1447,37 @@ mod tests {
         let (mut poller, wake) = poller(&w, &f);
         let shutdown = CancellationToken::new();
         let api = f.api.clone();
-        // The longest the n-th poll again (from 0) waits after the one before.
-        let longest = |n: u32| {
-            (SKIPPED_REPOLL * 2u32.pow(n)).mul_f64(1.0 + SKIPPED_REPOLL_JITTER)
-                + Duration::from_millis(10)
-        };
+        let most = |n: u32| (SKIPPED_REPOLL * 2u32.pow(n)).mul_f64(1.0 + SKIPPED_REPOLL_JITTER);
         let client = async {
+            poll_number(&api, 1, Duration::from_millis(10)).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
             let held = schedule_runs(&api, &wake, 1, Duration::ZERO).await;
             api.lock_for_next_poll(&held);
-            tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
-            assert_eq!(api.polls(), 2, "polled for after the settle");
+            let waited = poll_number(&api, 2, burst::SETTLE + Duration::from_millis(10)).await;
+            assert!(waited >= burst::SETTLE, "polled for after the settle");
             // Held by another poll again.
             api.lock_for_next_poll(&held);
-            tokio::time::sleep(longest(0)).await;
-            assert_eq!(api.polls(), 3, "polled for again");
+            assert_repoll_wait(
+                0,
+                poll_number(&api, 3, most(0) + Duration::from_millis(10)).await,
+            );
             assert!(api.proposals(held[0]).is_empty(), "claimed, not found");
-            tokio::time::sleep(longest(1)).await;
-            assert_eq!(api.polls(), 4, "polled for again once more");
+            assert_repoll_wait(
+                1,
+                poll_number(&api, 4, most(1) + Duration::from_millis(10)).await,
+            );
+            tokio::time::sleep(Duration::from_secs(3)).await;
             assert!(!api.proposals(held[0]).is_empty(), "found and claimed");
+            assert_eq!(api.polls(), 4, "polled for again once found");
             // A run heard of that no poll finds (deleted since) costs a few polls more, no
             // more.
-            tokio::time::sleep(Duration::from_secs(3)).await;
             let gone = schedule_runs(&api, &wake, 1, Duration::ZERO).await;
             api.delete(gone[0]);
-            tokio::time::sleep(burst::SETTLE + Duration::from_millis(10)).await;
-            assert_eq!(api.polls(), 5);
+            poll_number(&api, 5, burst::SETTLE + Duration::from_millis(10)).await;
             for n in 0..SKIPPED_REPOLLS {
-                tokio::time::sleep(longest(n)).await;
-                assert_eq!(api.polls(), 6 + n as usize, "polled for again, {n}");
+                let waited =
+                    poll_number(&api, 6 + n as usize, most(n) + Duration::from_millis(10)).await;
+                assert_repoll_wait(n, waited);
             }
             tokio::time::sleep(Duration::from_secs(3)).await;
             assert_eq!(
