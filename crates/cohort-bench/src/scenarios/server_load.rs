@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result};
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::{json, Value};
 
-use super::{one_rep, secs, server_cpu, sleep_until, wait_for, Ctx, Fixture};
+use super::{one_rep, secs, server_cpu, sleep_until, wait_for, Ctx, Fixture, PoolKind};
 use crate::proxy::CountingProxy;
 use crate::report::{MetricDef, RepResult, ScenarioReport};
 use crate::server::parse_time;
@@ -137,8 +137,8 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
              runs with more than one `submitted-flow-run` event; left Scheduled: at the \
              end of the window. Pickup = first `submitted-flow-run` − \
              `expected_start_time`. Less the driver's creating it: before the workers \
-             start, the driver creates a burst of the same size on the same deployment \
-             alone, and the server CPU that took is measured (the same work whichever worker \
+             start, the driver creates a burst of the same size on a deployment of another \
+             pool, alone, and the server CPU that took is measured (the same work whichever worker \
              follows), then those \
              runs are deleted; it is subtracted from the same repetition's burst, leaving \
              what the server spent on the workers (and on the events and state changes \
@@ -181,26 +181,10 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
     report
 }
 
-fn body(
-    ctx: &Ctx<'_>,
-    fx: &Fixture,
-    kind: WorkerKind,
-    workers: usize,
-    r: &mut RepResult,
-) -> Result<()> {
-    let plan = &ctx.plan;
-    let server = ctx.server;
-    let w = format!("w{workers}");
-    let upstream = server
-        .api_url()
-        .strip_suffix("/api")
-        .context("the server's API URL ends in /api")?;
-    let proxy = CountingProxy::start(upstream)?;
-    let api = format!("{}/api", proxy.url());
-
-    // -- the driver alone ---------------------------------------------------------------------
-    // What creating the burst costs the server with no worker about: subtracted from the
-    // burst below. The runs are deleted before any worker starts.
+/// Creates the burst on `fx` with no worker about, and records how long that took and the
+/// server CPU it cost per run (returned); the runs are deleted after.
+fn create_alone(ctx: &Ctx<'_>, fx: &Fixture, r: &mut RepResult) -> Result<Option<f64>> {
+    let (plan, server) = (&ctx.plan, ctx.server);
     let cpu0 = server_cpu(ctx);
     let alone_from = Instant::now();
     let alone = server.create_flow_runs(
@@ -224,6 +208,45 @@ fn body(
         "{failed} of the {} runs created alone could not be deleted",
         alone.len()
     );
+    Ok(creation_cpu)
+}
+
+fn body(
+    ctx: &Ctx<'_>,
+    fx: &Fixture,
+    kind: WorkerKind,
+    workers: usize,
+    r: &mut RepResult,
+) -> Result<()> {
+    let plan = &ctx.plan;
+    let server = ctx.server;
+    let w = format!("w{workers}");
+    let upstream = server
+        .api_url()
+        .strip_suffix("/api")
+        .context("the server's API URL ends in /api")?;
+    let proxy = CountingProxy::start(upstream)?;
+    let api = format!("{}/api", proxy.url());
+
+    // -- the driver alone ---------------------------------------------------------------------
+    // What creating the burst costs the server with no worker about: subtracted from the
+    // burst below. On a pool of its own, deleted before any worker starts: on the workers'
+    // pool its runs' `Scheduled` events, within the minute the workers' event feeds replay
+    // at start, would have every worker start on a burst of runs no poll finds.
+    let alone_pool = Fixture::create(
+        ctx,
+        "server-alone",
+        kind,
+        r.rep,
+        PoolKind {
+            worker_type: "process",
+            template: &ctx.template,
+        },
+        json!({"command": "true"}),
+    )?;
+    let creation_cpu = create_alone(ctx, &alone_pool, r);
+    alone_pool.remove(ctx);
+    let creation_cpu = creation_cpu?;
 
     let mut pool: Vec<Worker<'_>> = Vec::new();
     for i in 0..workers {
