@@ -138,9 +138,9 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
              end of the window. Pickup = first `submitted-flow-run` − \
              `expected_start_time`. Less the driver's creating it: before the workers \
              start, the driver creates a burst of the same size on a deployment of another \
-             pool, alone, and the server CPU that took is measured (the same work whichever worker \
-             follows), then those \
-             runs are deleted; it is subtracted from the same repetition's burst, leaving \
+             pool, alone, and the server CPU that took is measured (the same work whichever \
+             worker follows), then those runs are deleted; it is subtracted from the same \
+             repetition's burst, leaving \
              what the server spent on the workers (and on the events and state changes \
              they caused).",
             settle = plan.idle_settle_s,
