@@ -141,6 +141,17 @@ impl CountingProxy {
         })
     }
 
+    /// A proxy in front of the server whose API is at `api_url` (`http://host:port/api`), and
+    /// the `PREFECT_API_URL` that goes through it.
+    pub fn in_front_of(api_url: &str) -> Result<(CountingProxy, String)> {
+        let upstream = api_url
+            .strip_suffix("/api")
+            .context("the server's API URL ends in /api")?;
+        let proxy = CountingProxy::start(upstream)?;
+        let api = format!("{}/api", proxy.url());
+        Ok((proxy, api))
+    }
+
     /// `http://127.0.0.1:<port>` (append `/api` for `PREFECT_API_URL`).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

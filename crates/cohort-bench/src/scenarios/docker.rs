@@ -157,12 +157,7 @@ pub fn run(ctx: &Ctx<'_>) -> ScenarioReport {
 fn body(ctx: &Ctx<'_>, fx: &Fixture, kind: WorkerKind, r: &mut RepResult) -> Result<()> {
     let plan = &ctx.plan;
     let server = ctx.server;
-    let upstream = server
-        .api_url()
-        .strip_suffix("/api")
-        .context("the server's API URL ends in /api")?;
-    let proxy = CountingProxy::start(upstream)?;
-    let api = format!("{}/api", proxy.url());
+    let (proxy, api) = CountingProxy::in_front_of(server.api_url())?;
     let mut worker = Worker::spawn_typed(
         server,
         &ctx.programs,

@@ -220,12 +220,7 @@ fn body(
     let plan = &ctx.plan;
     let server = ctx.server;
     let cluster = Cluster::start(runtime, server.scratch_dir())?;
-    let upstream = server
-        .api_url()
-        .strip_suffix("/api")
-        .context("the server's API URL ends in /api")?;
-    let proxy = CountingProxy::start(upstream)?;
-    let api = format!("{}/api", proxy.url());
+    let (proxy, api) = CountingProxy::in_front_of(server.api_url())?;
     let kubeconfig = cluster.kubeconfig.to_string_lossy().into_owned();
     let mut worker = Worker::spawn_typed(
         server,

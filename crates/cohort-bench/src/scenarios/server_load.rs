@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::{json, Value};
 
@@ -221,12 +221,7 @@ fn body(
     let plan = &ctx.plan;
     let server = ctx.server;
     let w = format!("w{workers}");
-    let upstream = server
-        .api_url()
-        .strip_suffix("/api")
-        .context("the server's API URL ends in /api")?;
-    let proxy = CountingProxy::start(upstream)?;
-    let api = format!("{}/api", proxy.url());
+    let (proxy, api) = CountingProxy::in_front_of(server.api_url())?;
 
     // -- the driver alone ---------------------------------------------------------------------
     // What creating the burst costs the server with no worker about: subtracted from the
