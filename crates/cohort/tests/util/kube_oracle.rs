@@ -8,14 +8,15 @@
 //! on the local Docker Engine (real flows), and one the tests script (`pod_running`,
 //! `pod_exit`, …) with pods bound to the node at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use cohort_kube_fake::{
     DeleteOptions, Emulator, EmulatorConfig, Kind, Kubelet, PropagationPolicy, RecordedRequest,
-    Served,
+    Served, EMULATOR_LABEL, POD_UID_LABEL,
 };
 use serde_json::{json, Map, Value};
 
@@ -231,6 +232,38 @@ impl Cluster {
                     .then_some(())
             },
         );
+        // The API forgets a pod deleted with no grace at once; its kubelet removes the
+        // containers after. The emulator lives in a `static`, never dropped, so a container
+        // still there when the last test ends outlives the test binary.
+        super::poll(
+            "the containers of gone pods to be removed",
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            || self.orphan_containers().is_empty().then_some(()),
+        );
+    }
+
+    /// This emulator's containers whose pod the API no longer lists (by pod uid).
+    fn orphan_containers(&self) -> Vec<String> {
+        // Containers first: a pod created after them is then listed too.
+        let out = Command::new("docker")
+            .args(["ps", "-a", "--filter"])
+            .arg(format!("label={EMULATOR_LABEL}={}", self.emulator.id()))
+            .args(["--format", &format!("{{{{.Label \"{POD_UID_LABEL}\"}}}}")])
+            .output()
+            .expect("docker ps runs");
+        assert!(out.status.success(), "docker ps: {out:?}");
+        let pods: BTreeSet<String> = self
+            .emulator
+            .list(Kind::Pod, None)
+            .iter()
+            .filter_map(|p| p["metadata"]["uid"].as_str().map(str::to_owned))
+            .collect();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|uid| !pods.contains(*uid))
+            .map(str::to_owned)
+            .collect()
     }
 }
 
