@@ -539,10 +539,19 @@ struct Poller<'w> {
     /// The pool's first `Scheduled` event since the last poll (the latest is in
     /// `ctx.burst`).
     burst_started: Option<tokio::time::Instant>,
-    /// When to poll again for runs this worker owns that the last poll did not find (see
-    /// [`Poller::handle_poll`]), and how many polls in a row have missed some.
-    repoll: Option<tokio::time::Instant>,
+    /// How many polls in a row have missed runs this worker owns (see
+    /// [`Poller::handle_poll`]).
     missed_polls: u32,
+}
+
+/// When to poll next, as a poll found.
+#[derive(Default)]
+struct NextPolls {
+    /// The earliest run it saw due after the prefetch window.
+    due: Option<tokio::time::Instant>,
+    /// Again, for runs this worker owns that it missed; skipped, as a poll woken by events,
+    /// if their Pending events come first.
+    again: Option<tokio::time::Instant>,
 }
 
 /// When to poll, as the pool's events ask.
@@ -569,6 +578,11 @@ const SKIPPED_REPOLLS: u32 = 3;
 /// The owners of a burst's runs poll together at its end, and poll again together if their
 /// polls met: spread, their second polls mostly do not.
 const SKIPPED_REPOLL_JITTER: f64 = 0.5;
+
+/// The wait before the `n`-th poll again (from 0), before its spread.
+fn repoll_wait(n: u32) -> Duration {
+    SKIPPED_REPOLL * 2u32.pow(n)
+}
 
 /// With other workers on the pool the gap grows with their number, so that the pool's
 /// workers together poll about once per [`EVENT_POLL_GAP`] in a burst, however many they are;
@@ -630,7 +644,6 @@ impl<'w> Poller<'w> {
             loop_turned,
             last_poll: None,
             burst_started: None,
-            repoll: None,
             missed_polls: 0,
             unclaimed: HashSet::new(),
             peers: (options.event_wake && !options.run_once)
@@ -703,13 +716,12 @@ impl<'w> Poller<'w> {
                         tracing::debug!("the runs this poll was woken for are claimed; not polling");
                         continue;
                     }
-                    let due = self.handle_poll(shutdown).await;
-                    // Skipped, as a poll woken by events, if their Pending events come first.
-                    owned_poll = self.repoll.take();
+                    let next = self.handle_poll(shutdown).await;
+                    owned_poll = next.again;
                     polled = true;
                     next_poll =
                         tokio::time::Instant::now() + jittered(self.poll_interval(), POLL_JITTER);
-                    if let Some(due) = due {
+                    if let Some(due) = next.due {
                         next_poll = next_poll.min(due);
                     }
                 }
@@ -854,7 +866,7 @@ impl<'w> Poller<'w> {
     /// looks one query interval further ahead than that: the runs it sees there are not
     /// claimed, but the earliest sets when to poll again (returned), so a run scheduled for
     /// later is claimed on time without being read on its own.
-    async fn handle_poll(&mut self, shutdown: &CancellationToken) -> Option<tokio::time::Instant> {
+    async fn handle_poll(&mut self, shutdown: &CancellationToken) -> NextPolls {
         let opts = &self.worker.options;
         self.loop_turned.touch();
         self.last_poll = Some(tokio::time::Instant::now());
@@ -865,7 +877,7 @@ impl<'w> Poller<'w> {
             .unwrap_or_default();
         let before = chrono::Utc::now() + prefetch + lookahead;
         let result = tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return NextPolls::default(),
             r = self.ctx.api().get_scheduled_flow_runs(&opts.pool, &opts.work_queues, before) => r,
         };
         // The poll sees every run scheduled so far.
@@ -886,7 +898,7 @@ impl<'w> Poller<'w> {
                 tracing::error!(error = %e, "failed to poll for scheduled flow runs");
                 // Deferred runs that came due wait for the next poll to find them again.
                 self.deferred.retain(|_, d| d.at > now);
-                return None;
+                return NextPolls::default();
             }
         };
         self.last_polled.touch();
@@ -914,7 +926,7 @@ impl<'w> Poller<'w> {
                     && self.peers.as_mut().is_none_or(|p| p.owner(*id, now) == me)
             })
             .collect();
-        self.repoll = None;
+        let mut again = None;
         if missed.is_empty() || self.missed_polls >= SKIPPED_REPOLLS {
             self.missed_polls = 0;
         } else {
@@ -922,8 +934,8 @@ impl<'w> Poller<'w> {
                 count = missed.len(),
                 "the poll missed runs heard scheduled; polling again"
             );
-            let wait = SKIPPED_REPOLL * 2u32.pow(self.missed_polls);
-            self.repoll = Some(now + jittered(wait, SKIPPED_REPOLL_JITTER));
+            let wait = jittered(repoll_wait(self.missed_polls), SKIPPED_REPOLL_JITTER);
+            again = Some(now + wait);
             self.missed_polls += 1;
             self.unclaimed.extend(missed);
         }
@@ -1002,7 +1014,10 @@ impl<'w> Poller<'w> {
         // but left unclaimed (no slot free) wait for a poll to find them again.
         self.deferred
             .retain(|id, d| found.contains(id) && d.at > now);
-        next_due
+        NextPolls {
+            due: next_due,
+            again,
+        }
     }
 
     /// Supervises one run on its own task, cancellable, holding its slot (if any).
@@ -1257,6 +1272,7 @@ mod tests {
         let next = poller
             .handle_poll(&CancellationToken::new())
             .await
+            .due
             .expect("the later run sets the next poll");
         assert_eq!(f.api.polls(), 1);
         let mut claimed: Vec<Uuid> = poller.in_flight.iter().copied().collect();
@@ -1429,7 +1445,7 @@ mod tests {
     /// [`SKIPPED_REPOLL`] doubled `n` times and spread allows (to the 1 ms steps of
     /// [`poll_number`]).
     fn assert_repoll_wait(n: u32, waited: Duration) {
-        let wait = SKIPPED_REPOLL * 2u32.pow(n);
+        let wait = repoll_wait(n);
         let (least, most) = (
             wait.mul_f64(1.0 - SKIPPED_REPOLL_JITTER),
             wait.mul_f64(1.0 + SKIPPED_REPOLL_JITTER) + Duration::from_millis(1),
@@ -1447,7 +1463,7 @@ mod tests {
         let (mut poller, wake) = poller(&w, &f);
         let shutdown = CancellationToken::new();
         let api = f.api.clone();
-        let most = |n: u32| (SKIPPED_REPOLL * 2u32.pow(n)).mul_f64(1.0 + SKIPPED_REPOLL_JITTER);
+        let most = |n: u32| repoll_wait(n).mul_f64(1.0 + SKIPPED_REPOLL_JITTER);
         let client = async {
             poll_number(&api, 1, Duration::from_millis(10)).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
