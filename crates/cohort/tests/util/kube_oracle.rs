@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -246,12 +245,14 @@ impl Cluster {
     /// This emulator's containers whose pod the API no longer lists (by pod uid).
     fn orphan_containers(&self) -> Vec<String> {
         // Containers first: a pod created after them is then listed too.
-        let out = Command::new("docker")
-            .args(["ps", "-a", "--filter"])
-            .arg(format!("label={EMULATOR_LABEL}={}", self.emulator.id()))
-            .args(["--format", &format!("{{{{.Label \"{POD_UID_LABEL}\"}}}}")])
-            .output()
-            .expect("docker ps runs");
+        let out = super::docker::docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label={EMULATOR_LABEL}={}", self.emulator.id()),
+            "--format",
+            &format!("{{{{.Label \"{POD_UID_LABEL}\"}}}}"),
+        ]);
         assert!(out.status.success(), "docker ps: {out:?}");
         let pods: BTreeSet<String> = self
             .emulator
